@@ -1,0 +1,1 @@
+//! ftvmm devices.
