@@ -1,0 +1,99 @@
+//! Our GDT (kernel and user segments, a 64-bit TSS) and the TSS itself.
+//!
+//! The kernel code selector stays 0x10, as in the VMM's boot GDT, so CS need
+//! not be reloaded (no far return under the emulator).
+
+use core::arch::asm;
+
+use super::DescriptorPointer;
+
+pub const KERNEL_CS: u16 = 0x10;
+pub const KERNEL_DS: u16 = 0x18;
+pub const USER_DS: u16 = 0x20 | 3;
+pub const USER_CS: u16 = 0x28 | 3;
+pub const TSS_SEL: u16 = 0x30;
+
+/// The 64-bit task-state segment: only RSP0 (traps from CPL3) and IST1 (#DF)
+/// are used. `iomap_base` past the limit means no I/O bitmap (IOPL=3 anyway).
+#[repr(C, packed)]
+struct Tss {
+    reserved0: u32,
+    rsp: [u64; 3],
+    reserved1: u64,
+    ist: [u64; 7],
+    reserved2: u64,
+    reserved3: u16,
+    iomap_base: u16,
+}
+
+const TSS_SIZE: usize = core::mem::size_of::<Tss>();
+const _: () = assert!(TSS_SIZE == 104);
+
+static mut TSS: Tss = Tss {
+    reserved0: 0,
+    rsp: [0; 3],
+    reserved1: 0,
+    ist: [0; 7],
+    reserved2: 0,
+    reserved3: 0,
+    iomap_base: TSS_SIZE as u16,
+};
+
+/// Flat segments: base 0, limit 4 GiB, G=1; code has L=1.
+static mut GDT: [u64; 8] = [
+    0,                     // 0x00 null
+    0,                     // 0x08 unused
+    0x00af_9a00_0000_ffff, // 0x10 kernel code, 64-bit, DPL0
+    0x00cf_9200_0000_ffff, // 0x18 kernel data, DPL0
+    0x00cf_f200_0000_ffff, // 0x20 user data, DPL3
+    0x00af_fa00_0000_ffff, // 0x28 user code, 64-bit, DPL3
+    0,                     // 0x30 TSS, low half (filled in by init)
+    0,                     // 0x38 TSS, high half
+];
+
+extern "C" {
+    static __kstack_top: u8;
+    static __dfstack_top: u8;
+}
+
+/// Loads our GDT and data segments, and the TSS with RSP0/IST1.
+///
+/// # Safety
+/// CPL0, once, with interrupts off.
+pub unsafe fn init() {
+    let tss = &raw mut TSS;
+    // SAFETY: single-threaded set-up; the TSS is not in use yet.
+    unsafe {
+        (&raw mut (*tss).rsp[0]).write_unaligned(&raw const __kstack_top as u64);
+        (&raw mut (*tss).ist[0]).write_unaligned(&raw const __dfstack_top as u64);
+    }
+    let base = tss as u64;
+    let limit = (TSS_SIZE - 1) as u64;
+    let low = (limit & 0xffff)
+        | ((base & 0xff_ffff) << 16)
+        | (0x89 << 40) // present, DPL0, type 9 = available 64-bit TSS
+        | (((limit >> 16) & 0xf) << 48)
+        | (((base >> 24) & 0xff) << 56);
+    let gdt = (&raw mut GDT).cast::<u64>();
+    // SAFETY: indices 6 and 7 are inside the 8-entry GDT, not yet loaded.
+    unsafe {
+        gdt.add(6).write(low);
+        gdt.add(7).write(base >> 32);
+    }
+    let ptr = DescriptorPointer { limit: (8 * 8 - 1) as u16, base: gdt as u64 };
+    // SAFETY: the GDT keeps 0x10 as 64-bit kernel code, so CS stays valid;
+    // the data selector and TSS descriptor were just written.
+    unsafe {
+        asm!(
+            "lgdt [{ptr}]",
+            "mov ds, {ds:e}",
+            "mov es, {ds:e}",
+            "mov ss, {ds:e}",
+            "ltr {tss:x}",
+            ptr = in(reg) &ptr,
+            ds = in(reg) u32::from(KERNEL_DS),
+            tss = in(reg) TSS_SEL,
+            options(nostack, preserves_flags),
+        )
+    };
+}
