@@ -1,0 +1,3 @@
+//! Architecture-specific code. Only x86_64 hosts are supported.
+
+pub mod x86_64;

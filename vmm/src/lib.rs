@@ -1,0 +1,11 @@
+//! ftvmm: a KVM micro-VMM whose virtual machines survive the loss of their
+//! host. This library holds the VMM proper (configuration, KVM VM and vCPUs,
+//! guest memory, boot, device manager); the binary `ftvmm` is a thin CLI.
+
+pub mod arch;
+pub mod boot;
+pub mod config;
+pub mod memory;
+pub mod quirks;
+pub mod vcpu;
+pub mod vm;

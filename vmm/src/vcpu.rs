@@ -1,0 +1,431 @@
+//! vCPU threads: the `KVM_RUN` loop, the handling of every exit reason, and
+//! the pause/resume protocol the checkpoint engine relies on.
+//!
+//! Pausing: the controller sets the vCPU's request under its lock, raises the
+//! `pending` flag and sends the thread [`kick_signal`]. The signal handler
+//! sets `immediate_exit` in the thread's `kvm_run`, so whether the thread is
+//! inside `KVM_RUN` or about to enter it, `KVM_RUN` returns `EINTR` at once;
+//! the thread then sees `pending`, acknowledges the pause and waits on a
+//! condition variable until it is told to run again or to exit.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use ftvmm_devices::bus::Bus;
+
+use crate::memory::GuestMemory;
+use crate::quirks;
+
+/// Why the VM stopped running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest asked for a reset through the i8042 controller (the way
+    /// both the test guest and Linux power off here).
+    Reset,
+    /// KVM reported a guest shutdown or reset system event.
+    SystemEvent(u32),
+    /// The guest triple-faulted.
+    TripleFault {
+        /// vCPU index.
+        vcpu: u8,
+        /// Guest RIP at the fault.
+        rip: u64,
+    },
+    /// The VM cannot continue: an unexpected exit or a failed ioctl.
+    Error(String),
+}
+
+impl VmExit {
+    /// True for the ways a guest ends itself on purpose.
+    pub fn is_clean(&self) -> bool {
+        matches!(self, VmExit::Reset | VmExit::SystemEvent(_))
+    }
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::Reset => write!(f, "guest reset (i8042)"),
+            VmExit::SystemEvent(t) => write!(f, "guest system event {t}"),
+            VmExit::TripleFault { vcpu, rip } => {
+                write!(f, "guest triple fault (KVM_EXIT_SHUTDOWN) on vCPU {vcpu} at RIP {rip:#x}")
+            }
+            VmExit::Error(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// The first reason the VM stopped, shared by all vCPU threads, with an
+/// eventfd the VMM's event loop can wait on.
+#[derive(Debug)]
+pub struct ExitSignal {
+    reason: Mutex<Option<VmExit>>,
+    evt: EventFd,
+}
+
+impl ExitSignal {
+    /// A signal nobody raised yet.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(ExitSignal {
+            reason: Mutex::new(None),
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Records `reason` unless an earlier one is recorded, and wakes waiters.
+    pub fn raise(&self, reason: VmExit) {
+        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if r.is_none() {
+            *r = Some(reason);
+        }
+        drop(r);
+        let _ = self.evt.write(1);
+    }
+
+    /// The recorded reason.
+    pub fn reason(&self) -> Option<VmExit> {
+        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Readable once a reason is recorded.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    Run,
+    Pause,
+    Exit,
+}
+
+#[derive(Debug)]
+struct Ctl {
+    request: Request,
+    /// The thread is parked (paused, stopped or exited) and acknowledged it.
+    parked: bool,
+}
+
+/// State shared between a vCPU thread and its controller.
+#[derive(Debug)]
+pub struct VcpuShared {
+    pending: AtomicBool,
+    ctl: Mutex<Ctl>,
+    cv: Condvar,
+}
+
+impl VcpuShared {
+    fn new() -> Self {
+        VcpuShared {
+            pending: AtomicBool::new(false),
+            ctl: Mutex::new(Ctl {
+                request: Request::Run,
+                parked: false,
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ctl> {
+        self.ctl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+thread_local! {
+    // The running thread's kvm_run, for the kick signal handler. Const
+    // initialised and without destructor, so reading it is a plain TLS load
+    // and safe in a signal handler.
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN_PTR.with(|p| p.get());
+    if !run.is_null() {
+        // SAFETY: the pointer was set by this very thread to its vCPU's
+        // kvm_run mapping, which lives as long as the thread's VcpuFd; the
+        // field is a plain byte that KVM reads on the next KVM_RUN.
+        unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+    }
+}
+
+/// Installs the kick handler; call once before starting vCPU threads.
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::SignalHandler)
+}
+
+/// Errors controlling vCPUs.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    SignalHandler(vmm_sys_util::errno::Error),
+    /// A vCPU thread could not be spawned.
+    #[error("cannot spawn the thread of vCPU {id}: {source}")]
+    Spawn {
+        /// vCPU index.
+        id: u8,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A vCPU did not acknowledge a pause in time.
+    #[error("vCPU {id} did not pause within {timeout:?}")]
+    PauseTimeout {
+        /// vCPU index.
+        id: u8,
+        /// How long we waited.
+        timeout: Duration,
+    },
+}
+
+/// One vCPU before its thread starts.
+pub struct Vcpu {
+    /// Index, also the APIC ID.
+    pub id: u8,
+    /// The KVM vCPU.
+    pub fd: VcpuFd,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    mem: GuestMemory,
+    exit: Arc<ExitSignal>,
+    shared: Arc<VcpuShared>,
+}
+
+impl Vcpu {
+    /// Wraps a configured vCPU.
+    pub fn new(
+        id: u8,
+        fd: VcpuFd,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        mem: GuestMemory,
+        exit: Arc<ExitSignal>,
+    ) -> Self {
+        Vcpu {
+            id,
+            fd,
+            pio,
+            mmio,
+            mem,
+            exit,
+            shared: Arc::new(VcpuShared::new()),
+        }
+    }
+
+    /// Starts the vCPU's thread.
+    pub fn start(self) -> Result<VcpuHandle, VcpuError> {
+        let id = self.id;
+        let shared = self.shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || self.run_thread())
+            .map_err(|source| VcpuError::Spawn { id, source })?;
+        Ok(VcpuHandle {
+            id,
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    fn run_thread(mut self) {
+        let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN_PTR.with(|p| p.set(run_ptr));
+        loop {
+            if self.shared.pending.load(Ordering::Acquire) && !self.park_while_requested(false) {
+                break;
+            }
+            match self.run_once() {
+                Ok(()) => {}
+                Err(reason) => {
+                    self.exit.raise(reason);
+                    // The guest cannot go on: stay parked until told to exit.
+                    self.park_while_requested(true);
+                    break;
+                }
+            }
+        }
+        KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+    }
+
+    /// Parks while the request is Pause (or, when `stopped`, until Exit).
+    /// Returns false when the thread must exit.
+    fn park_while_requested(&mut self, stopped: bool) -> bool {
+        let mut ctl = self.shared.lock();
+        loop {
+            match ctl.request {
+                Request::Exit => {
+                    ctl.parked = true;
+                    self.shared.cv.notify_all();
+                    return false;
+                }
+                Request::Run if !stopped => {
+                    ctl.parked = false;
+                    // A kick that raced with the pause may have left
+                    // immediate_exit set; the next KVM_RUN would only bounce.
+                    self.fd.set_kvm_immediate_exit(0);
+                    return true;
+                }
+                _ => {
+                    if !ctl.parked {
+                        ctl.parked = true;
+                        self.shared.cv.notify_all();
+                    }
+                    ctl = self.shared.cv.wait(ctl).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+        }
+    }
+
+    /// One `KVM_RUN` and the handling of its exit.
+    fn run_once(&mut self) -> Result<(), VmExit> {
+        let id = self.id;
+        match self.fd.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoIn(port, data) => {
+                    if !self.pio.read(u64::from(port), data) {
+                        data.fill(0xff);
+                    }
+                    Ok(())
+                }
+                VcpuExit::IoOut(port, data) => {
+                    self.pio.write(u64::from(port), data);
+                    Ok(())
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    if !self.mmio.read(addr, data) {
+                        data.fill(0xff);
+                    }
+                    Ok(())
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    self.mmio.write(addr, data);
+                    Ok(())
+                }
+                VcpuExit::Shutdown => Err(VmExit::TripleFault {
+                    vcpu: id,
+                    rip: self.fd.get_regs().map(|r| r.rip).unwrap_or(0),
+                }),
+                VcpuExit::SystemEvent(type_, _) => Err(VmExit::SystemEvent(type_)),
+                VcpuExit::Hlt => {
+                    // With the in-kernel LAPIC, HLT never leaves KVM; seeing
+                    // one means the guest halted for good.
+                    Err(VmExit::Error(format!("vCPU {id} halted (KVM_EXIT_HLT)")))
+                }
+                VcpuExit::InternalError => quirks::handle_internal_error(&mut self.fd, &self.mem, id),
+                VcpuExit::FailEntry(reason, cpu) => Err(VmExit::Error(format!(
+                    "vCPU {id}: KVM_EXIT_FAIL_ENTRY, hardware entry failure reason {reason:#x} on host CPU {cpu}"
+                ))),
+                VcpuExit::Intr => Ok(()),
+                VcpuExit::IrqWindowOpen | VcpuExit::IoapicEoi(_) => Ok(()),
+                other => {
+                    let what = format!("{other:?}");
+                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                    Err(VmExit::Error(format!(
+                        "vCPU {id}: unexpected KVM exit {what} at RIP {rip:#x}"
+                    )))
+                }
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                Ok(())
+            }
+            Err(e) => Err(VmExit::Error(format!("vCPU {id}: KVM_RUN failed: {e}"))),
+        }
+    }
+}
+
+/// Controller side of a running vCPU thread.
+#[derive(Debug)]
+pub struct VcpuHandle {
+    id: u8,
+    shared: Arc<VcpuShared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    /// The vCPU's index.
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    fn kick(&self) {
+        if let Some(t) = &self.thread {
+            // A thread that already exited cannot be signalled; nothing to do.
+            let _ = t.kill(kick_signal());
+        }
+    }
+
+    fn request(&self, req: Request) {
+        let mut ctl = self.shared.lock();
+        ctl.request = req;
+        if req == Request::Run {
+            self.shared.pending.store(false, Ordering::Release);
+        } else {
+            ctl.parked = false;
+            self.shared.pending.store(true, Ordering::Release);
+        }
+        self.shared.cv.notify_all();
+        drop(ctl);
+        if req != Request::Run {
+            self.kick();
+        }
+    }
+
+    /// Asks the vCPU to pause, without waiting.
+    pub fn request_pause(&self) {
+        self.request(Request::Pause);
+    }
+
+    /// Waits until the vCPU acknowledged its pause (or is stopped for good).
+    pub fn wait_parked(&self, deadline: Instant, timeout: Duration) -> Result<(), VcpuError> {
+        let mut ctl = self.shared.lock();
+        while !ctl.parked {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VcpuError::PauseTimeout {
+                    id: self.id,
+                    timeout,
+                });
+            }
+            ctl = self
+                .shared
+                .cv
+                .wait_timeout(ctl, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    /// Lets the vCPU run again.
+    pub fn resume(&self) {
+        self.request(Request::Run);
+    }
+
+    /// Stops the thread and joins it.
+    pub fn stop(&mut self) {
+        self.request(Request::Exit);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,354 @@
+//! Building a VM from its configuration and running it: KVM VM with in-kernel
+//! irqchip and PIT, guest memory, the loaded guest, legacy devices and vCPU
+//! threads; pausing and resuming all vCPUs; waiting for the guest to end.
+
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use ftvmm_devices::bus::Bus;
+use ftvmm_devices::legacy::{
+    SerialConsole, SerialOutput, COM1_BASE, COM1_IRQ, COM1_LEN, I8042, I8042_BASE, I8042_LEN,
+};
+use ftvmm_devices::EventFdTrigger;
+
+use crate::arch::x86_64::{cpuid, layout, mptable, regs};
+use crate::boot::{self, BootError};
+use crate::config::{SerialConfig, VmConfig};
+use crate::memory::{self, GuestMemory, MemoryError};
+use crate::vcpu::{ExitSignal, Vcpu, VcpuError, VcpuHandle, VmExit};
+
+/// Path of the KVM device.
+pub const KVM_DEVICE: &str = "/dev/kvm";
+
+/// Errors building or controlling a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open {KVM_DEVICE}: {0}{hint}", hint = kvm_hint(.0))]
+    KvmOpen(std::io::Error),
+    /// A KVM VM ioctl failed.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        /// Which ioctl.
+        what: &'static str,
+        /// KVM's error.
+        source: kvm_ioctls::Error,
+    },
+    /// Invalid vCPU count.
+    #[error("--vcpus {asked} is invalid: it must be between 1 and {max} (KVM allows {kvm_max} on this host, the MP table {mp_max})")]
+    VcpuCount {
+        /// vCPUs asked for.
+        asked: u64,
+        /// The effective maximum.
+        max: u64,
+        /// KVM's maximum.
+        kvm_max: u64,
+        /// The MP table's maximum.
+        mp_max: u64,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Loading the guest.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Register set-up.
+    #[error("vCPU {id}: {source}")]
+    Regs {
+        /// vCPU index.
+        id: u8,
+        /// What failed.
+        source: regs::RegsError,
+    },
+    /// vCPU control.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The console output file.
+    #[error("cannot open serial output file '{path}': {source}")]
+    SerialFile {
+        /// The path given.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A device that the configuration asks for does not exist yet.
+    #[error("{0} devices are not supported yet")]
+    Unsupported(&'static str),
+    /// An eventfd or other host resource could not be created.
+    #[error("cannot create {what}: {source}")]
+    Host {
+        /// What.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Bus set-up.
+    #[error("cannot register device: {0}")]
+    Bus(#[from] ftvmm_devices::bus::BusError),
+}
+
+fn kvm_hint(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => " (is the kvm module loaded? this host needs KVM)",
+        Some(libc::EACCES) | Some(libc::EPERM) => " (permission denied: run as root or join the kvm group)",
+        _ => "",
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Opens the console output the configuration names.
+pub fn open_serial_output(cfg: &SerialConfig) -> Result<SerialOutput, VmError> {
+    Ok(match cfg {
+        SerialConfig::Stdout => Box::new(std::io::stdout()),
+        SerialConfig::None => Box::new(std::io::sink()),
+        SerialConfig::File(path) => Box::new(File::create(path).map_err(|source| {
+            VmError::SerialFile {
+                path: path.display().to_string(),
+                source,
+            }
+        })?),
+    })
+}
+
+/// A built VM.
+pub struct Vm {
+    /// The KVM system handle.
+    pub kvm: Kvm,
+    /// The KVM VM.
+    pub fd: Arc<VmFd>,
+    /// Guest memory.
+    pub memory: GuestMemory,
+    /// COM1.
+    pub serial: Arc<Mutex<SerialConsole>>,
+    /// Port I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    exit: Arc<ExitSignal>,
+    reset_evt: EventFd,
+    pending: Vec<Vcpu>,
+    vcpus: Vec<VcpuHandle>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("vcpus", &(self.pending.len() + self.vcpus.len()))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens /dev/kvm.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    Kvm::new().map_err(|e| VmError::KvmOpen(std::io::Error::from_raw_os_error(e.errno())))
+}
+
+/// Checks the vCPU count against KVM and the MP table.
+pub fn validate_vcpus(kvm: &Kvm, asked: u64) -> Result<u8, VmError> {
+    let kvm_max = kvm.get_max_vcpus() as u64;
+    let mp_max = u64::from(mptable::MAX_VCPUS);
+    let max = kvm_max.min(mp_max);
+    if asked == 0 || asked > max {
+        return Err(VmError::VcpuCount {
+            asked,
+            max,
+            kvm_max,
+            mp_max,
+        });
+    }
+    Ok(asked as u8)
+}
+
+impl Vm {
+    /// Builds a VM ready to boot `config`'s guest: vCPUs are created and set
+    /// up for the 64-bit entry, but their threads are not started yet.
+    pub fn build(config: &VmConfig) -> Result<Vm, VmError> {
+        if !config.net.is_empty() {
+            return Err(VmError::Unsupported("virtio-net (--net)"));
+        }
+        if !config.disks.is_empty() {
+            return Err(VmError::Unsupported("virtio-blk (--disk)"));
+        }
+        let kvm = open_kvm()?;
+        let vcpu_count = validate_vcpus(&kvm, u64::from(config.vcpus))?;
+        let memory = memory::create(config.mem_mib)?;
+        let serial_out = open_serial_output(&config.serial)?;
+
+        let fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        // Needed on Intel hosts for real-mode emulation; harmless elsewhere.
+        if let Err(e) = fd.set_tss_address(layout::KVM_TSS_ADDRESS) {
+            log::debug!("KVM_SET_TSS_ADDR: {e}");
+        }
+        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        memory::register_slots(&fd, &memory, false)?;
+
+        let boot = boot::load(
+            &memory,
+            &config.kernel,
+            config.initrd.as_deref(),
+            &config.cmdline,
+            vcpu_count,
+        )?;
+
+        let host = |what| move |source| VmError::Host { what, source };
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host("serial irqfd"))?;
+        fd.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let serial = Arc::new(Mutex::new(SerialConsole::new(
+            EventFdTrigger::new(serial_irq),
+            serial_out,
+        )));
+        let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host("reset eventfd"))?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(EventFdTrigger::new(
+            reset_evt.try_clone().map_err(host("reset eventfd"))?,
+        ))));
+        let mut pio = Bus::new();
+        pio.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
+        pio.insert(i8042, I8042_BASE, I8042_LEN)?;
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(Bus::new());
+        let exit = Arc::new(ExitSignal::new().map_err(host("exit eventfd"))?);
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut pending = Vec::with_capacity(vcpu_count as usize);
+        for id in 0..vcpu_count {
+            let vfd = fd.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let mut cpuid = supported.clone();
+            cpuid::filter(&mut cpuid, id, vcpu_count);
+            vfd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            let r = |source| VmError::Regs { id, source };
+            regs::setup_msrs(&vfd).map_err(r)?;
+            regs::setup_regs(&vfd, boot.entry).map_err(r)?;
+            regs::setup_sregs(&memory, &vfd).map_err(r)?;
+            regs::setup_fpu(&vfd).map_err(r)?;
+            regs::setup_lint(&vfd).map_err(r)?;
+            pending.push(Vcpu::new(
+                id,
+                vfd,
+                pio.clone(),
+                mmio.clone(),
+                memory.clone(),
+                exit.clone(),
+            ));
+        }
+        Ok(Vm {
+            kvm,
+            fd,
+            memory,
+            serial,
+            pio,
+            mmio,
+            exit,
+            reset_evt,
+            pending,
+            vcpus: Vec::new(),
+        })
+    }
+
+    /// Starts every vCPU thread.
+    pub fn start(&mut self) -> Result<(), VmError> {
+        crate::vcpu::install_kick_handler()?;
+        for vcpu in self.pending.drain(..) {
+            self.vcpus.push(vcpu.start()?);
+        }
+        Ok(())
+    }
+
+    /// Number of running vCPU threads.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Stops every vCPU out of `KVM_RUN` and waits, at most `timeout`, until
+    /// all of them acknowledged. On error the vCPUs that did pause stay
+    /// paused; call [`Vm::resume`] to go on.
+    pub fn pause(&self, timeout: Duration) -> Result<(), VmError> {
+        for v in &self.vcpus {
+            v.request_pause();
+        }
+        let deadline = Instant::now() + timeout;
+        for v in &self.vcpus {
+            v.wait_parked(deadline, timeout)?;
+        }
+        Ok(())
+    }
+
+    /// Lets every vCPU run again.
+    pub fn resume(&self) {
+        for v in &self.vcpus {
+            v.resume();
+        }
+    }
+
+    /// The eventfds that become readable when the VM ends: the exit signal
+    /// (vCPU-detected) and the i8042 reset.
+    pub fn exit_fds(&self) -> [&EventFd; 2] {
+        [self.exit.eventfd(), &self.reset_evt]
+    }
+
+    /// Why the VM ended, if it did.
+    pub fn exit_reason(&self) -> Option<VmExit> {
+        if self.reset_evt.read().is_ok() {
+            self.exit.raise(VmExit::Reset);
+        }
+        self.exit.reason()
+    }
+
+    /// Waits until the VM ends or `timeout` passes.
+    pub fn wait_exit(&self, timeout: Option<Duration>) -> Option<VmExit> {
+        use std::os::fd::AsRawFd;
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if let Some(r) = self.exit_reason() {
+                return Some(r);
+            }
+            let ms = match deadline {
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return None;
+                    }
+                    (d - now).as_millis().min(i32::MAX as u128) as i32 + 1
+                }
+                None => -1,
+            };
+            let mut fds = self.exit_fds().map(|e| libc::pollfd {
+                fd: e.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            // SAFETY: `fds` is a valid array of two pollfd structs that
+            // lives across the call.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        }
+    }
+
+    /// Stops and joins every vCPU thread.
+    pub fn stop(&mut self) {
+        for v in &mut self.vcpus {
+            v.stop();
+        }
+        self.vcpus.clear();
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
