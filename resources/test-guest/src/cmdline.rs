@@ -18,11 +18,25 @@ pub struct Config {
     pub round_us: u64,
     /// `stop=K`: power off after heartbeat K (0: never).
     pub stop: u64,
+    /// `crash=pf|panic`: die on purpose right after `ftguest ready` (a test
+    /// hook for the VMM's handling of a guest that shuts down).
+    pub crash: Crash,
+}
+
+/// How `crash=` makes the guest die.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Crash {
+    /// Not at all.
+    No,
+    /// `crash=pf`: a page fault at CPL3 (the exception path).
+    PageFault,
+    /// `crash=panic`: a Rust panic at CPL3 (the panic path).
+    Panic,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { dirty: 256, span: None, rounds: 10, round_us: 1000, stop: 0 }
+        Config { dirty: 256, span: None, rounds: 10, round_us: 1000, stop: 0, crash: Crash::No }
     }
 }
 
@@ -40,6 +54,14 @@ pub fn parse(cmdline: &[u8], mut bad: impl FnMut(&[u8], &[u8])) -> Config {
             b"rounds" => &mut cfg.rounds,
             b"round_us" => &mut cfg.round_us,
             b"stop" => &mut cfg.stop,
+            b"crash" => {
+                match value {
+                    b"pf" => cfg.crash = Crash::PageFault,
+                    b"panic" => cfg.crash = Crash::Panic,
+                    _ => bad(key, value),
+                }
+                continue;
+            }
             b"span" => {
                 match parse_u64(value) {
                     Some(0) => cfg.span = None,

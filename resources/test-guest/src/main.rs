@@ -64,6 +64,16 @@ extern "C" fn user_main(boot_params: u64) -> ! {
     let wl = workload::Workload::new(&bp, &cfg, khz.khz);
     wl.print_config();
     serial::write_bytes(b"ftguest ready\n");
+    match cfg.crash {
+        cmdline::Crash::No => {}
+        cmdline::Crash::PageFault => {
+            // Nothing is mapped at 512 GiB (only PML4 entry 0 is present).
+            let unmapped = 0x80_0000_0000 as *mut u64;
+            // SAFETY: not safe at all, on purpose: the #PF ends the VM.
+            unsafe { unmapped.write_volatile(1) };
+        }
+        cmdline::Crash::Panic => panic!("crash=panic on the command line"),
+    }
     wl.run()
 }
 

@@ -68,8 +68,13 @@ extern "C" fn kernel_main(boot_params: u64) -> ! {
     }
 }
 
-/// Drops to CPL3 at `entry(arg)` on the user stack, with IOPL=3 (port I/O
-/// allowed in ring 3) and IF=0.
+/// Drops to CPL3 at `entry(arg)` on the user stack, with IF=0 and IOPL=3.
+///
+/// IOPL=3 is what lets ring 3 do port I/O on hardware KVM. On the project's
+/// PVM hosts it does not stick (user mode runs with the hardware IOPL=0, and
+/// an `in`/`out` that traps is emulated against the guest's IOPL as saved at
+/// that trap: 0), so the TSS I/O bitmap (all ports allowed, see `gdt`) is
+/// what grants the access there.
 ///
 /// # Safety
 /// The GDT, TSS, IDT and user-accessible page tables must be in place.

@@ -13,8 +13,13 @@ pub const USER_DS: u16 = 0x20 | 3;
 pub const USER_CS: u16 = 0x28 | 3;
 pub const TSS_SEL: u16 = 0x30;
 
-/// The 64-bit task-state segment: only RSP0 (traps from CPL3) and IST1 (#DF)
-/// are used. `iomap_base` past the limit means no I/O bitmap (IOPL=3 anyway).
+/// Bytes of an I/O permission bitmap covering all 65536 ports.
+const IOMAP_BYTES: usize = 65536 / 8;
+
+/// The 64-bit task-state segment: RSP0 (traps from CPL3), IST1 (#DF), and an
+/// I/O permission bitmap that allows every port to ring 3 (clear bits), with
+/// the all-ones byte the architecture wants after it. It lives in `.data`, so
+/// the VMM loads it ready-made (no emulated stores).
 #[repr(C, packed)]
 struct Tss {
     reserved0: u32,
@@ -24,10 +29,13 @@ struct Tss {
     reserved2: u64,
     reserved3: u16,
     iomap_base: u16,
+    iomap: [u8; IOMAP_BYTES],
+    iomap_end: u8,
 }
 
 const TSS_SIZE: usize = core::mem::size_of::<Tss>();
-const _: () = assert!(TSS_SIZE == 104);
+const IOMAP_OFFSET: usize = 104;
+const _: () = assert!(TSS_SIZE == IOMAP_OFFSET + IOMAP_BYTES + 1);
 
 static mut TSS: Tss = Tss {
     reserved0: 0,
@@ -36,7 +44,9 @@ static mut TSS: Tss = Tss {
     ist: [0; 7],
     reserved2: 0,
     reserved3: 0,
-    iomap_base: TSS_SIZE as u16,
+    iomap_base: IOMAP_OFFSET as u16,
+    iomap: [0; IOMAP_BYTES],
+    iomap_end: 0xff,
 };
 
 /// Flat segments: base 0, limit 4 GiB, G=1; code has L=1.

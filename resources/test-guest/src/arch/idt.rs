@@ -153,6 +153,12 @@ extern "C" fn trap_handler(frame: &TrapFrame) -> ! {
         line.push_hex(frame.error);
         line.push_str(" rip=");
         line.push_hex(frame.rip);
+        line.push_str(" cs=");
+        line.push_hex(frame.cs);
+        line.push_str(" rflags=");
+        line.push_hex(frame.rflags);
+        line.push_str(" rsp=");
+        line.push_hex(frame.rsp);
         if frame.vector == PAGE_FAULT {
             let cr2: u64;
             // SAFETY: reading CR2 at CPL0 has no side effects.
