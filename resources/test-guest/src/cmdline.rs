@@ -36,7 +36,14 @@ pub enum Crash {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { dirty: 256, span: None, rounds: 10, round_us: 1000, stop: 0, crash: Crash::No }
+        Config {
+            dirty: 256,
+            span: None,
+            rounds: 10,
+            round_us: 1000,
+            stop: 0,
+            crash: Crash::No,
+        }
     }
 }
 

@@ -39,7 +39,10 @@ pub struct Line {
 
 impl Line {
     pub const fn new() -> Self {
-        Line { buf: [0; LINE_MAX], len: 0 }
+        Line {
+            buf: [0; LINE_MAX],
+            len: 0,
+        }
     }
 
     pub fn push_bytes(&mut self, bytes: &[u8]) {

@@ -35,9 +35,15 @@ pub fn calibrate_khz() -> TscRate {
         return TscRate { khz, note: None };
     }
     if let Some(khz) = cpuid_khz().filter(|k| PLAUSIBLE_KHZ.contains(k)) {
-        return TscRate { khz, note: Some("PIT calibration failed; TSC rate taken from CPUID") };
+        return TscRate {
+            khz,
+            note: Some("PIT calibration failed; TSC rate taken from CPUID"),
+        };
     }
-    TscRate { khz: FALLBACK_KHZ, note: Some("PIT calibration failed; assuming a 2 GHz TSC") }
+    TscRate {
+        khz: FALLBACK_KHZ,
+        note: Some("PIT calibration failed; assuming a 2 GHz TSC"),
+    }
 }
 
 fn pit_khz() -> Option<u64> {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Mnemonics the emulator runs (objdump, Intel syntax, after prefixes).
+#[rustfmt::skip]
 const ALLOWED: &[&str] = &[
     // integer ALU
     "add", "adc", "sub", "sbb", "and", "or", "xor", "not", "neg", "inc", "dec", "cmp", "test",
@@ -21,9 +22,9 @@ const ALLOWED: &[&str] = &[
     "xchg", "cmpxchg", "xadd", "cmpxchg8b",
     // flags
     "clc", "stc", "cmc", "cld", "std", "lahf", "sahf",
-    // control flow
+    // control flow (jcc, cmovcc, setcc: see CONDITIONS)
     "call", "ret", "jmp", "jrcxz", "jecxz",
-    // string ops (only under `rep` or alone, see STRING_OPS)
+    // string moves and stores, alone or under `rep` (see STRING_OPS)
     "movs", "movsb", "movsw", "movsq", "stos", "stosb", "stosw", "stosd", "stosq",
     // system
     "in", "out", "cli", "sti", "hlt", "lgdt", "lidt", "ltr", "rdmsr", "wrmsr", "rdtsc", "rdrand",
@@ -34,17 +35,20 @@ const ALLOWED: &[&str] = &[
 ];
 
 /// Condition codes of `jcc`, `cmovcc` and `setcc`.
+#[rustfmt::skip]
 const CONDITIONS: &[&str] = &[
     "o", "no", "b", "nb", "c", "nc", "ae", "nae", "e", "z", "ne", "nz", "be", "nbe", "a", "na",
     "s", "ns", "p", "np", "pe", "po", "l", "nl", "ge", "nge", "le", "nle", "g", "ng",
 ];
 
 /// What `rep`/`repz`/`repnz` may prefix.
+#[rustfmt::skip]
 const STRING_OPS: &[&str] = &[
     "movs", "movsb", "movsw", "movsd", "movsq", "stos", "stosb", "stosw", "stosd", "stosq",
 ];
 
 /// What `lock` may prefix.
+#[rustfmt::skip]
 const LOCKABLE: &[&str] = &[
     "add", "adc", "sub", "sbb", "and", "or", "xor", "not", "neg", "inc", "dec", "xchg",
     "cmpxchg", "xadd", "bts", "btr", "btc", "cmpxchg8b",
@@ -66,9 +70,10 @@ fn is_allowed_mnemonic(m: &str, operands: &str) -> bool {
     if m == "movsd" {
         return !operands.contains("xmm");
     }
-    ["j", "cmov", "set"]
-        .iter()
-        .any(|family| m.strip_prefix(family).is_some_and(|cc| CONDITIONS.contains(&cc)))
+    ["j", "cmov", "set"].iter().any(|family| {
+        m.strip_prefix(family)
+            .is_some_and(|cc| CONDITIONS.contains(&cc))
+    })
 }
 
 /// Checks one instruction's text (what follows the address and tab).
@@ -118,7 +123,10 @@ fn check_listing(listing: &str) -> Vec<Offence> {
             continue;
         }
         if !check_instruction(text) {
-            offences.push(Offence { addr: format!("0x{addr}"), text: text.trim().to_string() });
+            offences.push(Offence {
+                addr: format!("0x{addr}"),
+                text: text.trim().to_string(),
+            });
         }
     }
     offences
@@ -145,9 +153,12 @@ fn build_guest() -> PathBuf {
             cmd.env_remove(key.as_ref());
         }
     }
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run cargo to build the guest in {}: {e}", dir.display()));
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!(
+            "cannot run cargo to build the guest in {}: {e}",
+            dir.display()
+        )
+    });
     assert!(
         out.status.success(),
         "building the guest in {} failed:\n{}",
@@ -180,9 +191,16 @@ fn guest_only_uses_emulated_instructions() {
     );
     let listing = String::from_utf8_lossy(&out.stdout);
     let instructions = listing.lines().filter(|l| l.contains(":\t")).count();
-    assert!(instructions > 100, "objdump listed only {instructions} instructions in {}", elf.display());
+    assert!(
+        instructions > 100,
+        "objdump listed only {instructions} instructions in {}",
+        elf.display()
+    );
     let offences = check_listing(&listing);
-    let report: Vec<String> = offences.iter().map(|o| format!("  {}: {}", o.addr, o.text)).collect();
+    let report: Vec<String> = offences
+        .iter()
+        .map(|o| format!("  {}: {}", o.addr, o.text))
+        .collect();
     assert!(
         offences.is_empty(),
         "{} instruction(s) in {} that KVM's emulator cannot run at CPL0 (PLATFORM.md):\n{}",

@@ -90,7 +90,10 @@ pub unsafe fn init() {
         gdt.add(6).write(low);
         gdt.add(7).write(base >> 32);
     }
-    let ptr = DescriptorPointer { limit: (8 * 8 - 1) as u16, base: gdt as u64 };
+    let ptr = DescriptorPointer {
+        limit: (8 * 8 - 1) as u16,
+        base: gdt as u64,
+    };
     // SAFETY: the GDT keeps 0x10 as 64-bit kernel code, so CS stays valid;
     // the data selector and TSS descriptor were just written.
     unsafe {

@@ -70,7 +70,8 @@ pub unsafe fn init(ram_end: u64) -> u64 {
     unsafe {
         pml4.write(pdpt as u64 | TABLE_FLAGS);
         for g in 0..LOW_GIB {
-            pdpt.add(g).write(pd_low.add(g * ENTRIES) as u64 | TABLE_FLAGS);
+            pdpt.add(g)
+                .write(pd_low.add(g * ENTRIES) as u64 | TABLE_FLAGS);
         }
         for g in LOW_GIB..gib {
             let pd = pd_high.add((g - LOW_GIB) * ENTRIES);
