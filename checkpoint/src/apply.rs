@@ -1,0 +1,330 @@
+//! Standby apply (I2) and epoch fencing (I5).
+//!
+//! A [`VerifiedCheckpoint`] can only be made by [`crate::wire::FrameReader`], after the
+//! whole frame arrived and its checksum matched: an unverified or partial checkpoint
+//! cannot be applied, by construction. [`VerifiedCheckpoint::apply`] checks every page
+//! against the guest memory map before it writes any, so it either writes all pages or
+//! none.
+//!
+//! [`EpochFence`] keeps the standby's (generation, last applied epoch): a checkpoint of
+//! another generation, or not newer than the last one applied, is refused — an old
+//! primary that comes back after a takeover can never overwrite the new state.
+
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+
+use crate::slab::{Chunks, EpochStats, Page, Staging, PAGE_SIZE};
+
+/// Errors of applying a verified checkpoint to guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// A page lies outside the guest's memory map (checked before anything is written).
+    #[error("checkpoint {epoch} page {index} at {gpa:#x} is not in guest memory; nothing was applied")]
+    NotInMemory {
+        /// The checkpoint's epoch.
+        epoch: u64,
+        /// Position in the page index.
+        index: usize,
+        /// The page's address.
+        gpa: u64,
+    },
+    /// Writing a page failed (after validation: the memory map changed under us).
+    #[error("cannot write checkpoint {epoch} page at {gpa:#x} into guest memory: {source}")]
+    Write {
+        /// The checkpoint's epoch.
+        epoch: u64,
+        /// The page's address.
+        gpa: u64,
+        /// vm-memory's error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+/// A complete checkpoint whose checksum matched, held in the receiver's staging.
+#[derive(Debug, Clone, Copy)]
+pub struct VerifiedCheckpoint<'a> {
+    staging: &'a Staging,
+    epoch: u64,
+    generation: u64,
+    stats: EpochStats,
+}
+
+impl<'a> VerifiedCheckpoint<'a> {
+    /// Only the frame reader makes these, after verification.
+    pub(crate) fn new(staging: &'a Staging, epoch: u64, generation: u64, stats: EpochStats) -> Self {
+        VerifiedCheckpoint {
+            staging,
+            epoch,
+            generation,
+            stats,
+        }
+    }
+
+    /// The checkpoint's epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The checkpoint's generation.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Number of pages.
+    pub fn page_count(&self) -> usize {
+        self.staging.page_count()
+    }
+
+    /// Number of state bytes.
+    pub fn state_len(&self) -> usize {
+        self.staging.state_len()
+    }
+
+    /// Staging statistics of the receive (slabs used, grown, strikes).
+    pub fn stats(&self) -> &EpochStats {
+        &self.stats
+    }
+
+    /// The pages with their addresses, in the order sent.
+    pub fn pages(&self) -> impl ExactSizeIterator<Item = (u64, &'a Page)> + 'a {
+        self.staging.pages()
+    }
+
+    /// The state bytes, as one or more chunks.
+    pub fn state_chunks(&self) -> Chunks<'a> {
+        self.staging.state_chunks()
+    }
+
+    /// The state bytes if they are contiguous (no copy).
+    pub fn state_contiguous(&self) -> Option<&'a [u8]> {
+        self.staging.state_contiguous()
+    }
+
+    /// Copies the state bytes into `out` (replacing its contents, reusing its capacity).
+    pub fn copy_state_into(&self, out: &mut Vec<u8>) {
+        self.staging.copy_state_into(out)
+    }
+
+    /// Hands every page to `f`, in order; stops at the first error.
+    pub fn apply_with<E>(&self, mut f: impl FnMut(u64, &Page) -> Result<(), E>) -> Result<(), E> {
+        for (gpa, page) in self.pages() {
+            f(gpa, page)?;
+        }
+        Ok(())
+    }
+
+    /// Writes every page into `mem` and copies the state bytes into `state_out`, returning
+    /// them. Every page is checked against `mem` first: on [`ApplyError::NotInMemory`]
+    /// nothing was written. Pages are written in the order sent (a repeated address: the
+    /// last copy wins).
+    pub fn apply<'o, M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        state_out: &'o mut Vec<u8>,
+    ) -> Result<&'o [u8], ApplyError> {
+        for (index, (gpa, _)) in self.pages().enumerate() {
+            if !mem.check_range(GuestAddress(gpa), PAGE_SIZE, Permissions::Write) {
+                return Err(ApplyError::NotInMemory {
+                    epoch: self.epoch,
+                    index,
+                    gpa,
+                });
+            }
+        }
+        for (gpa, page) in self.pages() {
+            mem.write_slice(page, GuestAddress(gpa))
+                .map_err(|source| ApplyError::Write {
+                    epoch: self.epoch,
+                    gpa,
+                    source,
+                })?;
+        }
+        self.copy_state_into(state_out);
+        Ok(state_out)
+    }
+}
+
+/// Why a checkpoint was fenced off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FenceError {
+    /// The checkpoint belongs to another generation (an old primary, I5).
+    #[error("checkpoint {epoch} of generation {got} refused: this standby follows generation {current}")]
+    Generation {
+        /// The checkpoint's epoch.
+        epoch: u64,
+        /// Its generation.
+        got: u64,
+        /// The generation in force.
+        current: u64,
+    },
+    /// The checkpoint is not newer than the last one applied.
+    #[error("checkpoint {epoch} refused: checkpoint {last} is already applied")]
+    Stale {
+        /// The checkpoint's epoch.
+        epoch: u64,
+        /// The last epoch applied.
+        last: u64,
+    },
+}
+
+/// Tracks the generation in force and the last applied epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpochFence {
+    generation: u64,
+    last_applied: Option<u64>,
+}
+
+impl EpochFence {
+    /// A fence for `generation` with nothing applied yet.
+    pub fn new(generation: u64) -> Self {
+        EpochFence {
+            generation,
+            last_applied: None,
+        }
+    }
+
+    /// The generation in force.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The last epoch applied.
+    pub fn last_applied(&self) -> Option<u64> {
+        self.last_applied
+    }
+
+    /// Checks that checkpoint `epoch` of `generation` may be applied.
+    pub fn admit(&self, generation: u64, epoch: u64) -> Result<(), FenceError> {
+        if generation != self.generation {
+            return Err(FenceError::Generation {
+                epoch,
+                got: generation,
+                current: self.generation,
+            });
+        }
+        match self.last_applied {
+            Some(last) if epoch <= last => Err(FenceError::Stale { epoch, last }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records that `epoch` was applied (after [`Self::admit`] accepted it).
+    pub fn commit(&mut self, epoch: u64) {
+        self.last_applied = Some(epoch);
+    }
+
+    /// Takes over: starts generation `generation + 1`, which the old primary's
+    /// checkpoints and acks can never match. Returns the new generation.
+    pub fn take_over(&mut self) -> u64 {
+        self.generation += 1;
+        self.generation
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::slab::StagingConfig;
+    use crate::wire::{CheckpointFrame, DevicesSummary, Frame, FrameReader, GuestShape, Limits};
+    use vm_memory::{GuestMemoryMmap, GuestRegionMmap};
+
+    const MEM: u64 = 16 * 4096;
+
+    fn limits() -> Limits {
+        let shape = GuestShape {
+            mem_bytes: MEM,
+            vcpus: 1,
+            cmdline: String::new(),
+            devices: DevicesSummary::default(),
+        };
+        Limits::for_shape(&shape, MEM, 4096).unwrap()
+    }
+
+    fn frame(pages: &[(u64, u8)], state: &[u8], epoch: u64) -> Vec<u8> {
+        let mut st = Staging::new(limits().staging_config()).unwrap();
+        let mut w = st.begin_epoch();
+        for &(gpa, fill) in pages {
+            w.stage_page(gpa, &[fill; PAGE_SIZE]).unwrap();
+        }
+        w.stage_state(state).unwrap();
+        w.finish();
+        let mut v = Vec::new();
+        CheckpointFrame::new(&st, epoch, 1).copy_into(&mut v);
+        v
+    }
+
+    fn read_byte(mem: &GuestMemoryMmap, gpa: u64) -> u8 {
+        mem.read_obj(GuestAddress(gpa)).unwrap()
+    }
+
+    #[test]
+    fn apply_writes_pages_and_returns_state() {
+        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+        let f = frame(&[(0x2000, 7), (0x5000, 9), (0x2000, 8)], b"vm state", 4);
+        let mut rx = Staging::new(limits().staging_config()).unwrap();
+        let mut reader = FrameReader::new(limits());
+        let Frame::Checkpoint(v) = reader.read_frame(&mut &f[..], &mut rx).unwrap() else {
+            panic!()
+        };
+        let mut state = Vec::new();
+        assert_eq!(v.apply(&mem, &mut state).unwrap(), b"vm state");
+        assert_eq!(read_byte(&mem, 0x2000 + 4095), 8, "the later copy of a page wins");
+        assert_eq!(read_byte(&mem, 0x5000), 9);
+        assert_eq!(read_byte(&mem, 0x3000), 0);
+        assert_eq!(v.state_contiguous(), Some(&b"vm state"[..]));
+    }
+
+    #[test]
+    fn apply_is_all_or_nothing() {
+        // Guest memory with a hole at pages 8..12: the wire limits admit page 9, the
+        // memory map does not.
+        let regions = vec![
+            GuestRegionMmap::from_range(GuestAddress(0), 8 * 4096, None).unwrap(),
+            GuestRegionMmap::from_range(GuestAddress(12 * 4096), 4 * 4096, None).unwrap(),
+        ];
+        let mem: GuestMemoryMmap = GuestMemoryMmap::from_regions(regions).unwrap();
+        let f = frame(&[(0x1000, 5), (9 * 4096, 5)], b"", 1);
+        let mut rx = Staging::new(limits().staging_config()).unwrap();
+        let Frame::Checkpoint(v) = FrameReader::new(limits()).read_frame(&mut &f[..], &mut rx).unwrap() else {
+            panic!()
+        };
+        let e = v.apply(&mem, &mut Vec::new()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "checkpoint 1 page 1 at 0x9000 is not in guest memory; nothing was applied"
+        );
+        assert_eq!(read_byte(&mem, 0x1000), 0, "the valid page was not written either");
+    }
+
+    #[test]
+    fn apply_with_sees_every_page() {
+        let f = frame(&[(0, 1), (0x1000, 2)], b"", 1);
+        let mut rx = Staging::new(StagingConfig { slab_bytes: 4096, ..limits().staging_config() }).unwrap();
+        let Frame::Checkpoint(v) = FrameReader::new(limits()).read_frame(&mut &f[..], &mut rx).unwrap() else {
+            panic!()
+        };
+        let mut seen = Vec::new();
+        v.apply_with(|gpa, p| {
+            seen.push((gpa, p[0]));
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(0, 1), (0x1000, 2)]);
+    }
+
+    #[test]
+    fn fence_refuses_old_generations_and_stale_epochs() {
+        let mut fence = EpochFence::new(1);
+        assert!(fence.admit(1, 0).is_ok());
+        fence.commit(0);
+        fence.commit(5);
+        assert_eq!(fence.admit(1, 5), Err(FenceError::Stale { epoch: 5, last: 5 }));
+        assert!(fence.admit(1, 6).is_ok());
+        assert_eq!(fence.take_over(), 2);
+        let e = fence.admit(1, 100).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "checkpoint 100 of generation 1 refused: this standby follows generation 2"
+        );
+    }
+}

@@ -1,0 +1,753 @@
+//! Slab staging of a checkpoint (DESIGN.md "Staging memory", after the MC spec).
+//!
+//! A checkpoint's payload is a byte stream laid over a list of fixed-size slabs: first the
+//! dirty pages, back to back, 4 KiB each, then the encoded state bytes (which may straddle
+//! slabs). A page-index table records the guest physical address of each staged page, in
+//! order, as little-endian `u64`s — exactly the bytes the wire format sends.
+//!
+//! - The head slab is permanent, and the index table is reserved for the guest's whole
+//!   page count up front, so an idle epoch (no dirty page, a small state) allocates
+//!   nothing.
+//! - The slab list grows when a checkpoint needs more.
+//! - Each finished checkpoint that would have fit in fewer slabs than the cache holds is a
+//!   *strike*; a checkpoint that needs the whole cache clears the strikes. After
+//!   [`StagingConfig::strike_limit`] consecutive strikes the cache is halved (never below
+//!   the head slab). Slabs still holding the finished checkpoint are never freed under
+//!   it: the halving is applied by [`Staging::trim`] (call it after the checkpoint has been
+//!   sent, outside the pause) or at the latest by the next [`Staging::begin_epoch`].
+//!
+//! Slabs are the unit of transmission ([`Staging::slab_chunks`] gives the used part of each
+//! one, for vectored writes) and, for RDMA, of memory registration.
+//!
+//! Writing a checkpoint goes through an [`EpochWriter`], which borrows the staging
+//! mutably: nobody can read a half-staged checkpoint, and an epoch abandoned by dropping
+//! the writer leaves the staging empty.
+
+use crate::codec::DEFAULT_STATE_LIMIT;
+
+/// The guest page size that dirty tracking and staging work in.
+pub const PAGE_SIZE: usize = 4096;
+
+/// One guest page.
+pub type Page = [u8; PAGE_SIZE];
+
+/// Default slab size: 1 MiB (256 pages). Large enough that a vectored write of a busy
+/// checkpoint is a handful of slices (TCP loopback reaches its best throughput with
+/// writes of about 1 MiB on the project's machines), small enough that an idle guest's
+/// permanent head slab costs little.
+pub const DEFAULT_SLAB_BYTES: usize = 1 << 20;
+
+/// Default number of consecutive under-used checkpoints before the slab cache is halved.
+pub const DEFAULT_STRIKE_LIMIT: u32 = 10;
+
+/// How a [`Staging`] is sized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StagingConfig {
+    /// Size of one slab in bytes: a non-zero multiple of [`PAGE_SIZE`].
+    pub slab_bytes: usize,
+    /// Consecutive strikes after which the slab cache is halved (at least 1).
+    pub strike_limit: u32,
+    /// Most pages one checkpoint may hold (the guest's page count). The index table is
+    /// reserved for this many entries up front (8 bytes each, address space only until
+    /// touched).
+    pub max_pages: usize,
+    /// Most state bytes one checkpoint may hold.
+    pub max_state_bytes: usize,
+}
+
+impl StagingConfig {
+    /// The default configuration for a guest of `mem_bytes` bytes of memory.
+    pub fn for_guest(mem_bytes: u64) -> Self {
+        StagingConfig {
+            slab_bytes: DEFAULT_SLAB_BYTES,
+            strike_limit: DEFAULT_STRIKE_LIMIT,
+            max_pages: usize::try_from(mem_bytes.div_ceil(PAGE_SIZE as u64)).unwrap_or(usize::MAX),
+            max_state_bytes: DEFAULT_STATE_LIMIT as usize,
+        }
+    }
+
+    /// Checks the configuration.
+    pub fn validate(&self) -> Result<(), StagingError> {
+        if self.slab_bytes == 0 || self.slab_bytes % PAGE_SIZE != 0 {
+            return Err(StagingError::BadSlabSize(self.slab_bytes));
+        }
+        if self.strike_limit == 0 {
+            return Err(StagingError::ZeroStrikeLimit);
+        }
+        // The whole payload must be addressable.
+        self.max_pages
+            .checked_mul(PAGE_SIZE)
+            .and_then(|b| b.checked_add(self.max_state_bytes))
+            .ok_or(StagingError::TooBig {
+                max_pages: self.max_pages,
+                max_state_bytes: self.max_state_bytes,
+            })?;
+        Ok(())
+    }
+}
+
+/// Errors of slab staging.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StagingError {
+    /// The configured slab size is unusable.
+    #[error("slab size of {0} bytes is not a non-zero multiple of the {PAGE_SIZE}-byte page size")]
+    BadSlabSize(usize),
+    /// The configured strike limit is zero.
+    #[error("the slab strike limit must be at least 1")]
+    ZeroStrikeLimit,
+    /// The configured maxima overflow the address space.
+    #[error("staging for {max_pages} pages and {max_state_bytes} state bytes overflows the address space")]
+    TooBig {
+        /// Configured page maximum.
+        max_pages: usize,
+        /// Configured state maximum.
+        max_state_bytes: usize,
+    },
+    /// A page address is not page aligned.
+    #[error("guest physical address {gpa:#x} is not aligned to {PAGE_SIZE} bytes")]
+    Unaligned {
+        /// The address given.
+        gpa: u64,
+    },
+    /// The checkpoint already holds the most pages it may.
+    #[error("checkpoint already holds {max} pages, the guest's size; cannot stage the page at {gpa:#x}")]
+    TooManyPages {
+        /// The maximum.
+        max: usize,
+        /// The page refused.
+        gpa: u64,
+    },
+    /// A page was staged after state bytes.
+    #[error("the page at {gpa:#x} comes after state bytes; stage every page before the state")]
+    PageAfterState {
+        /// The page refused.
+        gpa: u64,
+    },
+    /// The state bytes exceed the configured maximum.
+    #[error("checkpoint state of {len} bytes exceeds the limit of {max} bytes")]
+    StateTooLarge {
+        /// State bytes the checkpoint would hold.
+        len: usize,
+        /// The maximum.
+        max: usize,
+    },
+}
+
+/// What one staged checkpoint took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EpochStats {
+    /// Pages staged.
+    pub pages: usize,
+    /// State bytes staged.
+    pub state_bytes: usize,
+    /// Payload bytes (pages × 4096 + state).
+    pub payload_bytes: usize,
+    /// Slabs the payload occupies (at least 1: the head slab).
+    pub slabs_used: usize,
+    /// Slabs in the cache after this checkpoint.
+    pub slabs_cached: usize,
+    /// Slabs allocated while staging this checkpoint.
+    pub slabs_grown: usize,
+    /// Consecutive strikes after this checkpoint.
+    pub strikes: u32,
+    /// Set when this checkpoint was the strike that decided to halve the cache: the number
+    /// of slabs [`Staging::trim`] will shrink it to.
+    pub shrink_to: Option<usize>,
+}
+
+/// The staging area of one side (primary or standby) of a protected VM.
+#[derive(Debug)]
+pub struct Staging {
+    cfg: StagingConfig,
+    pages_per_slab: usize,
+    slabs: Vec<Box<[Page]>>,
+    /// Little-endian gpa of each staged page.
+    index: Vec<[u8; 8]>,
+    /// Payload bytes: pages × 4096 + state.
+    used: usize,
+    state_len: usize,
+    strikes: u32,
+    shrink_to: Option<usize>,
+    grown: usize,
+}
+
+fn new_slab(pages: usize) -> Box<[Page]> {
+    // A zeroed array of pages: `vec!` takes the calloc path, so the memory is only
+    // committed when first written.
+    vec![[0u8; PAGE_SIZE]; pages].into_boxed_slice()
+}
+
+impl Staging {
+    /// Creates a staging area with its permanent head slab and its index table reserved.
+    pub fn new(cfg: StagingConfig) -> Result<Self, StagingError> {
+        cfg.validate()?;
+        let pages_per_slab = cfg.slab_bytes / PAGE_SIZE;
+        let max_slabs = (cfg.max_pages * PAGE_SIZE + cfg.max_state_bytes).div_ceil(cfg.slab_bytes);
+        let mut slabs = Vec::with_capacity(max_slabs.clamp(1, 1 << 16));
+        slabs.push(new_slab(pages_per_slab));
+        Ok(Staging {
+            cfg,
+            pages_per_slab,
+            slabs,
+            index: Vec::with_capacity(cfg.max_pages),
+            used: 0,
+            state_len: 0,
+            strikes: 0,
+            shrink_to: None,
+            grown: 0,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &StagingConfig {
+        &self.cfg
+    }
+
+    /// Starts staging a new checkpoint. The previous one is discarded (it must have been
+    /// sent), and a pending halving of the cache is applied.
+    pub fn begin_epoch(&mut self) -> EpochWriter<'_> {
+        self.reset();
+        self.trim();
+        EpochWriter {
+            staging: self,
+            finished: false,
+        }
+    }
+
+    /// Applies a pending halving of the slab cache as far as the checkpoint still held
+    /// allows; returns the number of slabs freed. Call it after the checkpoint has been
+    /// sent, outside the pause: freeing memory may take system calls.
+    pub fn trim(&mut self) -> usize {
+        let Some(target) = self.shrink_to else {
+            return 0;
+        };
+        let keep = target.max(self.slabs_used()).max(1);
+        let before = self.slabs.len();
+        if keep < before {
+            self.slabs.truncate(keep);
+        }
+        if keep == target {
+            self.shrink_to = None;
+        }
+        before - self.slabs.len()
+    }
+
+    /// Slabs currently cached (the head slab included).
+    pub fn slab_count(&self) -> usize {
+        self.slabs.len()
+    }
+
+    /// Slabs the staged checkpoint occupies (at least 1).
+    pub fn slabs_used(&self) -> usize {
+        self.used.div_ceil(self.cfg.slab_bytes).max(1)
+    }
+
+    /// Consecutive strikes so far.
+    pub fn strikes(&self) -> u32 {
+        self.strikes
+    }
+
+    /// Pages in the staged checkpoint.
+    pub fn page_count(&self) -> usize {
+        self.index.len()
+    }
+
+    /// State bytes in the staged checkpoint.
+    pub fn state_len(&self) -> usize {
+        self.state_len
+    }
+
+    /// Payload bytes in the staged checkpoint (pages × 4096 + state).
+    pub fn payload_len(&self) -> usize {
+        self.used
+    }
+
+    /// The page index as sent on the wire: one little-endian `u64` gpa per staged page.
+    pub fn index_bytes(&self) -> &[u8] {
+        self.index.as_flattened()
+    }
+
+    /// The guest physical addresses of the staged pages, in staging order.
+    pub fn gpas(&self) -> impl ExactSizeIterator<Item = u64> + '_ {
+        self.index.iter().map(|b| u64::from_le_bytes(*b))
+    }
+
+    /// The staged pages with their addresses, in staging order.
+    pub fn pages(&self) -> impl ExactSizeIterator<Item = (u64, &Page)> + '_ {
+        self.index.iter().enumerate().map(|(i, b)| {
+            (
+                u64::from_le_bytes(*b),
+                &self.slabs[i / self.pages_per_slab][i % self.pages_per_slab],
+            )
+        })
+    }
+
+    /// The used part of each slab, in order: the payload exactly, ready for vectored
+    /// writes or incremental checksumming.
+    pub fn slab_chunks(&self) -> Chunks<'_> {
+        self.chunks(0, self.used)
+    }
+
+    /// The state bytes, as one or more chunks (they may straddle slabs).
+    pub fn state_chunks(&self) -> Chunks<'_> {
+        self.chunks(self.used - self.state_len, self.state_len)
+    }
+
+    /// The state bytes if they lie in one slab.
+    pub fn state_contiguous(&self) -> Option<&[u8]> {
+        let mut it = self.state_chunks();
+        match (it.next(), it.next()) {
+            (None, _) => Some(&[]),
+            (Some(c), None) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Copies the state bytes into `out` (replacing its contents, reusing its capacity).
+    pub fn copy_state_into(&self, out: &mut Vec<u8>) {
+        out.clear();
+        for c in self.state_chunks() {
+            out.extend_from_slice(c);
+        }
+    }
+
+    fn chunks(&self, start: usize, len: usize) -> Chunks<'_> {
+        Chunks {
+            slabs: &self.slabs,
+            slab_bytes: self.cfg.slab_bytes,
+            pos: start,
+            end: start + len,
+        }
+    }
+
+    /// Calls `f` on consecutive mutable chunks covering `[start, start + len)` of the
+    /// payload. The slabs must exist.
+    fn for_each_chunk_mut<E>(
+        &mut self,
+        start: usize,
+        len: usize,
+        mut f: impl FnMut(&mut [u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let sb = self.cfg.slab_bytes;
+        let mut pos = start;
+        let end = start + len;
+        while pos < end {
+            let (s, off) = (pos / sb, pos % sb);
+            let n = (sb - off).min(end - pos);
+            f(&mut self.slabs[s].as_flattened_mut()[off..off + n])?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Makes sure the cache holds at least `n` slabs.
+    #[cold]
+    #[inline(never)]
+    fn grow_to(&mut self, n: usize) {
+        while self.slabs.len() < n {
+            self.slabs.push(new_slab(self.pages_per_slab));
+            self.grown += 1;
+        }
+    }
+
+    fn ensure_payload(&mut self, bytes: usize) {
+        let n = bytes.div_ceil(self.cfg.slab_bytes).max(1);
+        if n > self.slabs.len() {
+            self.grow_to(n);
+        }
+    }
+
+    /// Empties the staged checkpoint (the cache is kept).
+    fn reset(&mut self) {
+        self.index.clear();
+        self.used = 0;
+        self.state_len = 0;
+        self.grown = 0;
+    }
+
+    /// Strike accounting for a finished checkpoint.
+    fn account(&mut self) -> EpochStats {
+        let slabs_used = self.slabs_used();
+        let cached = self.slabs.len();
+        let mut shrink_to = None;
+        if slabs_used < cached {
+            self.strikes += 1;
+            if self.strikes >= self.cfg.strike_limit {
+                let target = (cached / 2).max(1);
+                self.shrink_to = Some(target);
+                shrink_to = Some(target);
+                self.strikes = 0;
+            }
+        } else {
+            self.strikes = 0;
+            self.shrink_to = None;
+        }
+        EpochStats {
+            pages: self.index.len(),
+            state_bytes: self.state_len,
+            payload_bytes: self.used,
+            slabs_used,
+            slabs_cached: cached,
+            slabs_grown: self.grown,
+            strikes: self.strikes,
+            shrink_to,
+        }
+    }
+
+    // ---- receiver side (used by `wire::FrameReader`) ----
+
+    /// Prepares to receive a checkpoint of `pages` pages (already validated against the
+    /// limits); returns the index table to fill.
+    pub(crate) fn recv_begin(&mut self, pages: usize) -> &mut [u8] {
+        self.reset();
+        self.trim();
+        self.index.resize(pages, [0; 8]);
+        self.index.as_flattened_mut()
+    }
+
+    /// Reserves the slabs for the payload announced to [`Self::recv_begin`] and fills it,
+    /// chunk by chunk, with `f`.
+    pub(crate) fn recv_payload<E>(
+        &mut self,
+        state_len: usize,
+        f: impl FnMut(&mut [u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let total = self.index.len() * PAGE_SIZE + state_len;
+        self.ensure_payload(total);
+        self.used = total;
+        self.state_len = state_len;
+        self.for_each_chunk_mut(0, total, f)
+    }
+
+    /// Completes a received checkpoint (strike accounting included).
+    pub(crate) fn recv_finish(&mut self) -> EpochStats {
+        self.account()
+    }
+
+    /// Drops a torn or corrupt received checkpoint.
+    pub(crate) fn recv_abort(&mut self) {
+        self.reset();
+    }
+
+    /// Page index entry `i` (gpa).
+    pub(crate) fn gpa_at(&self, i: usize) -> u64 {
+        u64::from_le_bytes(self.index[i])
+    }
+}
+
+/// Iterator over consecutive byte chunks of the payload, at most one per slab.
+#[derive(Debug, Clone)]
+pub struct Chunks<'a> {
+    slabs: &'a [Box<[Page]>],
+    slab_bytes: usize,
+    pos: usize,
+    end: usize,
+}
+
+impl<'a> Iterator for Chunks<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        if self.pos >= self.end {
+            return None;
+        }
+        let (s, off) = (self.pos / self.slab_bytes, self.pos % self.slab_bytes);
+        let n = (self.slab_bytes - off).min(self.end - self.pos);
+        self.pos += n;
+        Some(&self.slabs[s].as_flattened()[off..off + n])
+    }
+}
+
+/// Stages one checkpoint into a [`Staging`]. Dropping it without [`EpochWriter::finish`]
+/// abandons the epoch and leaves the staging empty.
+#[derive(Debug)]
+pub struct EpochWriter<'a> {
+    staging: &'a mut Staging,
+    finished: bool,
+}
+
+impl EpochWriter<'_> {
+    /// Reserves the next page slot for the page at `gpa` and returns it, for the caller to
+    /// fill straight from guest memory (no intermediate buffer). The slot holds stale bytes
+    /// until written. Never allocates unless the slab cache must grow; never logs nor makes
+    /// system calls.
+    #[inline]
+    pub fn page_slot(&mut self, gpa: u64) -> Result<&mut Page, StagingError> {
+        let s = &mut *self.staging;
+        if gpa % PAGE_SIZE as u64 != 0 {
+            return Err(StagingError::Unaligned { gpa });
+        }
+        if s.state_len != 0 {
+            return Err(StagingError::PageAfterState { gpa });
+        }
+        let n = s.index.len();
+        if n >= s.cfg.max_pages {
+            return Err(StagingError::TooManyPages {
+                max: s.cfg.max_pages,
+                gpa,
+            });
+        }
+        let (slab, page) = (n / s.pages_per_slab, n % s.pages_per_slab);
+        if slab >= s.slabs.len() {
+            s.grow_to(slab + 1);
+        }
+        // Within the capacity reserved in `Staging::new`: no reallocation.
+        s.index.push(gpa.to_le_bytes());
+        s.used += PAGE_SIZE;
+        Ok(&mut s.slabs[slab][page])
+    }
+
+    /// Copies the page at `gpa` from `src` into the next page slot.
+    #[inline]
+    pub fn stage_page(&mut self, gpa: u64, src: &Page) -> Result<(), StagingError> {
+        self.page_slot(gpa)?.copy_from_slice(src);
+        Ok(())
+    }
+
+    /// Appends state bytes after the pages (it may be called several times; no page may be
+    /// staged after it).
+    pub fn stage_state(&mut self, bytes: &[u8]) -> Result<(), StagingError> {
+        let s = &mut *self.staging;
+        let len = s.state_len + bytes.len();
+        if len > s.cfg.max_state_bytes {
+            return Err(StagingError::StateTooLarge {
+                len,
+                max: s.cfg.max_state_bytes,
+            });
+        }
+        let start = s.used;
+        s.ensure_payload(start + bytes.len());
+        let mut rest = bytes;
+        s.for_each_chunk_mut(start, bytes.len(), |dst| {
+            let (head, tail) = rest.split_at(dst.len());
+            dst.copy_from_slice(head);
+            rest = tail;
+            Ok::<(), ()>(())
+        })
+        .ok();
+        s.used += bytes.len();
+        s.state_len = len;
+        Ok(())
+    }
+
+    /// Pages staged so far.
+    pub fn page_count(&self) -> usize {
+        self.staging.index.len()
+    }
+
+    /// State bytes staged so far.
+    pub fn state_len(&self) -> usize {
+        self.staging.state_len
+    }
+
+    /// Completes the checkpoint: it becomes readable through the [`Staging`] accessors,
+    /// and the strike accounting runs.
+    pub fn finish(mut self) -> EpochStats {
+        self.finished = true;
+        self.staging.account()
+    }
+}
+
+impl Drop for EpochWriter<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.staging.reset();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(slab_pages: usize, strike_limit: u32) -> StagingConfig {
+        StagingConfig {
+            slab_bytes: slab_pages * PAGE_SIZE,
+            strike_limit,
+            max_pages: 1024,
+            max_state_bytes: 64 * 1024,
+        }
+    }
+
+    fn page(tag: u64) -> Page {
+        let mut p = [0u8; PAGE_SIZE];
+        for (i, c) in p.chunks_exact_mut(8).enumerate() {
+            c.copy_from_slice(&(tag * 1_000_003 + i as u64).to_le_bytes());
+        }
+        p
+    }
+
+    fn stage(st: &mut Staging, pages: usize, state: &[u8]) -> EpochStats {
+        let mut w = st.begin_epoch();
+        for i in 0..pages {
+            w.stage_page(i as u64 * 4096, &page(i as u64)).unwrap();
+        }
+        w.stage_state(state).unwrap();
+        w.finish()
+    }
+
+    #[test]
+    fn config_validation() {
+        assert_eq!(
+            Staging::new(StagingConfig { slab_bytes: 4000, ..cfg(1, 1) }).unwrap_err(),
+            StagingError::BadSlabSize(4000)
+        );
+        assert_eq!(
+            Staging::new(StagingConfig { slab_bytes: 0, ..cfg(1, 1) }).unwrap_err(),
+            StagingError::BadSlabSize(0)
+        );
+        assert_eq!(Staging::new(cfg(1, 0)).unwrap_err(), StagingError::ZeroStrikeLimit);
+        let c = StagingConfig::for_guest(1 << 30);
+        assert_eq!(c.max_pages, 262_144);
+        assert_eq!(c.slab_bytes % PAGE_SIZE, 0);
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn pages_and_state_roundtrip_across_slabs() {
+        // 2-page slabs: 5 pages and a 10000-byte state straddle several slabs.
+        let mut st = Staging::new(cfg(2, 10)).unwrap();
+        let state: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        let stats = stage(&mut st, 5, &state);
+        assert_eq!(stats.pages, 5);
+        assert_eq!(stats.state_bytes, 10_000);
+        assert_eq!(stats.payload_bytes, 5 * 4096 + 10_000);
+        assert_eq!(stats.slabs_used, (5 * 4096 + 10_000usize).div_ceil(8192));
+        assert_eq!(stats.slabs_grown, stats.slabs_used - 1);
+        for (i, (gpa, p)) in st.pages().enumerate() {
+            assert_eq!(gpa, i as u64 * 4096);
+            assert_eq!(p, &page(i as u64));
+        }
+        let mut s = Vec::new();
+        st.copy_state_into(&mut s);
+        assert_eq!(s, state);
+        assert!(st.state_contiguous().is_none());
+        // The chunks are the payload exactly, one per used slab.
+        let chunks: Vec<&[u8]> = st.slab_chunks().collect();
+        assert_eq!(chunks.len(), stats.slabs_used);
+        assert_eq!(chunks.iter().map(|c| c.len()).sum::<usize>(), stats.payload_bytes);
+        let flat: Vec<u8> = chunks.concat();
+        assert_eq!(&flat[4096..8192], &page(1)[..]);
+        assert_eq!(&flat[5 * 4096..], &state[..]);
+        // The index bytes are the little-endian gpas.
+        assert_eq!(st.index_bytes().len(), 5 * 8);
+        assert_eq!(&st.index_bytes()[8..16], &4096u64.to_le_bytes());
+    }
+
+    #[test]
+    fn page_slot_fills_in_place() {
+        let mut st = Staging::new(cfg(4, 10)).unwrap();
+        let mut w = st.begin_epoch();
+        w.page_slot(0x5000).unwrap().fill(0xab);
+        assert_eq!(w.page_count(), 1);
+        w.finish();
+        let (gpa, p) = st.pages().next().unwrap();
+        assert_eq!(gpa, 0x5000);
+        assert!(p.iter().all(|&b| b == 0xab));
+    }
+
+    #[test]
+    fn staging_errors() {
+        let mut st = Staging::new(StagingConfig { max_pages: 2, max_state_bytes: 10, ..cfg(4, 10) }).unwrap();
+        let mut w = st.begin_epoch();
+        assert_eq!(w.stage_page(0x1001, &page(0)).unwrap_err(), StagingError::Unaligned { gpa: 0x1001 });
+        w.stage_page(0, &page(0)).unwrap();
+        w.stage_page(4096, &page(1)).unwrap();
+        let e = w.stage_page(8192, &page(2)).unwrap_err();
+        assert_eq!(e, StagingError::TooManyPages { max: 2, gpa: 8192 });
+        assert_eq!(
+            e.to_string(),
+            "checkpoint already holds 2 pages, the guest's size; cannot stage the page at 0x2000"
+        );
+        w.stage_state(&[1; 6]).unwrap();
+        assert_eq!(w.stage_state(&[1; 5]).unwrap_err(), StagingError::StateTooLarge { len: 11, max: 10 });
+        assert_eq!(w.stage_page(0, &page(0)).unwrap_err(), StagingError::PageAfterState { gpa: 0 });
+        let stats = w.finish();
+        assert_eq!((stats.pages, stats.state_bytes), (2, 6));
+    }
+
+    #[test]
+    fn abandoned_epoch_leaves_staging_empty() {
+        let mut st = Staging::new(cfg(2, 10)).unwrap();
+        stage(&mut st, 3, b"state");
+        {
+            let mut w = st.begin_epoch();
+            w.stage_page(0, &page(9)).unwrap();
+            w.stage_state(b"partial").unwrap();
+            // dropped without finish
+        }
+        assert_eq!(st.page_count(), 0);
+        assert_eq!(st.state_len(), 0);
+        assert_eq!(st.payload_len(), 0);
+        assert_eq!(st.slab_chunks().count(), 0);
+    }
+
+    #[test]
+    fn grow_strike_halve() {
+        // 1-page slabs, 3 strikes.
+        let mut st = Staging::new(cfg(1, 3)).unwrap();
+        assert_eq!(st.slab_count(), 1);
+
+        // A burst of 8 pages grows the cache to 8 slabs.
+        let s = stage(&mut st, 8, &[]);
+        assert_eq!((s.slabs_used, s.slabs_cached, s.slabs_grown, s.strikes), (8, 8, 7, 0));
+
+        // Two small checkpoints are strikes 1 and 2; the cache stays.
+        for k in 1..=2 {
+            let s = stage(&mut st, 1, &[]);
+            assert_eq!((s.slabs_used, s.slabs_cached, s.strikes, s.shrink_to), (1, 8, k, None));
+        }
+        // A checkpoint that needs the whole cache clears the strikes.
+        let s = stage(&mut st, 8, &[]);
+        assert_eq!((s.slabs_grown, s.strikes), (0, 0));
+
+        // Three strikes in a row decide a halving to 4...
+        stage(&mut st, 2, &[]);
+        stage(&mut st, 2, &[]);
+        let s = stage(&mut st, 2, &[]);
+        assert_eq!((s.strikes, s.shrink_to), (0, Some(4)));
+        assert_eq!(st.slab_count(), 8, "nothing is freed while the checkpoint is held");
+        // ...applied by trim once it is sent.
+        assert_eq!(st.trim(), 4);
+        assert_eq!(st.slab_count(), 4);
+        assert_eq!(st.trim(), 0);
+
+        // Halving continues down to the head slab, never below.
+        for expect in [2, 1, 1] {
+            for _ in 0..3 {
+                stage(&mut st, 0, &[]);
+            }
+            st.trim();
+            assert_eq!(st.slab_count(), expect);
+        }
+        // A checkpoint using the only slab is no strike.
+        let s = stage(&mut st, 1, &[]);
+        assert_eq!((s.slabs_cached, s.strikes, s.shrink_to), (1, 0, None));
+    }
+
+    #[test]
+    fn trim_never_frees_slabs_in_use() {
+        let mut st = Staging::new(cfg(1, 1)).unwrap();
+        stage(&mut st, 8, &[]);
+        // One strike (limit 1): halve to 4 is decided while 6 slabs are in use.
+        let s = stage(&mut st, 6, &[]);
+        assert_eq!(s.shrink_to, Some(4));
+        assert_eq!(st.trim(), 2, "only the unused slabs go");
+        assert_eq!(st.slab_count(), 6);
+        assert_eq!(st.pages().count(), 6);
+        // The next epoch applies the rest.
+        let w = st.begin_epoch();
+        drop(w);
+        assert_eq!(st.slab_count(), 4);
+    }
+
+    #[test]
+    fn begin_epoch_applies_pending_shrink() {
+        let mut st = Staging::new(cfg(1, 1)).unwrap();
+        stage(&mut st, 4, &[]);
+        let s = stage(&mut st, 1, &[]);
+        assert_eq!(s.shrink_to, Some(2));
+        let s = stage(&mut st, 0, &[]);
+        assert_eq!(s.slabs_cached, 2);
+    }
+}

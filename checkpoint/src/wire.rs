@@ -1,0 +1,1155 @@
+//! The checkpoint stream's wire format: versioned, framed, checksummed.
+//!
+//! Every frame is
+//!
+//! ```text
+//! header   16 bytes  magic "FTVM" | version u16 | kind u16 | body_len u64
+//! body     body_len bytes
+//! trailer   4 bytes  CRC-32 (IEEE) of header and body
+//! ```
+//!
+//! all integers little endian. Control frames (`Hello`, `HelloAck`, `Refuse`, `Ack`,
+//! `Heartbeat`, `Bye`) carry one small struct encoded with [`crate::codec`], at most
+//! [`MAX_CONTROL_BODY`] bytes. A checkpoint frame's body is laid out so that the sender
+//! can send it straight from its staging with vectored writes, and checksum it a slab at a
+//! time:
+//!
+//! ```text
+//! epoch u64 | generation u64 | page_count u64 | state_len u64     (32 bytes)
+//! page index: page_count × gpa u64
+//! page data:  page_count × 4096 bytes       \  the slabs' used parts,
+//! state:      state_len bytes               /  in order
+//! ```
+//!
+//! The receiver ([`FrameReader`]) checks every length against [`Limits`] derived from the
+//! guest's shape *before* it allocates or reads further (page count ≤ guest pages, state
+//! length ≤ cap, body length consistent, every gpa page aligned and inside guest memory),
+//! reads the payload into its own [`Staging`] (reusing its slabs), verifies the checksum,
+//! and only then yields a [`VerifiedCheckpoint`]. A torn or corrupt frame is an error and
+//! leaves the staging empty: nothing of it can be applied (I2).
+
+use std::io::{self, IoSlice, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+use crate::apply::VerifiedCheckpoint;
+use crate::codec::{self, CodecError};
+use crate::slab::{EpochStats, Staging, StagingConfig, PAGE_SIZE};
+
+/// First bytes of every frame.
+pub const WIRE_MAGIC: [u8; 4] = *b"FTVM";
+/// The wire version this build speaks.
+pub const WIRE_VERSION: u16 = 1;
+/// Length of the common frame header.
+pub const FRAME_HEADER_LEN: usize = 16;
+/// Length of the fixed part of a checkpoint body.
+pub const CHECKPOINT_HEADER_LEN: usize = 32;
+/// Length of the checksum trailer.
+pub const TRAILER_LEN: usize = 4;
+/// Largest control frame body accepted: 64 KiB.
+pub const MAX_CONTROL_BODY: u32 = 64 * 1024;
+/// Longest guest kernel command line in a handshake.
+pub const MAX_CMDLINE_LEN: usize = 4096;
+/// Most vCPUs in a handshake.
+pub const MAX_VCPUS: u32 = 254;
+/// Most NICs in a handshake.
+pub const MAX_NICS: usize = 32;
+/// Most disks in a handshake.
+pub const MAX_DISKS: u32 = 32;
+
+/// Bytes per page on the wire: an index entry and the page.
+const WIRE_BYTES_PER_PAGE: u64 = 8 + PAGE_SIZE as u64;
+
+/// Frame kinds (the header's `kind` field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum FrameKind {
+    /// [`Hello`].
+    Hello = 1,
+    /// [`HelloAck`].
+    HelloAck = 2,
+    /// [`Refuse`].
+    Refuse = 3,
+    /// A checkpoint.
+    Checkpoint = 4,
+    /// [`Ack`].
+    Ack = 5,
+    /// [`Heartbeat`].
+    Heartbeat = 6,
+    /// `Bye` (empty body).
+    Bye = 7,
+}
+
+impl FrameKind {
+    fn from_u16(v: u16) -> Option<Self> {
+        Some(match v {
+            1 => FrameKind::Hello,
+            2 => FrameKind::HelloAck,
+            3 => FrameKind::Refuse,
+            4 => FrameKind::Checkpoint,
+            5 => FrameKind::Ack,
+            6 => FrameKind::Heartbeat,
+            7 => FrameKind::Bye,
+            _ => return None,
+        })
+    }
+
+    /// The kind's name, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            FrameKind::Hello => "Hello",
+            FrameKind::HelloAck => "HelloAck",
+            FrameKind::Refuse => "Refuse",
+            FrameKind::Checkpoint => "Checkpoint",
+            FrameKind::Ack => "Ack",
+            FrameKind::Heartbeat => "Heartbeat",
+            FrameKind::Bye => "Bye",
+        }
+    }
+}
+
+/// Which side of the protected VM a peer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Runs the guest and sends checkpoints.
+    Primary,
+    /// Receives checkpoints and takes over on failure.
+    Standby,
+}
+
+/// The guest's devices, as far as the standby must mirror them with its own host resources.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicesSummary {
+    /// MAC address of each NIC, in device order.
+    pub nic_macs: Vec<[u8; 6]>,
+    /// Number of disks.
+    pub disks: u32,
+}
+
+/// The shape of the protected guest, fixed by the primary in the handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestShape {
+    /// Guest memory size in bytes (a positive multiple of 4096).
+    pub mem_bytes: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest kernel command line.
+    pub cmdline: String,
+    /// Devices.
+    pub devices: DevicesSummary,
+}
+
+impl GuestShape {
+    /// Checks the shape's fields against sane bounds and the receiver's own memory cap.
+    pub fn validate(&self, max_mem_bytes: u64) -> Result<(), WireError> {
+        if self.mem_bytes == 0 || self.mem_bytes % PAGE_SIZE as u64 != 0 {
+            return Err(WireError::ShapeMemory {
+                mem_bytes: self.mem_bytes,
+            });
+        }
+        if self.mem_bytes > max_mem_bytes {
+            return Err(WireError::ShapeMemoryTooLarge {
+                mem_bytes: self.mem_bytes,
+                max: max_mem_bytes,
+            });
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(WireError::ShapeVcpus { vcpus: self.vcpus });
+        }
+        if self.cmdline.len() > MAX_CMDLINE_LEN {
+            return Err(WireError::ShapeCmdline {
+                len: self.cmdline.len(),
+            });
+        }
+        if self.devices.nic_macs.len() > MAX_NICS || self.devices.disks > MAX_DISKS {
+            return Err(WireError::ShapeDevices {
+                nics: self.devices.nic_macs.len(),
+                disks: self.devices.disks,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Opens a session: the primary's identity and guest shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The sender's wire version.
+    pub version: u16,
+    /// The protection generation (fences old primaries, I5).
+    pub generation: u64,
+    /// The sender's role.
+    pub role: Role,
+    /// The guest's shape.
+    pub shape: GuestShape,
+}
+
+/// Accepts a [`Hello`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloAck {
+    /// The receiver's wire version.
+    pub version: u16,
+    /// The generation accepted.
+    pub generation: u64,
+}
+
+/// Refuses a [`Hello`] (or ends a session) with a reason for the operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refuse {
+    /// Why.
+    pub reason: String,
+}
+
+/// The standby has checkpoint `epoch` of `generation` applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// The checkpoint's epoch.
+    pub epoch: u64,
+    /// Its generation.
+    pub generation: u64,
+}
+
+/// Liveness, either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The sender's generation.
+    pub generation: u64,
+    /// The sender's latest epoch (sent or applied).
+    pub epoch: u64,
+}
+
+/// A control message (every frame kind but checkpoints).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// See [`Hello`].
+    Hello(Hello),
+    /// See [`HelloAck`].
+    HelloAck(HelloAck),
+    /// See [`Refuse`].
+    Refuse(Refuse),
+    /// See [`Ack`].
+    Ack(Ack),
+    /// See [`Heartbeat`].
+    Heartbeat(Heartbeat),
+    /// Orderly end of the session.
+    Bye,
+}
+
+impl Message {
+    /// The frame kind carrying this message.
+    pub fn kind(&self) -> FrameKind {
+        match self {
+            Message::Hello(_) => FrameKind::Hello,
+            Message::HelloAck(_) => FrameKind::HelloAck,
+            Message::Refuse(_) => FrameKind::Refuse,
+            Message::Ack(_) => FrameKind::Ack,
+            Message::Heartbeat(_) => FrameKind::Heartbeat,
+            Message::Bye => FrameKind::Bye,
+        }
+    }
+}
+
+/// What a receiver accepts, derived from the guest's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Guest memory in bytes: a checkpoint holds at most `mem_bytes / 4096` pages.
+    /// Zero before the handshake: checkpoints are refused.
+    pub mem_bytes: u64,
+    /// Exclusive end of the guest physical address range pages may have. Equal to
+    /// `mem_bytes` for a guest without a memory hole; larger where memory is split around
+    /// one (apply checks each page against the real memory map anyway).
+    pub gpa_end: u64,
+    /// Largest state blob in a checkpoint.
+    pub max_state_bytes: u64,
+    /// Largest control frame body.
+    pub max_control_body: u32,
+}
+
+impl Limits {
+    /// Limits before the handshake: control frames only.
+    pub const fn handshake() -> Self {
+        Limits {
+            mem_bytes: 0,
+            gpa_end: 0,
+            max_state_bytes: 0,
+            max_control_body: MAX_CONTROL_BODY,
+        }
+    }
+
+    /// Limits for a validated guest `shape` (bounded by the receiver's `max_mem_bytes`),
+    /// with a state cap of `max_state_bytes`.
+    pub fn for_shape(
+        shape: &GuestShape,
+        max_mem_bytes: u64,
+        max_state_bytes: u64,
+    ) -> Result<Self, WireError> {
+        shape.validate(max_mem_bytes)?;
+        Ok(Limits {
+            mem_bytes: shape.mem_bytes,
+            gpa_end: shape.mem_bytes,
+            max_state_bytes,
+            max_control_body: MAX_CONTROL_BODY,
+        })
+    }
+
+    /// Most pages a checkpoint may hold.
+    pub fn guest_pages(&self) -> u64 {
+        self.mem_bytes / PAGE_SIZE as u64
+    }
+
+    /// A staging configuration able to receive any checkpoint these limits admit.
+    pub fn staging_config(&self) -> StagingConfig {
+        StagingConfig {
+            max_pages: usize::try_from(self.guest_pages()).unwrap_or(usize::MAX),
+            max_state_bytes: usize::try_from(self.max_state_bytes).unwrap_or(usize::MAX),
+            ..StagingConfig::for_guest(self.mem_bytes)
+        }
+    }
+}
+
+/// Errors of encoding and decoding frames. Each says what was wrong, with the value.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The channel failed.
+    #[error("i/o error on the checkpoint channel: {0}")]
+    Io(#[from] io::Error),
+    /// The stream ended inside a frame.
+    #[error("the stream ended inside a {what} (torn frame)")]
+    Truncated {
+        /// The part being read.
+        what: &'static str,
+    },
+    /// The frame does not start with the magic.
+    #[error("bad frame magic {got:02x?}, expected {WIRE_MAGIC:02x?} (not an ftvmm checkpoint stream, or out of sync)")]
+    BadMagic {
+        /// Bytes found.
+        got: [u8; 4],
+    },
+    /// The peer speaks another version.
+    #[error("unsupported wire version {got} (this build speaks version {WIRE_VERSION})")]
+    Version {
+        /// Version found.
+        got: u16,
+    },
+    /// Unknown frame kind.
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u16),
+    /// A control frame body is over the limit.
+    #[error("{kind} frame body of {len} bytes exceeds the limit of {max} bytes")]
+    ControlTooLarge {
+        /// Frame kind name.
+        kind: &'static str,
+        /// Declared body length.
+        len: u64,
+        /// The limit.
+        max: u32,
+    },
+    /// A checkpoint arrived before the guest's shape was known.
+    #[error("checkpoint frame received before the handshake fixed the guest's shape")]
+    NoGuestShape,
+    /// Too many pages.
+    #[error("checkpoint page count {pages} exceeds guest size of {guest_pages} pages")]
+    TooManyPages {
+        /// Declared page count.
+        pages: u64,
+        /// Pages in the guest.
+        guest_pages: u64,
+    },
+    /// State too large.
+    #[error("checkpoint state length {len} exceeds the cap of {max} bytes")]
+    StateTooLarge {
+        /// Declared state length.
+        len: u64,
+        /// The cap.
+        max: u64,
+    },
+    /// The body length disagrees with the checkpoint header.
+    #[error("checkpoint frame body of {body_len} bytes does not match its header ({pages} pages and {state_len} state bytes make {expected} bytes)")]
+    BodyLength {
+        /// Declared body length.
+        body_len: u64,
+        /// Declared pages.
+        pages: u64,
+        /// Declared state length.
+        state_len: u64,
+        /// What they add up to.
+        expected: u64,
+    },
+    /// A page address is not page aligned.
+    #[error("checkpoint page {index} has address {gpa:#x}, not aligned to {PAGE_SIZE} bytes")]
+    UnalignedGpa {
+        /// Position in the page index.
+        index: u64,
+        /// The address.
+        gpa: u64,
+    },
+    /// A page address is outside guest memory.
+    #[error("checkpoint page {index} has address {gpa:#x}, outside guest memory ending at {gpa_end:#x}")]
+    GpaOutOfRange {
+        /// Position in the page index.
+        index: u64,
+        /// The address.
+        gpa: u64,
+        /// End of guest memory.
+        gpa_end: u64,
+    },
+    /// The checksum does not match.
+    #[error("checksum mismatch in {kind} frame of {body_len} body bytes: computed {computed:#010x}, trailer says {expected:#010x}")]
+    Checksum {
+        /// Frame kind name.
+        kind: &'static str,
+        /// Body length.
+        body_len: u64,
+        /// CRC computed over what arrived.
+        computed: u32,
+        /// CRC in the trailer.
+        expected: u32,
+    },
+    /// A control body does not decode.
+    #[error("malformed {kind} frame body: {source}")]
+    Body {
+        /// Frame kind name.
+        kind: &'static str,
+        /// The codec's complaint.
+        #[source]
+        source: CodecError,
+    },
+    /// A control body could not be encoded.
+    #[error("cannot encode {kind} frame: {source}")]
+    Encode {
+        /// Frame kind name.
+        kind: &'static str,
+        /// The codec's complaint.
+        #[source]
+        source: CodecError,
+    },
+    /// Guest memory size unusable.
+    #[error("guest memory size of {mem_bytes} bytes is not a positive multiple of {PAGE_SIZE}")]
+    ShapeMemory {
+        /// Size given.
+        mem_bytes: u64,
+    },
+    /// Guest memory larger than this host accepts.
+    #[error("guest memory size of {mem_bytes} bytes exceeds this host's limit of {max} bytes")]
+    ShapeMemoryTooLarge {
+        /// Size given.
+        mem_bytes: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// vCPU count unusable.
+    #[error("guest vCPU count {vcpus} is outside 1..={MAX_VCPUS}")]
+    ShapeVcpus {
+        /// Count given.
+        vcpus: u32,
+    },
+    /// Command line too long.
+    #[error("guest command line of {len} bytes exceeds {MAX_CMDLINE_LEN} bytes")]
+    ShapeCmdline {
+        /// Length given.
+        len: usize,
+    },
+    /// Too many devices.
+    #[error("guest has {nics} NICs and {disks} disks; at most {MAX_NICS} and {MAX_DISKS} are supported")]
+    ShapeDevices {
+        /// NICs given.
+        nics: usize,
+        /// Disks given.
+        disks: u32,
+    },
+}
+
+fn frame_header(kind: FrameKind, body_len: u64) -> [u8; FRAME_HEADER_LEN] {
+    let mut h = [0u8; FRAME_HEADER_LEN];
+    h[0..4].copy_from_slice(&WIRE_MAGIC);
+    h[4..6].copy_from_slice(&WIRE_VERSION.to_le_bytes());
+    h[6..8].copy_from_slice(&(kind as u16).to_le_bytes());
+    h[8..16].copy_from_slice(&body_len.to_le_bytes());
+    h
+}
+
+/// Encodes `msg` as a complete frame into `out`, replacing its contents and reusing its
+/// capacity (no allocation once `out` has grown to the frame's size).
+pub fn encode_message(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError> {
+    let kind = msg.kind();
+    out.clear();
+    out.extend_from_slice(&[0; FRAME_HEADER_LEN]);
+    let res = match msg {
+        Message::Hello(m) => codec::encode_append(m, out),
+        Message::HelloAck(m) => codec::encode_append(m, out),
+        Message::Refuse(m) => codec::encode_append(m, out),
+        Message::Ack(m) => codec::encode_append(m, out),
+        Message::Heartbeat(m) => codec::encode_append(m, out),
+        Message::Bye => Ok(()),
+    };
+    res.map_err(|source| WireError::Encode {
+        kind: kind.name(),
+        source,
+    })?;
+    let body_len = (out.len() - FRAME_HEADER_LEN) as u64;
+    if body_len > u64::from(MAX_CONTROL_BODY) {
+        out.clear();
+        return Err(WireError::ControlTooLarge {
+            kind: kind.name(),
+            len: body_len,
+            max: MAX_CONTROL_BODY,
+        });
+    }
+    out[..FRAME_HEADER_LEN].copy_from_slice(&frame_header(kind, body_len));
+    let crc = crc32fast::hash(out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
+/// A staged checkpoint framed for sending: header and trailer bytes (on the stack), the
+/// staging's index and slabs in between. The checksum is computed when it is built, a
+/// slab at a time; the payload is never copied.
+#[derive(Debug, Clone)]
+pub struct CheckpointFrame<'a> {
+    staging: &'a Staging,
+    head: [u8; FRAME_HEADER_LEN + CHECKPOINT_HEADER_LEN],
+    trailer: [u8; TRAILER_LEN],
+}
+
+impl<'a> CheckpointFrame<'a> {
+    /// Frames the checkpoint staged in `staging` as `epoch` of `generation`.
+    pub fn new(staging: &'a Staging, epoch: u64, generation: u64) -> Self {
+        let pages = staging.page_count() as u64;
+        let state_len = staging.state_len() as u64;
+        let body_len =
+            CHECKPOINT_HEADER_LEN as u64 + pages * WIRE_BYTES_PER_PAGE + state_len;
+        let mut head = [0u8; FRAME_HEADER_LEN + CHECKPOINT_HEADER_LEN];
+        head[..FRAME_HEADER_LEN].copy_from_slice(&frame_header(FrameKind::Checkpoint, body_len));
+        let c = &mut head[FRAME_HEADER_LEN..];
+        c[0..8].copy_from_slice(&epoch.to_le_bytes());
+        c[8..16].copy_from_slice(&generation.to_le_bytes());
+        c[16..24].copy_from_slice(&pages.to_le_bytes());
+        c[24..32].copy_from_slice(&state_len.to_le_bytes());
+        let mut h = crc32fast::Hasher::new();
+        h.update(&head);
+        h.update(staging.index_bytes());
+        for chunk in staging.slab_chunks() {
+            h.update(chunk);
+        }
+        CheckpointFrame {
+            staging,
+            head,
+            trailer: h.finalize().to_le_bytes(),
+        }
+    }
+
+    /// Total frame length in bytes.
+    pub fn len(&self) -> u64 {
+        (self.head.len() + self.staging.index_bytes().len() + self.staging.payload_len() + TRAILER_LEN)
+            as u64
+    }
+
+    /// Always false: a frame has at least its header.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The frame's checksum.
+    pub fn crc(&self) -> u32 {
+        u32::from_le_bytes(self.trailer)
+    }
+
+    /// Frame header and checkpoint header (48 bytes).
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
+    /// The checksum trailer.
+    pub fn trailer(&self) -> &[u8] {
+        &self.trailer
+    }
+
+    /// The frame's parts in order: head, page index, each slab's used part, trailer.
+    pub fn chunks(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        std::iter::once(&self.head[..])
+            .chain(std::iter::once(self.staging.index_bytes()))
+            .chain(self.staging.slab_chunks())
+            .chain(std::iter::once(&self.trailer[..]))
+    }
+
+    /// Writes the whole frame with vectored writes straight from the slabs (no copy, no
+    /// allocation). Returns the bytes written.
+    pub fn write_to<W: Write + ?Sized>(&self, w: &mut W) -> io::Result<u64> {
+        write_all_chunks(w, self.chunks())
+    }
+
+    /// Copies the whole frame into `out` (replacing its contents): for tests and tools.
+    pub fn copy_into(&self, out: &mut Vec<u8>) {
+        out.clear();
+        for c in self.chunks() {
+            out.extend_from_slice(c);
+        }
+    }
+}
+
+/// Writes every chunk of `chunks`, in order, with `write_vectored`, up to 32 slices per
+/// call, retrying on `Interrupted` and on short writes. Allocates nothing.
+pub fn write_all_chunks<'c, W, I>(w: &mut W, chunks: I) -> io::Result<u64>
+where
+    W: Write + ?Sized,
+    I: IntoIterator<Item = &'c [u8]>,
+{
+    const BATCH: usize = 32;
+    let mut it = chunks.into_iter().filter(|c| !c.is_empty());
+    let mut batch: [&[u8]; BATCH] = [&[]; BATCH];
+    let mut len = 0;
+    let mut more = true;
+    let mut total = 0u64;
+    loop {
+        while more && len < BATCH {
+            match it.next() {
+                Some(c) => {
+                    batch[len] = c;
+                    len += 1;
+                }
+                None => more = false,
+            }
+        }
+        if len == 0 {
+            return Ok(total);
+        }
+        let ios: [IoSlice<'_>; BATCH] = std::array::from_fn(|i| IoSlice::new(batch[i]));
+        let mut n = match w.write_vectored(&ios[..len]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        total += n as u64;
+        let mut done = 0;
+        while n > 0 {
+            if n >= batch[done].len() {
+                n -= batch[done].len();
+                done += 1;
+            } else {
+                batch[done] = &batch[done][n..];
+                n = 0;
+            }
+        }
+        batch.copy_within(done..len, 0);
+        len -= done;
+    }
+}
+
+/// A decoded, verified frame.
+#[derive(Debug)]
+pub enum Frame<'s> {
+    /// A control message.
+    Message(Message),
+    /// A complete checkpoint whose checksum matched, held in the receiver's staging.
+    Checkpoint(VerifiedCheckpoint<'s>),
+}
+
+/// Reads frames from a stream, validating before allocating and verifying before
+/// yielding. Reuses its buffers (and the staging's slabs) from frame to frame.
+#[derive(Debug)]
+pub struct FrameReader {
+    limits: Limits,
+    body: Vec<u8>,
+}
+
+fn read_exact<R: Read + ?Sized>(r: &mut R, buf: &mut [u8], what: &'static str) -> Result<(), WireError> {
+    r.read_exact(buf).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            WireError::Truncated { what }
+        } else {
+            WireError::Io(e)
+        }
+    })
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+impl FrameReader {
+    /// A reader that enforces `limits` ([`Limits::handshake`] until the shape is known).
+    pub fn new(limits: Limits) -> Self {
+        FrameReader {
+            limits,
+            body: Vec::new(),
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Replaces the limits (after the handshake).
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// Reads one frame from `r`. A checkpoint is received into `staging` (which must not
+    /// be borrowed by an earlier [`VerifiedCheckpoint`]) and yielded only once complete and
+    /// verified; on any error the staging is left empty.
+    pub fn read_frame<'s, R: Read + ?Sized>(
+        &mut self,
+        r: &mut R,
+        staging: &'s mut Staging,
+    ) -> Result<Frame<'s>, WireError> {
+        let mut head = [0u8; FRAME_HEADER_LEN];
+        read_exact(r, &mut head, "frame header")?;
+        if head[0..4] != WIRE_MAGIC {
+            let mut got = [0u8; 4];
+            got.copy_from_slice(&head[0..4]);
+            return Err(WireError::BadMagic { got });
+        }
+        let version = u16::from_le_bytes([head[4], head[5]]);
+        if version != WIRE_VERSION {
+            return Err(WireError::Version { got: version });
+        }
+        let kind_raw = u16::from_le_bytes([head[6], head[7]]);
+        let kind = FrameKind::from_u16(kind_raw).ok_or(WireError::UnknownKind(kind_raw))?;
+        let body_len = le_u64(&head[8..16]);
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&head);
+
+        if kind == FrameKind::Checkpoint {
+            return match self.read_checkpoint(r, staging, body_len, hasher) {
+                Ok((epoch, generation, stats)) => {
+                    let staging: &'s Staging = staging;
+                    Ok(Frame::Checkpoint(VerifiedCheckpoint::new(
+                        staging, epoch, generation, stats,
+                    )))
+                }
+                Err(e) => {
+                    staging.recv_abort();
+                    Err(e)
+                }
+            };
+        }
+
+        if body_len > u64::from(self.limits.max_control_body) {
+            return Err(WireError::ControlTooLarge {
+                kind: kind.name(),
+                len: body_len,
+                max: self.limits.max_control_body,
+            });
+        }
+        self.body.resize(body_len as usize, 0);
+        read_exact(r, &mut self.body, "control frame body")?;
+        hasher.update(&self.body);
+        check_trailer(r, hasher, kind, body_len)?;
+        let limit = u64::from(self.limits.max_control_body);
+        let body = &self.body[..];
+        let bad = |source| WireError::Body {
+            kind: kind.name(),
+            source,
+        };
+        let msg = match kind {
+            FrameKind::Hello => Message::Hello(codec::decode_state(body, limit).map_err(bad)?),
+            FrameKind::HelloAck => Message::HelloAck(codec::decode_state(body, limit).map_err(bad)?),
+            FrameKind::Refuse => Message::Refuse(codec::decode_state(body, limit).map_err(bad)?),
+            FrameKind::Ack => Message::Ack(codec::decode_state(body, limit).map_err(bad)?),
+            FrameKind::Heartbeat => Message::Heartbeat(codec::decode_state(body, limit).map_err(bad)?),
+            FrameKind::Bye => {
+                codec::decode_state::<()>(body, limit).map_err(bad)?;
+                Message::Bye
+            }
+            FrameKind::Checkpoint => unreachable!("handled above"),
+        };
+        Ok(Frame::Message(msg))
+    }
+
+    fn read_checkpoint<R: Read + ?Sized>(
+        &mut self,
+        r: &mut R,
+        staging: &mut Staging,
+        body_len: u64,
+        mut hasher: crc32fast::Hasher,
+    ) -> Result<(u64, u64, EpochStats), WireError> {
+        let lim = self.limits;
+        if lim.mem_bytes == 0 {
+            return Err(WireError::NoGuestShape);
+        }
+        if body_len < CHECKPOINT_HEADER_LEN as u64 {
+            return Err(WireError::BodyLength {
+                body_len,
+                pages: 0,
+                state_len: 0,
+                expected: CHECKPOINT_HEADER_LEN as u64,
+            });
+        }
+        let mut ch = [0u8; CHECKPOINT_HEADER_LEN];
+        read_exact(r, &mut ch, "checkpoint header")?;
+        hasher.update(&ch);
+        let epoch = le_u64(&ch[0..]);
+        let generation = le_u64(&ch[8..]);
+        let pages = le_u64(&ch[16..]);
+        let state_len = le_u64(&ch[24..]);
+        // Every length is checked before anything is allocated or read.
+        let guest_pages = lim.guest_pages().min(staging.config().max_pages as u64);
+        if pages > guest_pages {
+            return Err(WireError::TooManyPages { pages, guest_pages });
+        }
+        let max_state = lim.max_state_bytes.min(staging.config().max_state_bytes as u64);
+        if state_len > max_state {
+            return Err(WireError::StateTooLarge {
+                len: state_len,
+                max: max_state,
+            });
+        }
+        // No overflow: pages ≤ 2^52 and state_len ≤ usize::MAX.
+        let expected = CHECKPOINT_HEADER_LEN as u64 + pages * WIRE_BYTES_PER_PAGE + state_len;
+        if body_len != expected {
+            return Err(WireError::BodyLength {
+                body_len,
+                pages,
+                state_len,
+                expected,
+            });
+        }
+
+        let index = staging.recv_begin(pages as usize);
+        read_exact(r, index, "checkpoint page index")?;
+        hasher.update(index);
+        for i in 0..pages as usize {
+            let gpa = staging.gpa_at(i);
+            if gpa % PAGE_SIZE as u64 != 0 {
+                return Err(WireError::UnalignedGpa { index: i as u64, gpa });
+            }
+            if gpa >= lim.gpa_end || lim.gpa_end - gpa < PAGE_SIZE as u64 {
+                return Err(WireError::GpaOutOfRange {
+                    index: i as u64,
+                    gpa,
+                    gpa_end: lim.gpa_end,
+                });
+            }
+        }
+        staging.recv_payload(state_len as usize, |chunk| {
+            read_exact(r, chunk, "checkpoint payload")?;
+            hasher.update(chunk);
+            Ok::<(), WireError>(())
+        })?;
+        check_trailer(r, hasher, FrameKind::Checkpoint, body_len)?;
+        Ok((epoch, generation, staging.recv_finish()))
+    }
+}
+
+fn check_trailer<R: Read + ?Sized>(
+    r: &mut R,
+    hasher: crc32fast::Hasher,
+    kind: FrameKind,
+    body_len: u64,
+) -> Result<(), WireError> {
+    let mut t = [0u8; TRAILER_LEN];
+    read_exact(r, &mut t, "frame trailer")?;
+    let expected = u32::from_le_bytes(t);
+    let computed = hasher.finalize();
+    if computed != expected {
+        return Err(WireError::Checksum {
+            kind: kind.name(),
+            body_len,
+            computed,
+            expected,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::slab::Page;
+
+    pub(crate) fn shape(mem_bytes: u64) -> GuestShape {
+        GuestShape {
+            mem_bytes,
+            vcpus: 2,
+            cmdline: "console=ttyS0 ftguest.pages=64".into(),
+            devices: DevicesSummary {
+                nic_macs: vec![[0x02, 0, 0, 0, 0, 1]],
+                disks: 1,
+            },
+        }
+    }
+
+    fn limits(mem_bytes: u64) -> Limits {
+        Limits::for_shape(&shape(mem_bytes), 1 << 40, 1 << 20).unwrap()
+    }
+
+    fn page(tag: u8) -> Page {
+        let mut p = [tag; PAGE_SIZE];
+        p[0] = !tag;
+        p
+    }
+
+    fn staged(pages: &[u64], state: &[u8]) -> Staging {
+        let mut st = Staging::new(StagingConfig {
+            slab_bytes: 2 * PAGE_SIZE,
+            ..limits(64 * 4096).staging_config()
+        })
+        .unwrap();
+        let mut w = st.begin_epoch();
+        for &gpa in pages {
+            w.stage_page(gpa, &page(gpa as u8 ^ (gpa >> 12) as u8)).unwrap();
+        }
+        w.stage_state(state).unwrap();
+        w.finish();
+        st
+    }
+
+    fn receiver(mem_bytes: u64) -> (FrameReader, Staging) {
+        let l = limits(mem_bytes);
+        (FrameReader::new(l), Staging::new(l.staging_config()).unwrap())
+    }
+
+    fn all_messages() -> Vec<Message> {
+        vec![
+            Message::Hello(Hello {
+                version: WIRE_VERSION,
+                generation: 3,
+                role: Role::Primary,
+                shape: shape(1 << 30),
+            }),
+            Message::HelloAck(HelloAck {
+                version: WIRE_VERSION,
+                generation: 3,
+            }),
+            Message::Refuse(Refuse {
+                reason: "guest memory size of 1 bytes is not a positive multiple of 4096".into(),
+            }),
+            Message::Ack(Ack {
+                epoch: 99,
+                generation: 3,
+            }),
+            Message::Heartbeat(Heartbeat {
+                generation: 3,
+                epoch: 98,
+            }),
+            Message::Bye,
+        ]
+    }
+
+    #[test]
+    fn control_messages_roundtrip_in_one_stream() {
+        let mut stream = Vec::new();
+        let mut buf = Vec::new();
+        for m in all_messages() {
+            encode_message(&m, &mut buf).unwrap();
+            stream.extend_from_slice(&buf);
+        }
+        let mut r = &stream[..];
+        let mut fr = FrameReader::new(Limits::handshake());
+        let mut st = Staging::new(StagingConfig::for_guest(4096)).unwrap();
+        for m in all_messages() {
+            match fr.read_frame(&mut r, &mut st).unwrap() {
+                Frame::Message(got) => assert_eq!(got, m),
+                Frame::Checkpoint(_) => panic!("unexpected checkpoint"),
+            }
+        }
+        assert!(matches!(
+            fr.read_frame(&mut r, &mut st),
+            Err(WireError::Truncated { what: "frame header" })
+        ));
+    }
+
+    #[test]
+    fn checkpoint_roundtrip_via_vectored_write() {
+        let gpas = [0u64, 0x3000, 0x1000, 63 * 4096, 0x20000];
+        let state: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        let st = staged(&gpas, &state);
+        let frame = CheckpointFrame::new(&st, 7, 2);
+        let mut wire = Vec::new();
+        // A writer that accepts at most 1000 bytes per call exercises short writes.
+        struct Dribble<'a>(&'a mut Vec<u8>);
+        impl Write for Dribble<'_> {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                let n = b.len().min(1000);
+                self.0.extend_from_slice(&b[..n]);
+                Ok(n)
+            }
+            fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+                let mut left = 1000;
+                let mut n = 0;
+                for b in bufs {
+                    let k = b.len().min(left);
+                    self.0.extend_from_slice(&b[..k]);
+                    n += k;
+                    left -= k;
+                    if left == 0 {
+                        break;
+                    }
+                }
+                Ok(n)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let n = frame.write_to(&mut Dribble(&mut wire)).unwrap();
+        assert_eq!(n, frame.len());
+        assert_eq!(wire.len() as u64, frame.len());
+        let mut copy = Vec::new();
+        frame.copy_into(&mut copy);
+        assert_eq!(copy, wire);
+        assert_eq!(
+            frame.len(),
+            (FRAME_HEADER_LEN + CHECKPOINT_HEADER_LEN + 5 * (8 + 4096) + 5000 + TRAILER_LEN) as u64
+        );
+
+        let (mut fr, mut rst) = receiver(64 * 4096);
+        let Frame::Checkpoint(v) = fr.read_frame(&mut &wire[..], &mut rst).unwrap() else {
+            panic!("expected a checkpoint");
+        };
+        assert_eq!((v.epoch(), v.generation(), v.page_count(), v.state_len()), (7, 2, 5, 5000));
+        let got: Vec<(u64, Page)> = v.pages().map(|(g, p)| (g, *p)).collect();
+        let want: Vec<(u64, Page)> = st.pages().map(|(g, p)| (g, *p)).collect();
+        assert_eq!(got, want);
+        let mut s = Vec::new();
+        v.copy_state_into(&mut s);
+        assert_eq!(s, state);
+    }
+
+    fn encoded_checkpoint(pages: &[u64], state: &[u8]) -> Vec<u8> {
+        let st = staged(pages, state);
+        let mut v = Vec::new();
+        CheckpointFrame::new(&st, 1, 1).copy_into(&mut v);
+        v
+    }
+
+    /// Rewrites the checkpoint header fields and fixes the checksum, so that only the
+    /// validation under test can object.
+    fn forge(frame: &mut [u8], field: usize, value: u64) {
+        let at = FRAME_HEADER_LEN + 8 * field;
+        frame[at..at + 8].copy_from_slice(&value.to_le_bytes());
+        let n = frame.len() - TRAILER_LEN;
+        let crc = crc32fast::hash(&frame[..n]);
+        frame[n..].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    fn read_err(frame: &[u8], mem_bytes: u64) -> (WireError, Staging) {
+        let (mut fr, mut st) = receiver(mem_bytes);
+        let e = fr.read_frame(&mut &frame[..], &mut st).unwrap_err();
+        (e, st)
+    }
+
+    #[test]
+    fn limits_checked_before_allocation_with_clear_messages() {
+        let good = encoded_checkpoint(&[0x1000], b"st");
+
+        let mut f = good.clone();
+        forge(&mut f, 2, 9_999_999);
+        let (e, st) = read_err(&f, 128 << 20);
+        assert_eq!(e.to_string(), "checkpoint page count 9999999 exceeds guest size of 32768 pages");
+        assert_eq!(st.slab_count(), 1, "nothing allocated");
+
+        let mut f = good.clone();
+        forge(&mut f, 3, 1 << 40);
+        let (e, _) = read_err(&f, 64 * 4096);
+        assert_eq!(e.to_string(), "checkpoint state length 1099511627776 exceeds the cap of 1048576 bytes");
+
+        let mut f = good.clone();
+        forge(&mut f, 2, 2);
+        let (e, _) = read_err(&f, 64 * 4096);
+        assert!(matches!(e, WireError::BodyLength { pages: 2, state_len: 2, .. }), "{e}");
+
+        // gpa field is the first index entry, right after the 32-byte header (field 4).
+        let mut f = good.clone();
+        forge(&mut f, 4, 64 * 4096);
+        let (e, st) = read_err(&f, 64 * 4096);
+        assert_eq!(
+            e.to_string(),
+            "checkpoint page 0 has address 0x40000, outside guest memory ending at 0x40000"
+        );
+        assert_eq!(st.page_count(), 0, "staging left empty");
+
+        let mut f = good.clone();
+        forge(&mut f, 4, 0x1234);
+        let (e, _) = read_err(&f, 64 * 4096);
+        assert!(matches!(e, WireError::UnalignedGpa { index: 0, gpa: 0x1234 }), "{e}");
+
+        let (mut fr, mut st) = (FrameReader::new(Limits::handshake()), Staging::new(StagingConfig::for_guest(4096)).unwrap());
+        let e = fr.read_frame(&mut &good[..], &mut st).unwrap_err();
+        assert!(matches!(e, WireError::NoGuestShape), "{e}");
+    }
+
+    #[test]
+    fn corrupt_or_torn_checkpoint_leaves_nothing() {
+        let good = encoded_checkpoint(&[0, 0x1000, 0x2000], b"the vm state");
+        // Flip one payload bit.
+        let mut f = good.clone();
+        let at = FRAME_HEADER_LEN + CHECKPOINT_HEADER_LEN + 3 * 8 + 5000;
+        f[at] ^= 0x10;
+        let (e, st) = read_err(&f, 64 * 4096);
+        assert!(matches!(e, WireError::Checksum { kind: "Checkpoint", .. }), "{e}");
+        assert_eq!((st.page_count(), st.state_len()), (0, 0));
+        // Cut in the payload.
+        let (e, st) = read_err(&good[..good.len() - 100], 64 * 4096);
+        assert!(matches!(e, WireError::Truncated { what: "checkpoint payload" }), "{e}");
+        assert_eq!(st.page_count(), 0);
+        // Cut in the trailer.
+        let (e, _) = read_err(&good[..good.len() - 1], 64 * 4096);
+        assert!(matches!(e, WireError::Truncated { what: "frame trailer" }), "{e}");
+    }
+
+    #[test]
+    fn header_errors() {
+        let mut buf = Vec::new();
+        encode_message(&Message::Bye, &mut buf).unwrap();
+        let (mut fr, mut st) = receiver(4096);
+        let mut f = buf.clone();
+        f[0] = b'X';
+        assert!(matches!(fr.read_frame(&mut &f[..], &mut st), Err(WireError::BadMagic { .. })));
+        let mut f = buf.clone();
+        f[4] = 2;
+        let e = fr.read_frame(&mut &f[..], &mut st).unwrap_err();
+        assert_eq!(e.to_string(), "unsupported wire version 2 (this build speaks version 1)");
+        let mut f = buf.clone();
+        f[6] = 77;
+        assert!(matches!(fr.read_frame(&mut &f[..], &mut st), Err(WireError::UnknownKind(77))));
+        let mut f = buf.clone();
+        f[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        let e = fr.read_frame(&mut &f[..], &mut st).unwrap_err();
+        assert_eq!(e.to_string(), "Bye frame body of 1099511627776 bytes exceeds the limit of 65536 bytes");
+    }
+
+    #[test]
+    fn shape_validation() {
+        let ok = shape(1 << 30);
+        assert!(Limits::for_shape(&ok, 1 << 30, 1 << 20).is_ok());
+        let e = Limits::for_shape(&ok, 1 << 29, 1 << 20).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "guest memory size of 1073741824 bytes exceeds this host's limit of 536870912 bytes"
+        );
+        let e = Limits::for_shape(&GuestShape { mem_bytes: 4097, ..ok.clone() }, 1 << 40, 0).unwrap_err();
+        assert!(matches!(e, WireError::ShapeMemory { mem_bytes: 4097 }));
+        let e = Limits::for_shape(&GuestShape { vcpus: 0, ..ok.clone() }, 1 << 40, 0).unwrap_err();
+        assert!(matches!(e, WireError::ShapeVcpus { vcpus: 0 }));
+        let e = Limits::for_shape(&GuestShape { cmdline: "x".repeat(5000), ..ok.clone() }, 1 << 40, 0)
+            .unwrap_err();
+        assert!(matches!(e, WireError::ShapeCmdline { len: 5000 }));
+    }
+
+    #[test]
+    fn oversize_control_message_is_refused_by_encoder() {
+        let m = Message::Refuse(Refuse {
+            reason: "x".repeat(70_000),
+        });
+        let mut buf = Vec::new();
+        assert!(matches!(encode_message(&m, &mut buf), Err(WireError::ControlTooLarge { .. })));
+    }
+
+    #[test]
+    fn receiver_slabs_are_reused() {
+        let (mut fr, mut st) = receiver(64 * 4096);
+        let big = encoded_checkpoint(&(0..10).map(|i| i * 4096).collect::<Vec<_>>(), b"s");
+        let small = encoded_checkpoint(&[0], b"s");
+        assert!(fr.read_frame(&mut &big[..], &mut st).is_ok());
+        let cached = st.slab_count();
+        for _ in 0..3 {
+            assert!(fr.read_frame(&mut &small[..], &mut st).is_ok());
+            assert_eq!(st.slab_count(), cached);
+        }
+    }
+}
