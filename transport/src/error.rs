@@ -1,0 +1,257 @@
+//! The one error type of this crate.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Everything that can go wrong while moving bytes between primary and standby.
+///
+/// Every message names what failed and with which address, e.g.
+/// `cannot connect to 127.0.0.1:7000: connection refused`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// `HOST:PORT` did not resolve to any socket address.
+    #[error("cannot resolve '{addr}': {}", io_msg(.source))]
+    Resolve {
+        /// The address as given.
+        addr: String,
+        /// The resolver's error.
+        source: io::Error,
+    },
+    /// `connect(2)` failed (or timed out) for the address.
+    #[error("cannot connect to {addr}: {}", io_msg(.source))]
+    Connect {
+        /// The address we tried.
+        addr: SocketAddr,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// `bind(2)`/`listen(2)` failed.
+    #[error("cannot listen on {addr}: {}", io_msg(.source))]
+    Bind {
+        /// The address as given.
+        addr: String,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// `accept(2)` (or the `poll(2)` in front of it) failed.
+    #[error("cannot accept a connection on {addr}: {}", io_msg(.source))]
+    Accept {
+        /// The listening address.
+        addr: SocketAddr,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// Nothing (or no matching pair) arrived on the listener in time.
+    #[error("no {what} arrived on {addr} within {} ms", .after.as_millis())]
+    AcceptTimeout {
+        /// The listening address.
+        addr: SocketAddr,
+        /// What we were waiting for ("connection", "data + heartbeat pair").
+        what: &'static str,
+        /// How long we waited.
+        after: Duration,
+    },
+    /// A socket option could not be set or read.
+    #[error("cannot set {option} on the connection to {addr}: {}", io_msg(.source))]
+    SocketOption {
+        /// The peer (or local, for listeners) address.
+        addr: SocketAddr,
+        /// The option, e.g. `SO_SNDBUF`.
+        option: &'static str,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// Writing to the peer failed.
+    #[error("cannot send to {addr}: {}", io_msg(.source))]
+    Send {
+        /// The peer.
+        addr: SocketAddr,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// Reading from the peer failed.
+    #[error("cannot receive from {addr}: {}", io_msg(.source))]
+    Recv {
+        /// The peer.
+        addr: SocketAddr,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// The peer closed the connection in the middle of a message.
+    #[error("connection to {addr} closed by the peer after {got} of {wanted} bytes")]
+    Closed {
+        /// The peer.
+        addr: SocketAddr,
+        /// Bytes of the current message received before EOF.
+        got: usize,
+        /// Bytes the message needed.
+        wanted: usize,
+    },
+    /// A read (or write) timeout set on the connection expired.
+    #[error("timed out after {} ms waiting to {op} {addr}", .after.as_millis())]
+    Timeout {
+        /// The peer.
+        addr: SocketAddr,
+        /// "receive from", "send to", ...
+        op: &'static str,
+        /// The timeout that expired.
+        after: Duration,
+    },
+    /// `shutdown(2)` failed.
+    #[error("cannot shut down the connection to {addr}: {}", io_msg(.source))]
+    Shutdown {
+        /// The peer.
+        addr: SocketAddr,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// `dup(2)` of the socket failed.
+    #[error("cannot clone the connection to {addr}: {}", io_msg(.source))]
+    Clone {
+        /// The peer.
+        addr: SocketAddr,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// The first 8 bytes of a connection were not an ftvmm preamble.
+    #[error("rejected the connection from {addr}: bad preamble {bytes:02x?} ({reason})")]
+    BadPreamble {
+        /// The peer.
+        addr: SocketAddr,
+        /// The bytes it sent.
+        bytes: [u8; 8],
+        /// What was wrong with them.
+        reason: &'static str,
+    },
+    /// The preamble was ours but from an incompatible protocol version.
+    #[error("rejected the connection from {addr}: protocol version {version}, this build speaks {supported}")]
+    UnsupportedVersion {
+        /// The peer.
+        addr: SocketAddr,
+        /// The version it announced.
+        version: u16,
+        /// The version this build speaks.
+        supported: u16,
+    },
+    /// A heartbeat thread could not be spawned.
+    #[error("cannot start the heartbeat {what} thread: {}", io_msg(.source))]
+    Spawn {
+        /// "sender" or "receiver".
+        what: &'static str,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// The failure eventfd could not be created.
+    #[error("cannot create the failure-detector eventfd: {}", io_msg(.source))]
+    EventFd {
+        /// Why it failed.
+        source: io::Error,
+    },
+}
+
+impl TransportError {
+    /// True if this error concerns one incoming connection only (a bad or slow
+    /// peer); a listener that gets it keeps listening.
+    pub fn is_per_connection(&self) -> bool {
+        matches!(
+            self,
+            TransportError::BadPreamble { .. }
+                | TransportError::UnsupportedVersion { .. }
+                | TransportError::Closed { .. }
+                | TransportError::Recv { .. }
+                | TransportError::Timeout { .. }
+                | TransportError::SocketOption { .. }
+        )
+    }
+
+    /// The `std::io::ErrorKind` that best describes this error.
+    pub fn io_kind(&self) -> io::ErrorKind {
+        match self {
+            TransportError::Resolve { source, .. }
+            | TransportError::Connect { source, .. }
+            | TransportError::Bind { source, .. }
+            | TransportError::Accept { source, .. }
+            | TransportError::SocketOption { source, .. }
+            | TransportError::Send { source, .. }
+            | TransportError::Recv { source, .. }
+            | TransportError::Shutdown { source, .. }
+            | TransportError::Clone { source, .. }
+            | TransportError::Spawn { source, .. }
+            | TransportError::EventFd { source } => source.kind(),
+            TransportError::Closed { .. } => io::ErrorKind::UnexpectedEof,
+            TransportError::Timeout { .. } | TransportError::AcceptTimeout { .. } => {
+                io::ErrorKind::TimedOut
+            }
+            TransportError::BadPreamble { .. } | TransportError::UnsupportedVersion { .. } => {
+                io::ErrorKind::InvalidData
+            }
+        }
+    }
+}
+
+impl From<TransportError> for io::Error {
+    /// Lets a decoder reading through [`crate::ChannelReader`] see a normal
+    /// `io::Error` whose kind matches (`UnexpectedEof`, `TimedOut`, ...).
+    fn from(e: TransportError) -> io::Error {
+        io::Error::new(e.io_kind(), e)
+    }
+}
+
+/// Formats an `io::Error` the way our messages want it: "connection refused",
+/// not "Connection refused (os error 111)".
+pub(crate) fn io_msg(e: &io::Error) -> String {
+    let mut s = e.to_string();
+    if e.raw_os_error().is_some() {
+        if let Some(i) = s.rfind(" (os error ") {
+            s.truncate(i);
+        }
+    }
+    let mut chars = s.chars();
+    match chars.next() {
+        // Lower-case only a capitalised word ("Connection"), not an acronym.
+        Some(c)
+            if c.is_ascii_uppercase() && chars.next().is_some_and(|n| n.is_ascii_lowercase()) =>
+        {
+            s[..1].to_ascii_lowercase() + &s[1..]
+        }
+        _ => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_message_names_address_and_cause() {
+        let e = TransportError::Connect {
+            addr: "127.0.0.1:7000".parse().unwrap(),
+            source: io::Error::from_raw_os_error(libc::ECONNREFUSED),
+        };
+        assert_eq!(
+            e.to_string(),
+            "cannot connect to 127.0.0.1:7000: connection refused"
+        );
+        assert_eq!(e.io_kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    #[test]
+    fn non_os_errors_are_kept() {
+        let e = io::Error::other("EOF in preamble");
+        assert_eq!(io_msg(&e), "EOF in preamble");
+    }
+
+    #[test]
+    fn into_io_error_keeps_kind() {
+        let e = TransportError::Closed {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            got: 3,
+            wanted: 8,
+        };
+        let io: io::Error = e.into();
+        assert_eq!(io.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(io.to_string().contains("after 3 of 8 bytes"));
+    }
+}

@@ -1,0 +1,934 @@
+//! Heartbeats and failure detection.
+//!
+//! Heartbeats travel on their own small TCP connection (see
+//! [`crate::connect_pair`]), so a large checkpoint in flight on the data
+//! channel never delays one. Both sides run [`Heartbeat::start`]: a sender
+//! thread writes a 32-byte [`HeartbeatMsg`] every `interval`, a receiver
+//! thread reads the peer's and feeds a [`FailureDetector`], which declares
+//! the peer lost ([`PeerLost`]):
+//!
+//! - at once when the connection breaks (EOF or an error);
+//! - when no valid heartbeat arrived for `interval × k`;
+//! - at once when a heartbeat carries another generation than ours
+//!   (DESIGN.md invariant I5: an old primary that comes back is fenced; its
+//!   heartbeats are never taken as a sign of life).
+//!
+//! The VMM waits for the outcome cheaply: [`HeartbeatHandle::event_fd`]
+//! becomes readable on failure (register it in the event loop), then
+//! [`HeartbeatHandle::failure`] says why. [`HeartbeatHandle::wait_failure`]
+//! blocks instead. After a failure both threads end and the connection is
+//! shut down, so the peer learns of it at once too.
+
+use std::fmt;
+use std::io::{self, Read};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::handshake::SessionId;
+use crate::tcp::{apply_options, sendmsg_nosignal, TcpOptions};
+use crate::TransportError;
+
+/// Size of one heartbeat on the wire.
+pub const HEARTBEAT_LEN: usize = 32;
+/// First 8 bytes of every heartbeat.
+pub const HEARTBEAT_MAGIC: [u8; 8] = *b"FTVMbeat";
+
+/// One heartbeat: `{magic, generation, epoch, seq}`, each 8 bytes, integers
+/// little-endian.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatMsg {
+    /// The sender's fencing generation; bumped by every failover.
+    pub generation: u64,
+    /// The epoch the sender advertises (its latest checkpoint, or ack).
+    pub epoch: u64,
+    /// Counts the sender's heartbeats from 0.
+    pub seq: u64,
+}
+
+impl HeartbeatMsg {
+    /// The wire form.
+    pub fn encode(&self) -> [u8; HEARTBEAT_LEN] {
+        let mut b = [0u8; HEARTBEAT_LEN];
+        b[0..8].copy_from_slice(&HEARTBEAT_MAGIC);
+        b[8..16].copy_from_slice(&self.generation.to_le_bytes());
+        b[16..24].copy_from_slice(&self.epoch.to_le_bytes());
+        b[24..32].copy_from_slice(&self.seq.to_le_bytes());
+        b
+    }
+
+    /// Parses the wire form; `Err` carries the bytes found instead of the magic.
+    pub fn decode(b: &[u8; HEARTBEAT_LEN]) -> Result<HeartbeatMsg, [u8; 8]> {
+        let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        if b[0..8] != HEARTBEAT_MAGIC {
+            return Err(b[0..8].try_into().expect("8 bytes"));
+        }
+        Ok(HeartbeatMsg {
+            generation: word(8),
+            epoch: word(16),
+            seq: word(24),
+        })
+    }
+}
+
+/// Why the peer was declared lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PeerLost {
+    /// The connection ended (EOF, reset or another socket error).
+    ConnectionClosed,
+    /// No valid heartbeat for `interval × k`; `last_seen_ms` is how long ago
+    /// the last one arrived (or the detector started, if none ever did).
+    Silence {
+        /// Milliseconds since the last valid heartbeat.
+        last_seen_ms: u64,
+    },
+    /// The peer runs another generation (a fencing event, DESIGN.md I5):
+    /// `theirs < ours` is a stale peer that must not be trusted;
+    /// `theirs > ours` means a failover happened without us: we are the stale
+    /// side and must stop releasing output.
+    GenerationMismatch {
+        /// Our generation.
+        ours: u64,
+        /// The generation in the peer's heartbeat.
+        theirs: u64,
+    },
+    /// The peer sent something that is not a heartbeat.
+    BadMessage {
+        /// What it sent where the magic belongs.
+        magic: [u8; 8],
+    },
+}
+
+impl fmt::Display for PeerLost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerLost::ConnectionClosed => write!(f, "heartbeat connection closed"),
+            PeerLost::Silence { last_seen_ms } => {
+                write!(f, "no heartbeat for {last_seen_ms} ms")
+            }
+            PeerLost::GenerationMismatch { ours, theirs } => {
+                write!(
+                    f,
+                    "peer is at generation {theirs}, we are at {ours} (fenced)"
+                )
+            }
+            PeerLost::BadMessage { magic } => write!(f, "peer sent a bad heartbeat {magic:02x?}"),
+        }
+    }
+}
+
+/// The heartbeat connection of a pair (see [`crate::connect_pair`] and
+/// [`crate::ChannelListener::accept_pair`]).
+#[derive(Debug)]
+pub struct HeartbeatStream {
+    stream: TcpStream,
+    peer: SocketAddr,
+    session: Option<SessionId>,
+}
+
+impl HeartbeatStream {
+    pub(crate) fn new(
+        stream: TcpStream,
+        peer: SocketAddr,
+        session: Option<SessionId>,
+    ) -> Result<HeartbeatStream, TransportError> {
+        // Small messages: no Nagle, default buffers, keepalive off.
+        let opts = TcpOptions {
+            nodelay: true,
+            send_buffer: None,
+            recv_buffer: None,
+        };
+        apply_options(&stream, peer, &opts)?;
+        Ok(HeartbeatStream {
+            stream,
+            peer,
+            session,
+        })
+    }
+
+    /// Uses an already connected stream for heartbeats (no handshake).
+    pub fn from_tcp(stream: TcpStream) -> Result<HeartbeatStream, TransportError> {
+        let peer = stream
+            .peer_addr()
+            .map_err(|source| TransportError::SocketOption {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                option: "getpeername",
+                source,
+            })?;
+        HeartbeatStream::new(stream, peer, None)
+    }
+
+    /// The session of the handshake that produced it, if any.
+    pub fn session(&self) -> Option<SessionId> {
+        self.session
+    }
+
+    /// The other end.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The underlying stream.
+    pub fn as_tcp(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Gives the underlying stream back.
+    pub fn into_tcp(self) -> TcpStream {
+        self.stream
+    }
+}
+
+/// Decides, from heartbeats and their absence, whether the peer is alive.
+///
+/// Fed by the receiver thread of a [`HeartbeatHandle`]; other parts of the VMM
+/// may [`declare`](FailureDetector::declare) a loss too (e.g. the checkpoint
+/// channel broke), so there is one place, and one eventfd, to wait on.
+/// The first declared loss wins and stays.
+pub struct FailureDetector {
+    generation: u64,
+    timeout: Duration,
+    started: Instant,
+    /// Nanoseconds after `started` of the last valid heartbeat, plus one;
+    /// 0: none yet.
+    last_seen: AtomicU64,
+    peer_epoch: AtomicU64,
+    received: AtomicU64,
+    failure: OnceLock<PeerLost>,
+    lock: Mutex<()>,
+    cond: Condvar,
+    event: EventFd,
+}
+
+impl fmt::Debug for FailureDetector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FailureDetector")
+            .field("generation", &self.generation)
+            .field("timeout", &self.timeout)
+            .field("received", &self.heartbeats_received())
+            .field("failure", &self.failure())
+            .finish()
+    }
+}
+
+impl FailureDetector {
+    /// A detector for generation `generation` that declares silence after
+    /// `timeout` without a valid heartbeat, counting from now.
+    pub fn new(generation: u64, timeout: Duration) -> Result<FailureDetector, TransportError> {
+        let event = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(|source| TransportError::EventFd { source })?;
+        Ok(FailureDetector {
+            generation,
+            timeout,
+            started: Instant::now(),
+            last_seen: AtomicU64::new(0),
+            peer_epoch: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            failure: OnceLock::new(),
+            lock: Mutex::new(()),
+            cond: Condvar::new(),
+            event,
+        })
+    }
+
+    /// Our generation.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The silence that counts as a failure (`interval × k`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Why the peer was lost, once it was.
+    pub fn failure(&self) -> Option<PeerLost> {
+        self.failure.get().copied()
+    }
+
+    /// An eventfd that becomes readable (counter ≥ 1) when the peer is
+    /// declared lost. Reading it resets it; [`FailureDetector::failure`]
+    /// keeps the answer.
+    pub fn event_fd(&self) -> &EventFd {
+        &self.event
+    }
+
+    /// Blocks until the peer is declared lost or `timeout` passes.
+    pub fn wait_failure(&self, timeout: Duration) -> Option<PeerLost> {
+        let deadline = Instant::now() + timeout;
+        let mut guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(f) = self.failure() {
+                return Some(f);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            guard = self
+                .cond
+                .wait_timeout(guard, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Declares the peer lost. Returns false if it already was (the first
+    /// reason stays).
+    pub fn declare(&self, reason: PeerLost) -> bool {
+        if self.failure.set(reason).is_err() {
+            return false;
+        }
+        if let Err(e) = self.event.write(1) {
+            log::error!("cannot signal the failure eventfd: {e}");
+        }
+        // Taking the lock orders this notify after any waiter's check.
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.cond.notify_all();
+        true
+    }
+
+    /// Takes in one heartbeat received at `now`. A heartbeat of another
+    /// generation is not liveness: it returns the fencing verdict (which the
+    /// caller declares).
+    pub fn observe(&self, msg: &HeartbeatMsg, now: Instant) -> Result<(), PeerLost> {
+        if msg.generation != self.generation {
+            return Err(PeerLost::GenerationMismatch {
+                ours: self.generation,
+                theirs: msg.generation,
+            });
+        }
+        let ns = now.saturating_duration_since(self.started).as_nanos() as u64 + 1;
+        self.last_seen.fetch_max(ns, Ordering::AcqRel);
+        self.peer_epoch.store(msg.epoch, Ordering::Release);
+        self.received.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// When the peer was last heard from (or the detector started).
+    fn last_alive(&self) -> Instant {
+        match self.last_seen.load(Ordering::Acquire) {
+            0 => self.started,
+            ns => self.started + Duration::from_nanos(ns - 1),
+        }
+    }
+
+    /// The instant at which silence becomes a failure.
+    pub fn silence_deadline(&self) -> Instant {
+        self.last_alive() + self.timeout
+    }
+
+    /// `Some(Silence)` if nothing valid arrived for the timeout by `now`.
+    pub fn check_silence(&self, now: Instant) -> Option<PeerLost> {
+        let quiet = now.saturating_duration_since(self.last_alive());
+        (quiet >= self.timeout).then_some(PeerLost::Silence {
+            last_seen_ms: quiet.as_millis() as u64,
+        })
+    }
+
+    /// When the last valid heartbeat arrived, if any did.
+    pub fn last_seen(&self) -> Option<Instant> {
+        (self.last_seen.load(Ordering::Acquire) != 0).then_some(self.last_alive())
+    }
+
+    /// The epoch in the peer's latest valid heartbeat (0 before the first).
+    pub fn peer_epoch(&self) -> u64 {
+        self.peer_epoch.load(Ordering::Acquire)
+    }
+
+    /// Valid heartbeats received so far.
+    pub fn heartbeats_received(&self) -> u64 {
+        self.received.load(Ordering::Acquire)
+    }
+}
+
+/// Starts heartbeats on a connection; see [`Heartbeat::start`].
+#[derive(Debug)]
+pub enum Heartbeat {}
+
+impl Heartbeat {
+    /// Spawns a sender thread (one heartbeat every `interval`, carrying
+    /// `generation` and the epoch set by [`HeartbeatHandle::set_epoch`]) and a
+    /// receiver thread that declares the peer lost when the connection breaks
+    /// or nothing valid arrives for `interval × k` (`k` is at least 1).
+    pub fn start(
+        stream: HeartbeatStream,
+        interval: Duration,
+        k: u32,
+        generation: u64,
+    ) -> Result<HeartbeatHandle, TransportError> {
+        let interval = interval.max(Duration::from_millis(1));
+        let timeout = interval.saturating_mul(k.max(1));
+        let peer = stream.peer;
+        let detector = Arc::new(FailureDetector::new(generation, timeout)?);
+        let epoch = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(StopFlag::default());
+        let clone = |s: &TcpStream| {
+            s.try_clone()
+                .map_err(|source| TransportError::Clone { addr: peer, source })
+        };
+        let (tx_stream, rx_stream) = (clone(&stream.stream)?, clone(&stream.stream)?);
+        // The sender never blocks longer than this on a full socket buffer, so
+        // it notices `stop` even if the peer stopped reading.
+        let write_tick = interval.min(Duration::from_millis(100));
+        tx_stream
+            .set_write_timeout(Some(write_tick))
+            .map_err(|source| TransportError::SocketOption {
+                addr: peer,
+                option: "SO_SNDTIMEO",
+                source,
+            })?;
+
+        let sender = {
+            let (detector, epoch, stop) = (detector.clone(), epoch.clone(), stop.clone());
+            thread::Builder::new()
+                .name("ft-hb-send".into())
+                .spawn(move || {
+                    send_loop(
+                        tx_stream, peer, interval, generation, &epoch, &detector, &stop,
+                    )
+                })
+                .map_err(|source| TransportError::Spawn {
+                    what: "sender",
+                    source,
+                })?
+        };
+        let receiver = {
+            let (detector, stop) = (detector.clone(), stop.clone());
+            thread::Builder::new()
+                .name("ft-hb-recv".into())
+                .spawn(move || recv_loop(rx_stream, peer, &detector, &stop))
+        };
+        let receiver = match receiver {
+            Ok(r) => r,
+            Err(source) => {
+                stop.raise();
+                let _ = stream.stream.shutdown(Shutdown::Both);
+                let _ = sender.join();
+                return Err(TransportError::Spawn {
+                    what: "receiver",
+                    source,
+                });
+            }
+        };
+        Ok(HeartbeatHandle {
+            detector,
+            epoch,
+            stop,
+            stream: stream.stream,
+            peer,
+            threads: Some((sender, receiver)),
+        })
+    }
+}
+
+#[derive(Default)]
+struct StopFlag {
+    stopped: Mutex<bool>,
+    cond: Condvar,
+}
+
+impl StopFlag {
+    fn raise(&self) {
+        *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cond.notify_all();
+    }
+
+    fn is_raised(&self) -> bool {
+        *self.stopped.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sleeps until `until` or until raised; true if raised.
+    fn wait_until(&self, until: Instant) -> bool {
+        let mut g = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if *g {
+                return true;
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            g = self
+                .cond
+                .wait_timeout(g, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+fn send_loop(
+    stream: TcpStream,
+    peer: SocketAddr,
+    interval: Duration,
+    generation: u64,
+    epoch: &AtomicU64,
+    detector: &FailureDetector,
+    stop: &StopFlag,
+) {
+    let fd = stream.as_raw_fd();
+    let mut next = Instant::now();
+    for seq in 0u64.. {
+        if detector.failure().is_some() || stop.is_raised() {
+            return;
+        }
+        let msg = HeartbeatMsg {
+            generation,
+            epoch: epoch.load(Ordering::Acquire),
+            seq,
+        }
+        .encode();
+        let mut sent = 0;
+        while sent < msg.len() {
+            match sendmsg_nosignal(fd, &[io::IoSlice::new(&msg[sent..])]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Full buffer: the receiver side judges liveness; we keep
+                // trying (a half-sent heartbeat must be finished) until stopped.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if stop.is_raised() || detector.failure().is_some() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    if !stop.is_raised() && detector.declare(PeerLost::ConnectionClosed) {
+                        log::warn!("heartbeat to {peer} failed: {e}; peer lost");
+                    }
+                    let _ = stream.shutdown(Shutdown::Both);
+                    return;
+                }
+            }
+        }
+        next += interval;
+        let now = Instant::now();
+        if next < now {
+            next = now; // we fell behind (a stall): do not burst
+        }
+        if stop.wait_until(next) {
+            return;
+        }
+    }
+}
+
+fn recv_loop(mut stream: TcpStream, peer: SocketAddr, detector: &FailureDetector, stop: &StopFlag) {
+    let mut buf = [0u8; HEARTBEAT_LEN];
+    let mut got = 0;
+    let verdict = loop {
+        if stop.is_raised() {
+            return;
+        }
+        let now = Instant::now();
+        if let Some(silence) = detector.check_silence(now) {
+            break silence;
+        }
+        let left = detector.silence_deadline().saturating_duration_since(now);
+        if let Err(e) = stream.set_read_timeout(Some(left.max(Duration::from_millis(1)))) {
+            log::warn!("cannot set the heartbeat read timeout for {peer}: {e}");
+            break PeerLost::ConnectionClosed;
+        }
+        match stream.read(&mut buf[got..]) {
+            Ok(0) => break PeerLost::ConnectionClosed,
+            Ok(n) => {
+                got += n;
+                if got == HEARTBEAT_LEN {
+                    got = 0;
+                    match HeartbeatMsg::decode(&buf) {
+                        Ok(msg) => {
+                            if let Err(fenced) = detector.observe(&msg, Instant::now()) {
+                                break fenced;
+                            }
+                        }
+                        Err(magic) => break PeerLost::BadMessage { magic },
+                    }
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                log::debug!("heartbeat from {peer}: {e}");
+                break PeerLost::ConnectionClosed;
+            }
+        }
+    };
+    // A stop shuts the socket down, which reads as EOF: not a failure.
+    if stop.is_raised() {
+        return;
+    }
+    if detector.declare(verdict) {
+        log::warn!("peer {peer} lost: {verdict}");
+    }
+    // Tell the peer at once, and end our sender.
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// Running heartbeats; stopping (or dropping) it joins both threads and shuts
+/// the connection down, in bounded time (no wait on the peer).
+pub struct HeartbeatHandle {
+    detector: Arc<FailureDetector>,
+    epoch: Arc<AtomicU64>,
+    stop: Arc<StopFlag>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    threads: Option<(JoinHandle<()>, JoinHandle<()>)>,
+}
+
+impl fmt::Debug for HeartbeatHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeartbeatHandle")
+            .field("peer", &self.peer)
+            .field("epoch", &self.epoch())
+            .field("detector", &self.detector)
+            .finish()
+    }
+}
+
+impl HeartbeatHandle {
+    /// Sets the epoch our next heartbeats advertise (lock-free).
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Release);
+    }
+
+    /// The epoch we advertise.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The epoch the peer advertises (its latest valid heartbeat).
+    pub fn peer_epoch(&self) -> u64 {
+        self.detector.peer_epoch()
+    }
+
+    /// Why the peer was lost, once it was.
+    pub fn failure(&self) -> Option<PeerLost> {
+        self.detector.failure()
+    }
+
+    /// Readable once the peer is lost; see [`FailureDetector::event_fd`].
+    pub fn event_fd(&self) -> &EventFd {
+        self.detector.event_fd()
+    }
+
+    /// Blocks until the peer is lost or `timeout` passes.
+    pub fn wait_failure(&self, timeout: Duration) -> Option<PeerLost> {
+        self.detector.wait_failure(timeout)
+    }
+
+    /// The detector, to share with code that may declare a loss itself.
+    pub fn detector(&self) -> &Arc<FailureDetector> {
+        &self.detector
+    }
+
+    /// The other end.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Stops both threads, shuts the connection down and joins them.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        let Some((sender, receiver)) = self.threads.take() else {
+            return;
+        };
+        self.stop.raise();
+        // Wakes a receiver blocked in read() and a sender blocked in send().
+        let _ = self.stream.shutdown(Shutdown::Both);
+        for (name, t) in [("sender", sender), ("receiver", receiver)] {
+            if t.join().is_err() {
+                log::error!("heartbeat {name} thread for {} panicked", self.peer);
+            }
+        }
+    }
+}
+
+impl Drop for HeartbeatHandle {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_utils::tcp_pair;
+    use std::io::Write;
+
+    const HB: Duration = Duration::from_millis(20);
+
+    fn poll_readable_now(fd: &EventFd) -> bool {
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd, count 1, no wait.
+        unsafe { libc::poll(&mut p, 1, 0) == 1 }
+    }
+
+    fn start(s: TcpStream, interval: Duration, k: u32, generation: u64) -> HeartbeatHandle {
+        Heartbeat::start(
+            HeartbeatStream::from_tcp(s).unwrap(),
+            interval,
+            k,
+            generation,
+        )
+        .unwrap()
+    }
+
+    /// Waits (bounded) until `f` holds.
+    fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+        let end = Instant::now() + limit;
+        while !f() {
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn message_round_trip_and_bad_magic() {
+        let m = HeartbeatMsg {
+            generation: 3,
+            epoch: 99,
+            seq: u64::MAX,
+        };
+        let b = m.encode();
+        assert_eq!(b.len(), 32);
+        assert_eq!(HeartbeatMsg::decode(&b), Ok(m));
+        let mut bad = b;
+        bad[0] = b'X';
+        assert_eq!(HeartbeatMsg::decode(&bad), Err(*b"XTVMbeat"));
+    }
+
+    #[test]
+    fn detector_logic_without_threads() {
+        let d = FailureDetector::new(5, Duration::from_millis(100)).unwrap();
+        let t0 = Instant::now();
+        assert_eq!(d.check_silence(t0), None);
+        d.observe(
+            &HeartbeatMsg {
+                generation: 5,
+                epoch: 1,
+                seq: 0,
+            },
+            t0 + Duration::from_millis(80),
+        )
+        .unwrap();
+        assert_eq!(d.check_silence(t0 + Duration::from_millis(150)), None);
+        match d.check_silence(t0 + Duration::from_millis(200)) {
+            Some(PeerLost::Silence { last_seen_ms }) => {
+                assert!((100..=125).contains(&last_seen_ms))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Older generation: fencing, and not liveness.
+        let before = d.last_seen();
+        assert_eq!(
+            d.observe(
+                &HeartbeatMsg {
+                    generation: 4,
+                    epoch: 7,
+                    seq: 1
+                },
+                t0 + Duration::from_millis(190)
+            ),
+            Err(PeerLost::GenerationMismatch { ours: 5, theirs: 4 })
+        );
+        assert_eq!(d.last_seen(), before);
+        assert_eq!(d.peer_epoch(), 1);
+        // First declared reason wins; the eventfd fires once.
+        assert!(!poll_readable_now(d.event_fd()));
+        assert!(d.declare(PeerLost::ConnectionClosed));
+        assert!(!d.declare(PeerLost::Silence { last_seen_ms: 1 }));
+        assert_eq!(d.failure(), Some(PeerLost::ConnectionClosed));
+        assert!(poll_readable_now(d.event_fd()));
+        assert_eq!(
+            d.wait_failure(Duration::ZERO),
+            Some(PeerLost::ConnectionClosed)
+        );
+    }
+
+    #[test]
+    fn healthy_peers_exchange_epochs_and_stay_alive() {
+        let (a, b) = tcp_pair();
+        let ha = start(a, HB, 5, 1);
+        let hb = start(b, HB, 5, 1);
+        ha.set_epoch(41);
+        hb.set_epoch(7);
+        eventually("epochs to cross", Duration::from_secs(5), || {
+            ha.peer_epoch() == 7 && hb.peer_epoch() == 41
+        });
+        // Many intervals × k later, still no failure.
+        assert_eq!(ha.wait_failure(HB * 5 * 4), None);
+        assert_eq!(hb.failure(), None);
+        assert!(ha.detector().heartbeats_received() >= 10);
+        assert!(!poll_readable_now(ha.event_fd()));
+    }
+
+    #[test]
+    fn silence_is_detected_within_interval_times_k() {
+        // The peer sends one heartbeat, then nothing, but keeps the socket open.
+        let (a, mut b) = tcp_pair();
+        let (interval, k) = (Duration::from_millis(30), 4);
+        let timeout = interval * k;
+        let h = start(a, interval, k, 9);
+        b.write_all(
+            &HeartbeatMsg {
+                generation: 9,
+                epoch: 3,
+                seq: 0,
+            }
+            .encode(),
+        )
+        .unwrap();
+        eventually("the one heartbeat", Duration::from_secs(5), || {
+            h.detector().heartbeats_received() == 1
+        });
+        let heard = h.detector().last_seen().unwrap();
+        let lost = h
+            .wait_failure(Duration::from_secs(5))
+            .expect("silence must be detected");
+        let after = heard.elapsed();
+        match lost {
+            PeerLost::Silence { last_seen_ms } => {
+                assert!(last_seen_ms >= timeout.as_millis() as u64, "{last_seen_ms}")
+            }
+            other => panic!("expected Silence, got {other:?}"),
+        }
+        assert!(
+            after >= timeout,
+            "declared after {after:?}, before {timeout:?}"
+        );
+        assert!(
+            after < timeout + Duration::from_millis(500),
+            "declared late: {after:?}"
+        );
+        assert!(poll_readable_now(h.event_fd()));
+        assert_eq!(h.peer_epoch(), 3);
+        // We shut the connection down, so the silent peer learns it at once.
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut sink = Vec::new();
+        let _ = b.read_to_end(&mut sink);
+        assert_eq!(sink.len() % HEARTBEAT_LEN, 0);
+    }
+
+    #[test]
+    fn connection_close_is_immediate() {
+        let (a, b) = tcp_pair();
+        // A long timeout, so only the close itself can explain a quick verdict.
+        let h = start(a, Duration::from_millis(500), 20, 1);
+        let t0 = Instant::now();
+        drop(b);
+        assert_eq!(
+            h.wait_failure(Duration::from_secs(5)),
+            Some(PeerLost::ConnectionClosed)
+        );
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    }
+
+    #[test]
+    fn peer_stopping_its_heartbeats_is_seen_as_closed() {
+        let (a, b) = tcp_pair();
+        let ha = start(a, Duration::from_millis(500), 20, 1);
+        let hb = start(b, Duration::from_millis(500), 20, 1);
+        let t0 = Instant::now();
+        hb.stop();
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "stop took {:?}",
+            t0.elapsed()
+        );
+        assert_eq!(
+            ha.wait_failure(Duration::from_secs(5)),
+            Some(PeerLost::ConnectionClosed)
+        );
+    }
+
+    #[test]
+    fn older_generation_heartbeats_are_fencing_not_liveness() {
+        let (a, mut b) = tcp_pair();
+        let h = start(a, HB, 5, 5);
+        // The stale peer (generation 4) keeps sending.
+        for seq in 0..3 {
+            let _ = b.write_all(
+                &HeartbeatMsg {
+                    generation: 4,
+                    epoch: 100,
+                    seq,
+                }
+                .encode(),
+            );
+        }
+        assert_eq!(
+            h.wait_failure(Duration::from_secs(5)),
+            Some(PeerLost::GenerationMismatch { ours: 5, theirs: 4 })
+        );
+        assert_eq!(h.detector().heartbeats_received(), 0);
+        assert_eq!(h.detector().last_seen(), None);
+        assert_eq!(h.peer_epoch(), 0, "a fenced peer's epoch must not be taken");
+    }
+
+    #[test]
+    fn newer_generation_fences_us() {
+        let (a, b) = tcp_pair();
+        let old_primary = start(a, HB, 5, 2);
+        let new_primary = start(b, HB, 5, 3);
+        assert_eq!(
+            old_primary.wait_failure(Duration::from_secs(5)),
+            Some(PeerLost::GenerationMismatch { ours: 2, theirs: 3 })
+        );
+        // Either it saw our heartbeat, or our shutdown first.
+        assert!(matches!(
+            new_primary.wait_failure(Duration::from_secs(5)),
+            Some(PeerLost::GenerationMismatch { ours: 3, theirs: 2 } | PeerLost::ConnectionClosed)
+        ));
+    }
+
+    #[test]
+    fn garbage_on_the_heartbeat_connection_is_a_bad_message() {
+        let (a, mut b) = tcp_pair();
+        let h = start(a, HB, 5, 1);
+        b.write_all(&[0xAB; HEARTBEAT_LEN]).unwrap();
+        assert_eq!(
+            h.wait_failure(Duration::from_secs(5)),
+            Some(PeerLost::BadMessage { magic: [0xAB; 8] })
+        );
+    }
+
+    #[test]
+    fn stop_is_bounded_even_with_a_long_interval() {
+        let (a, _b) = tcp_pair();
+        let h = start(a, Duration::from_secs(30), 3, 1);
+        let t0 = Instant::now();
+        drop(h);
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "stop took {:?}",
+            t0.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_data_channel_failure_can_be_declared_on_the_same_detector() {
+        let (a, _b) = tcp_pair();
+        let h = start(a, Duration::from_secs(1), 10, 1);
+        let d = h.detector().clone();
+        let waiter = thread::spawn(move || d.wait_failure(Duration::from_secs(5)));
+        h.detector().declare(PeerLost::ConnectionClosed);
+        assert_eq!(waiter.join().unwrap(), Some(PeerLost::ConnectionClosed));
+        assert!(poll_readable_now(h.event_fd()));
+    }
+}
