@@ -5,7 +5,9 @@
 pub mod arch;
 pub mod boot;
 pub mod config;
+pub mod dirty_log;
 pub mod memory;
+pub mod persist;
 pub mod quirks;
 pub mod vcpu;
 pub mod vm;

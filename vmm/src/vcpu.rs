@@ -22,7 +22,25 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use ftvmm_devices::bus::Bus;
 
 use crate::memory::GuestMemory;
+use crate::persist::{PersistError, VcpuCapture, VcpuState};
 use crate::quirks;
+
+/// An empty vCPU state: a buffer to swap a captured one into.
+pub fn empty_state() -> VcpuState {
+    VcpuState {
+        id: 0,
+        regs: Default::default(),
+        sregs: Default::default(),
+        fpu: crate::persist::PodBytes(Vec::new()),
+        xsave: None,
+        xcrs: None,
+        lapic: Default::default(),
+        msrs: Vec::new(),
+        events: Default::default(),
+        mp_state: Default::default(),
+        debugregs: Default::default(),
+    }
+}
 
 /// Why the VM stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,8 +129,14 @@ enum Request {
 #[derive(Debug)]
 struct Ctl {
     request: Request,
+    /// Capture the vCPU's state before acknowledging the pause.
+    save: bool,
     /// The thread is parked (paused, stopped or exited) and acknowledged it.
     parked: bool,
+    /// The state captured at the last saving pause (buffers reused).
+    saved: VcpuState,
+    /// Why the last capture failed.
+    save_error: Option<String>,
 }
 
 /// State shared between a vCPU thread and its controller.
@@ -124,12 +148,15 @@ pub struct VcpuShared {
 }
 
 impl VcpuShared {
-    fn new() -> Self {
+    fn new(initial: VcpuState) -> Self {
         VcpuShared {
             pending: AtomicBool::new(false),
             ctl: Mutex::new(Ctl {
                 request: Request::Run,
+                save: false,
                 parked: false,
+                saved: initial,
+                save_error: None,
             }),
             cv: Condvar::new(),
         }
@@ -181,6 +208,22 @@ pub enum VcpuError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Capturing the initial state of a vCPU failed.
+    #[error("cannot capture the state of vCPU {id}: {source}")]
+    Capture {
+        /// vCPU index.
+        id: u8,
+        /// What failed.
+        source: PersistError,
+    },
+    /// Capturing a vCPU's state at a pause failed.
+    #[error("cannot save the state of vCPU {id}: {reason}")]
+    Save {
+        /// vCPU index.
+        id: u8,
+        /// What failed.
+        reason: String,
+    },
     /// A vCPU did not acknowledge a pause in time.
     #[error("vCPU {id} did not pause within {timeout:?}")]
     PauseTimeout {
@@ -202,27 +245,38 @@ pub struct Vcpu {
     mem: GuestMemory,
     exit: Arc<ExitSignal>,
     shared: Arc<VcpuShared>,
+    capture: VcpuCapture,
+    /// The last exit was port I/O or MMIO, completed by the next KVM_RUN.
+    io_pending: bool,
 }
 
 impl Vcpu {
-    /// Wraps a configured vCPU.
+    /// Wraps a configured vCPU; captures its state once, which both checks
+    /// that capture works on this host and sizes the reusable buffers.
     pub fn new(
         id: u8,
         fd: VcpuFd,
-        pio: Arc<Bus>,
-        mmio: Arc<Bus>,
+        buses: (Arc<Bus>, Arc<Bus>),
         mem: GuestMemory,
         exit: Arc<ExitSignal>,
-    ) -> Self {
-        Vcpu {
+        mut capture: VcpuCapture,
+    ) -> Result<Self, VcpuError> {
+        let mut initial = None;
+        capture
+            .capture(id, &fd, &mut initial)
+            .map_err(|source| VcpuError::Capture { id, source })?;
+        let initial = initial.expect("capture fills the state");
+        Ok(Vcpu {
             id,
             fd,
-            pio,
-            mmio,
+            pio: buses.0,
+            mmio: buses.1,
             mem,
             exit,
-            shared: Arc::new(VcpuShared::new()),
-        }
+            shared: Arc::new(VcpuShared::new(initial)),
+            capture,
+            io_pending: false,
+        })
     }
 
     /// Starts the vCPU's thread.
@@ -263,12 +317,13 @@ impl Vcpu {
     /// Parks while the request is Pause (or, when `stopped`, until Exit).
     /// Returns false when the thread must exit.
     fn park_while_requested(&mut self, stopped: bool) -> bool {
-        let mut ctl = self.shared.lock();
+        let shared = self.shared.clone();
+        let mut ctl = shared.lock();
         loop {
             match ctl.request {
                 Request::Exit => {
                     ctl.parked = true;
-                    self.shared.cv.notify_all();
+                    shared.cv.notify_all();
                     return false;
                 }
                 Request::Run if !stopped => {
@@ -280,19 +335,52 @@ impl Vcpu {
                 }
                 _ => {
                     if !ctl.parked {
+                        if ctl.save {
+                            ctl.save = false;
+                            ctl.save_error = self.save_into(&mut ctl.saved).err();
+                        }
                         ctl.parked = true;
-                        self.shared.cv.notify_all();
+                        shared.cv.notify_all();
                     }
-                    ctl = self.shared.cv.wait(ctl).unwrap_or_else(|e| e.into_inner());
+                    ctl = shared.cv.wait(ctl).unwrap_or_else(|e| e.into_inner());
                 }
             }
         }
     }
 
+    /// Captures this vCPU's state into `slot`, after letting KVM complete an
+    /// I/O instruction whose exit we handled but which it has not retired
+    /// yet (its effects would otherwise be half in the state).
+    fn save_into(&mut self, slot: &mut VcpuState) -> Result<(), String> {
+        if self.io_pending {
+            self.fd.set_kvm_immediate_exit(1);
+            let r = self.fd.run().map(|_| ()).map_err(|e| e.errno());
+            self.fd.set_kvm_immediate_exit(0);
+            match r {
+                Err(libc::EINTR) | Err(libc::EAGAIN) => {}
+                Ok(()) => return Err("KVM_RUN with immediate_exit ran the guest".into()),
+                Err(e) => return Err(format!("completing pending I/O: KVM_RUN failed: errno {e}")),
+            }
+            self.io_pending = false;
+        }
+        let mut tmp = Some(std::mem::replace(slot, empty_state()));
+        let r = self.capture.capture(self.id, &self.fd, &mut tmp);
+        *slot = tmp.expect("capture keeps the state");
+        r.map_err(|e| e.to_string())
+    }
+
     /// One `KVM_RUN` and the handling of its exit.
     fn run_once(&mut self) -> Result<(), VmExit> {
         let id = self.id;
-        match self.fd.run() {
+        self.io_pending = false;
+        let result = self.fd.run();
+        if matches!(
+            result,
+            Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..) | VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..))
+        ) {
+            self.io_pending = true;
+        }
+        match result {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
                     if !self.pio.read(u64::from(port), data) {
@@ -368,9 +456,10 @@ impl VcpuHandle {
         }
     }
 
-    fn request(&self, req: Request) {
+    fn request(&self, req: Request, save: bool) {
         let mut ctl = self.shared.lock();
         ctl.request = req;
+        ctl.save = save;
         if req == Request::Run {
             self.shared.pending.store(false, Ordering::Release);
         } else {
@@ -384,9 +473,21 @@ impl VcpuHandle {
         }
     }
 
-    /// Asks the vCPU to pause, without waiting.
-    pub fn request_pause(&self) {
-        self.request(Request::Pause);
+    /// Asks the vCPU to pause, without waiting; with `save`, it captures its
+    /// state before acknowledging.
+    pub fn request_pause(&self, save: bool) {
+        self.request(Request::Pause, save);
+    }
+
+    /// Swaps the state captured at the last saving pause with `state` (so
+    /// neither side allocates). Call only while the vCPU is paused.
+    pub fn take_saved(&self, state: &mut VcpuState) -> Result<(), VcpuError> {
+        let mut ctl = self.shared.lock();
+        if let Some(reason) = ctl.save_error.take() {
+            return Err(VcpuError::Save { id: self.id, reason });
+        }
+        std::mem::swap(&mut ctl.saved, state);
+        Ok(())
     }
 
     /// Waits until the vCPU acknowledged its pause (or is stopped for good).
@@ -412,12 +513,12 @@ impl VcpuHandle {
 
     /// Lets the vCPU run again.
     pub fn resume(&self) {
-        self.request(Request::Run);
+        self.request(Request::Run, false);
     }
 
     /// Stops the thread and joins it.
     pub fn stop(&mut self) {
-        self.request(Request::Exit);
+        self.request(Request::Exit, false);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

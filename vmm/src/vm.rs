@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use ftvmm_devices::bus::Bus;
@@ -20,6 +20,7 @@ use crate::arch::x86_64::{cpuid, layout, mptable, regs};
 use crate::boot::{self, BootError};
 use crate::config::{SerialConfig, VmConfig};
 use crate::memory::{self, GuestMemory, MemoryError};
+use crate::persist::{self, DevicesState, MachineState, PersistError, VcpuCapture, VcpuState, VmState};
 use crate::vcpu::{ExitSignal, Vcpu, VcpuError, VcpuHandle, VmExit};
 
 /// Path of the KVM device.
@@ -87,6 +88,12 @@ pub enum VmError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Capturing or restoring machine state.
+    #[error("{source}")]
+    Persist {
+        /// What failed.
+        source: PersistError,
+    },
     /// Bus set-up.
     #[error("cannot register device: {0}")]
     Bus(#[from] ftvmm_devices::bus::BusError),
@@ -136,6 +143,22 @@ pub struct Vm {
     reset_evt: EventFd,
     pending: Vec<Vcpu>,
     vcpus: Vec<VcpuHandle>,
+    states: Vec<VcpuState>,
+    vm_state: Option<VmState>,
+    devices_state: DevicesState,
+}
+
+/// A borrowed view of the machine state, serialised exactly like
+/// [`MachineState`] (so the standby decodes it as one) without copying the
+/// vCPU states out of their reusable buffers.
+#[derive(Debug, serde::Serialize)]
+pub struct MachineStateRef<'a> {
+    /// VM-wide state.
+    pub vm: &'a VmState,
+    /// vCPU states.
+    pub vcpus: &'a [VcpuState],
+    /// Devices.
+    pub devices: &'a DevicesState,
 }
 
 impl std::fmt::Debug for Vm {
@@ -171,6 +194,16 @@ impl Vm {
     /// Builds a VM ready to boot `config`'s guest: vCPUs are created and set
     /// up for the 64-bit entry, but their threads are not started yet.
     pub fn build(config: &VmConfig) -> Result<Vm, VmError> {
+        let vm = Vm::create(config)?;
+        vm.boot(config)?;
+        Ok(vm)
+    }
+
+    /// Creates the machine `config` describes — KVM VM, irqchip, PIT,
+    /// memory, devices and vCPUs — without loading a guest: the common part
+    /// of a boot ([`Vm::boot`]) and of a restore from a checkpoint
+    /// ([`Vm::restore`]).
+    pub fn create(config: &VmConfig) -> Result<Vm, VmError> {
         if !config.net.is_empty() {
             return Err(VmError::Unsupported("virtio-net (--net)"));
         }
@@ -195,22 +228,14 @@ impl Vm {
         fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
         memory::register_slots(&fd, &memory, false)?;
 
-        let boot = boot::load(
-            &memory,
-            &config.kernel,
-            config.initrd.as_deref(),
-            &config.cmdline,
-            vcpu_count,
-        )?;
-
         let host = |what| move |source| VmError::Host { what, source };
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host("serial irqfd"))?;
         fd.register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        let serial = Arc::new(Mutex::new(SerialConsole::new(
-            EventFdTrigger::new(serial_irq),
-            serial_out,
-        )));
+        let serial = Arc::new(Mutex::new(
+            SerialConsole::new(EventFdTrigger::new(serial_irq), serial_out)
+                .map_err(host("serial irqfd"))?,
+        ));
         let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host("reset eventfd"))?;
         let i8042 = Arc::new(Mutex::new(I8042::new(EventFdTrigger::new(
             reset_evt.try_clone().map_err(host("reset eventfd"))?,
@@ -225,26 +250,29 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let has_xsave = kvm.check_extension(Cap::Xsave);
+        let has_xcrs = kvm.check_extension(Cap::Xcrs);
         let mut pending = Vec::with_capacity(vcpu_count as usize);
+        let mut msr_indices = None;
         for id in 0..vcpu_count {
             let vfd = fd.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let mut cpuid = supported.clone();
             cpuid::filter(&mut cpuid, id, vcpu_count);
             vfd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-            let r = |source| VmError::Regs { id, source };
-            regs::setup_msrs(&vfd).map_err(r)?;
-            regs::setup_regs(&vfd, boot.entry).map_err(r)?;
-            regs::setup_sregs(&memory, &vfd).map_err(r)?;
-            regs::setup_fpu(&vfd).map_err(r)?;
-            regs::setup_lint(&vfd).map_err(r)?;
+            if msr_indices.is_none() {
+                msr_indices = Some(
+                    persist::saveable_msrs(&kvm, &vfd).map_err(|source| VmError::Persist { source })?,
+                );
+            }
+            let capture = VcpuCapture::new(msr_indices.as_deref().unwrap_or(&[]), has_xsave, has_xcrs);
             pending.push(Vcpu::new(
                 id,
                 vfd,
-                pio.clone(),
-                mmio.clone(),
+                (pio.clone(), mmio.clone()),
                 memory.clone(),
                 exit.clone(),
-            ));
+                capture,
+            )?);
         }
         Ok(Vm {
             kvm,
@@ -257,6 +285,88 @@ impl Vm {
             reset_evt,
             pending,
             vcpus: Vec::new(),
+            states: Vec::new(),
+            vm_state: None,
+            devices_state: DevicesState::default(),
+        })
+    }
+
+    /// Loads `config`'s kernel, initrd and command line and sets the vCPUs
+    /// up for the 64-bit entry.
+    pub fn boot(&self, config: &VmConfig) -> Result<(), VmError> {
+        let boot = boot::load(
+            &self.memory,
+            &config.kernel,
+            config.initrd.as_deref(),
+            &config.cmdline,
+            self.pending.len() as u8,
+        )?;
+        for v in &self.pending {
+            let id = v.id;
+            let r = |source| VmError::Regs { id, source };
+            regs::setup_msrs(&v.fd).map_err(r)?;
+            regs::setup_regs(&v.fd, boot.entry).map_err(r)?;
+            regs::setup_sregs(&self.memory, &v.fd).map_err(r)?;
+            regs::setup_fpu(&v.fd).map_err(r)?;
+            regs::setup_lint(&v.fd).map_err(r)?;
+        }
+        Ok(())
+    }
+
+    /// Restores a checkpointed machine into this freshly created VM (whose
+    /// memory already holds the checkpoint's pages): VM-wide state, every
+    /// vCPU, and the devices. The vCPU threads are not started.
+    pub fn restore(&self, state: &MachineState) -> Result<(), VmError> {
+        if state.vcpus.len() != self.pending.len() {
+            return Err(VmError::Persist {
+                source: PersistError::Mismatch(format!(
+                    "checkpoint has {} vCPUs, this VM {}",
+                    state.vcpus.len(),
+                    self.pending.len()
+                )),
+            });
+        }
+        let p = |source| VmError::Persist { source };
+        persist::restore_vm(&self.fd, &state.vm).map_err(p)?;
+        for (v, s) in self.pending.iter().zip(&state.vcpus) {
+            persist::restore_vcpu(&v.fd, s).map_err(p)?;
+        }
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&state.devices.serial)
+            .map_err(|source| VmError::Host {
+                what: "serial device from checkpoint",
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// Pauses every vCPU and captures the whole machine's state into
+    /// `self`'s reusable state buffers; returns it borrowed. The vCPUs stay
+    /// paused until [`Vm::resume`].
+    pub fn pause_and_save(&mut self, timeout: Duration) -> Result<MachineStateRef<'_>, VmError> {
+        for v in &self.vcpus {
+            v.request_pause(true);
+        }
+        let deadline = Instant::now() + timeout;
+        for v in &self.vcpus {
+            v.wait_parked(deadline, timeout)?;
+        }
+        if self.states.len() != self.vcpus.len() {
+            self.states = (0..self.vcpus.len()).map(|_| crate::vcpu::empty_state()).collect();
+        }
+        for (v, slot) in self.vcpus.iter().zip(self.states.iter_mut()) {
+            v.take_saved(slot)?;
+        }
+        let vm = persist::capture_vm(&self.fd).map_err(|source| VmError::Persist { source })?;
+        let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner()).state();
+        self.vm_state = Some(vm);
+        self.devices_state = DevicesState { serial };
+        Ok(MachineStateRef {
+            vm: self.vm_state.as_ref().expect("just set"),
+            vcpus: &self.states,
+            devices: &self.devices_state,
         })
     }
 
@@ -279,7 +389,7 @@ impl Vm {
     /// paused; call [`Vm::resume`] to go on.
     pub fn pause(&self, timeout: Duration) -> Result<(), VmError> {
         for v in &self.vcpus {
-            v.request_pause();
+            v.request_pause(false);
         }
         let deadline = Instant::now() + timeout;
         for v in &self.vcpus {

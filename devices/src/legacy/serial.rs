@@ -21,6 +21,7 @@ pub type SerialOutput = Box<dyn Write + Send>;
 /// COM1: a vm-superio 16550 whose interrupt is an irqfd.
 pub struct SerialConsole {
     serial: Serial<EventFdTrigger, NoEvents, SerialOutput>,
+    interrupt: EventFdTrigger,
 }
 
 impl std::fmt::Debug for SerialConsole {
@@ -31,21 +32,21 @@ impl std::fmt::Debug for SerialConsole {
 
 impl SerialConsole {
     /// A serial port in its reset state.
-    pub fn new(interrupt: EventFdTrigger, out: SerialOutput) -> Self {
-        SerialConsole {
-            serial: Serial::new(interrupt, out),
-        }
+    pub fn new(interrupt: EventFdTrigger, out: SerialOutput) -> std::io::Result<Self> {
+        Ok(SerialConsole {
+            serial: Serial::new(interrupt.try_clone()?, out),
+            interrupt,
+        })
     }
 
-    /// A serial port restored from `state`.
-    pub fn from_state(
-        state: &SerialDeviceState,
-        interrupt: EventFdTrigger,
-        out: SerialOutput,
-    ) -> std::io::Result<Self> {
-        let serial = Serial::from_state(&state.to_superio(), interrupt, NoEvents, out)
+    /// Restores the registers and FIFO from `state`, keeping the interrupt
+    /// line and the output sink.
+    pub fn restore(&mut self, state: &SerialDeviceState) -> std::io::Result<()> {
+        let out = std::mem::replace(self.serial.writer_mut(), Box::new(std::io::sink()));
+        let serial = Serial::from_state(&state.to_superio(), self.interrupt.try_clone()?, NoEvents, out)
             .map_err(|e| std::io::Error::other(format!("cannot restore serial state: {e:?}")))?;
-        Ok(SerialConsole { serial })
+        self.serial = serial;
+        Ok(())
     }
 
     /// The plain-data state of the port.
