@@ -321,7 +321,8 @@ impl Staging {
     }
 
     /// Calls `f` on consecutive mutable chunks covering `[start, start + len)` of the
-    /// payload. The slabs must exist.
+    /// payload, growing the cache a slab at a time as the range reaches it (so a receiver
+    /// allocates only as data actually arrives, never on a header's word alone).
     fn for_each_chunk_mut<E>(
         &mut self,
         start: usize,
@@ -333,6 +334,9 @@ impl Staging {
         let end = start + len;
         while pos < end {
             let (s, off) = (pos / sb, pos % sb);
+            if s >= self.slabs.len() {
+                self.grow_to(s + 1);
+            }
             let n = (sb - off).min(end - pos);
             f(&mut self.slabs[s].as_flattened_mut()[off..off + n])?;
             pos += n;
@@ -347,13 +351,6 @@ impl Staging {
         while self.slabs.len() < n {
             self.slabs.push(new_slab(self.pages_per_slab));
             self.grown += 1;
-        }
-    }
-
-    fn ensure_payload(&mut self, bytes: usize) {
-        let n = bytes.div_ceil(self.cfg.slab_bytes).max(1);
-        if n > self.slabs.len() {
-            self.grow_to(n);
         }
     }
 
@@ -405,15 +402,14 @@ impl Staging {
         self.index.as_flattened_mut()
     }
 
-    /// Reserves the slabs for the payload announced to [`Self::recv_begin`] and fills it,
-    /// chunk by chunk, with `f`.
+    /// Fills the payload announced to [`Self::recv_begin`], chunk by chunk, with `f`
+    /// (slabs are added only as the data reaches them).
     pub(crate) fn recv_payload<E>(
         &mut self,
         state_len: usize,
         f: impl FnMut(&mut [u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         let total = self.index.len() * PAGE_SIZE + state_len;
-        self.ensure_payload(total);
         self.used = total;
         self.state_len = state_len;
         self.for_each_chunk_mut(0, total, f)
@@ -516,7 +512,6 @@ impl EpochWriter<'_> {
             });
         }
         let start = s.used;
-        s.ensure_payload(start + bytes.len());
         let mut rest = bytes;
         s.for_each_chunk_mut(start, bytes.len(), |dst| {
             let (head, tail) = rest.split_at(dst.len());

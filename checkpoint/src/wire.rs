@@ -313,6 +313,9 @@ pub enum WireError {
     /// The channel failed.
     #[error("i/o error on the checkpoint channel: {0}")]
     Io(#[from] io::Error),
+    /// The stream ended cleanly, between frames.
+    #[error("the peer closed the stream (between frames)")]
+    Closed,
     /// The stream ended inside a frame.
     #[error("the stream ended inside a {what} (torn frame)")]
     Truncated {
@@ -663,6 +666,21 @@ fn read_exact<R: Read + ?Sized>(r: &mut R, buf: &mut [u8], what: &'static str) -
     })
 }
 
+/// Reads a frame header; end of stream before its first byte is [`WireError::Closed`].
+fn read_header<R: Read + ?Sized>(r: &mut R, head: &mut [u8; FRAME_HEADER_LEN]) -> Result<(), WireError> {
+    let mut got = 0;
+    while got < head.len() {
+        match r.read(&mut head[got..]) {
+            Ok(0) if got == 0 => return Err(WireError::Closed),
+            Ok(0) => return Err(WireError::Truncated { what: "frame header" }),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(WireError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
 fn le_u64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[..8]);
@@ -697,7 +715,7 @@ impl FrameReader {
         staging: &'s mut Staging,
     ) -> Result<Frame<'s>, WireError> {
         let mut head = [0u8; FRAME_HEADER_LEN];
-        read_exact(r, &mut head, "frame header")?;
+        read_header(r, &mut head)?;
         if head[0..4] != WIRE_MAGIC {
             let mut got = [0u8; 4];
             got.copy_from_slice(&head[0..4]);
@@ -947,8 +965,10 @@ mod tests {
                 Frame::Checkpoint(_) => panic!("unexpected checkpoint"),
             }
         }
+        assert!(matches!(fr.read_frame(&mut r, &mut st), Err(WireError::Closed)));
+        let mut torn = &buf[..5];
         assert!(matches!(
-            fr.read_frame(&mut r, &mut st),
+            fr.read_frame(&mut torn, &mut st),
             Err(WireError::Truncated { what: "frame header" })
         ));
     }
