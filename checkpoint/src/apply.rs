@@ -18,7 +18,9 @@ use crate::slab::{Chunks, EpochStats, Page, Staging, PAGE_SIZE};
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     /// A page lies outside the guest's memory map (checked before anything is written).
-    #[error("checkpoint {epoch} page {index} at {gpa:#x} is not in guest memory; nothing was applied")]
+    #[error(
+        "checkpoint {epoch} page {index} at {gpa:#x} is not in guest memory; nothing was applied"
+    )]
     NotInMemory {
         /// The checkpoint's epoch.
         epoch: u64,
@@ -51,7 +53,12 @@ pub struct VerifiedCheckpoint<'a> {
 
 impl<'a> VerifiedCheckpoint<'a> {
     /// Only the frame reader makes these, after verification.
-    pub(crate) fn new(staging: &'a Staging, epoch: u64, generation: u64, stats: EpochStats) -> Self {
+    pub(crate) fn new(
+        staging: &'a Staging,
+        epoch: u64,
+        generation: u64,
+        stats: EpochStats,
+    ) -> Self {
         VerifiedCheckpoint {
             staging,
             epoch,
@@ -148,7 +155,9 @@ impl<'a> VerifiedCheckpoint<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FenceError {
     /// The checkpoint belongs to another generation (an old primary, I5).
-    #[error("checkpoint {epoch} of generation {got} refused: this standby follows generation {current}")]
+    #[error(
+        "checkpoint {epoch} of generation {got} refused: this standby follows generation {current}"
+    )]
     Generation {
         /// The checkpoint's epoch.
         epoch: u64,
@@ -259,7 +268,8 @@ mod tests {
 
     #[test]
     fn apply_writes_pages_and_returns_state() {
-        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
         let f = frame(&[(0x2000, 7), (0x5000, 9), (0x2000, 8)], b"vm state", 4);
         let mut rx = Staging::new(limits().staging_config()).unwrap();
         let mut reader = FrameReader::new(limits());
@@ -268,7 +278,11 @@ mod tests {
         };
         let mut state = Vec::new();
         assert_eq!(v.apply(&mem, &mut state).unwrap(), b"vm state");
-        assert_eq!(read_byte(&mem, 0x2000 + 4095), 8, "the later copy of a page wins");
+        assert_eq!(
+            read_byte(&mem, 0x2000 + 4095),
+            8,
+            "the later copy of a page wins"
+        );
         assert_eq!(read_byte(&mem, 0x5000), 9);
         assert_eq!(read_byte(&mem, 0x3000), 0);
         assert_eq!(v.state_contiguous(), Some(&b"vm state"[..]));
@@ -285,7 +299,10 @@ mod tests {
         let mem: GuestMemoryMmap = GuestMemoryMmap::from_regions(regions).unwrap();
         let f = frame(&[(0x1000, 5), (9 * 4096, 5)], b"", 1);
         let mut rx = Staging::new(limits().staging_config()).unwrap();
-        let Frame::Checkpoint(v) = FrameReader::new(limits()).read_frame(&mut &f[..], &mut rx).unwrap() else {
+        let Frame::Checkpoint(v) = FrameReader::new(limits())
+            .read_frame(&mut &f[..], &mut rx)
+            .unwrap()
+        else {
             panic!()
         };
         let e = v.apply(&mem, &mut Vec::new()).unwrap_err();
@@ -293,14 +310,25 @@ mod tests {
             e.to_string(),
             "checkpoint 1 page 1 at 0x9000 is not in guest memory; nothing was applied"
         );
-        assert_eq!(read_byte(&mem, 0x1000), 0, "the valid page was not written either");
+        assert_eq!(
+            read_byte(&mem, 0x1000),
+            0,
+            "the valid page was not written either"
+        );
     }
 
     #[test]
     fn apply_with_sees_every_page() {
         let f = frame(&[(0, 1), (0x1000, 2)], b"", 1);
-        let mut rx = Staging::new(StagingConfig { slab_bytes: 4096, ..limits().staging_config() }).unwrap();
-        let Frame::Checkpoint(v) = FrameReader::new(limits()).read_frame(&mut &f[..], &mut rx).unwrap() else {
+        let mut rx = Staging::new(StagingConfig {
+            slab_bytes: 4096,
+            ..limits().staging_config()
+        })
+        .unwrap();
+        let Frame::Checkpoint(v) = FrameReader::new(limits())
+            .read_frame(&mut &f[..], &mut rx)
+            .unwrap()
+        else {
             panic!()
         };
         let mut seen = Vec::new();
@@ -318,7 +346,10 @@ mod tests {
         assert!(fence.admit(1, 0).is_ok());
         fence.commit(0);
         fence.commit(5);
-        assert_eq!(fence.admit(1, 5), Err(FenceError::Stale { epoch: 5, last: 5 }));
+        assert_eq!(
+            fence.admit(1, 5),
+            Err(FenceError::Stale { epoch: 5, last: 5 })
+        );
         assert!(fence.admit(1, 6).is_ok());
         assert_eq!(fence.take_over(), 2);
         let e = fence.admit(1, 100).unwrap_err();

@@ -163,7 +163,10 @@ mod tests {
         let mut buf = Vec::new();
         encode_state(&sample(), &mut buf).unwrap();
         let err = decode_state::<Sample>(&buf, 10).unwrap_err();
-        assert!(matches!(err, CodecError::TooLarge { limit: 10, .. }), "{err}");
+        assert!(
+            matches!(err, CodecError::TooLarge { limit: 10, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("exceeds the limit of 10 bytes"));
     }
 
@@ -189,7 +192,10 @@ mod tests {
         let mut buf = Vec::new();
         encode_state(&sample(), &mut buf).unwrap();
         for n in 0..buf.len() {
-            assert!(decode_state::<Sample>(&buf[..n], DEFAULT_STATE_LIMIT).is_err(), "len {n}");
+            assert!(
+                decode_state::<Sample>(&buf[..n], DEFAULT_STATE_LIMIT).is_err(),
+                "len {n}"
+            );
         }
     }
 

@@ -130,7 +130,9 @@ impl DirtyCounts {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DirtyError {
     /// KVM's log has the wrong number of words for the region.
-    #[error("KVM dirty log of {got} words does not match a region of {pages} pages ({want} words)")]
+    #[error(
+        "KVM dirty log of {got} words does not match a region of {pages} pages ({want} words)"
+    )]
     KvmLogSize {
         /// Words given.
         got: usize,
@@ -296,7 +298,9 @@ impl Iterator for DirtyPages<'_> {
 mod tests {
     use super::*;
     use std::num::NonZeroUsize;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
+    use vm_memory::{
+        Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion,
+    };
 
     fn bitmap(pages: usize) -> AtomicBitmap {
         AtomicBitmap::new(pages * 4096, NonZeroUsize::new(4096).unwrap())
@@ -328,18 +332,35 @@ mod tests {
         kvm[3] |= 1 << 20;
         let mut h = HarvestBuffer::new(pages);
         let c = h.harvest(&kvm, &vmm).unwrap();
-        assert_eq!(c, DirtyCounts { vcpu_only: 3, vmm_only: 2, both: 1 });
+        assert_eq!(
+            c,
+            DirtyCounts {
+                vcpu_only: 3,
+                vmm_only: 2,
+                both: 1
+            }
+        );
         assert_eq!(c.total(), 6);
         assert_eq!(h.pages().collect::<Vec<_>>(), vec![1, 5, 7, 64, 130, 199]);
         assert_eq!(h.count(), 6);
         assert!(h.contains(199) && !h.contains(2) && !h.contains(10_000));
-        assert!((0..pages).all(|p| !vmm.is_bit_set(p)), "harvested VMM bits are cleared");
+        assert!(
+            (0..pages).all(|p| !vmm.is_bit_set(p)),
+            "harvested VMM bits are cleared"
+        );
 
         // Abandoned epoch: everything comes back through the VMM bitmap.
         h.fold_back(&vmm);
         let mut h2 = HarvestBuffer::new(pages);
         let c2 = h2.harvest(&[0; 4], &vmm).unwrap();
-        assert_eq!(c2, DirtyCounts { vcpu_only: 0, vmm_only: 6, both: 0 });
+        assert_eq!(
+            c2,
+            DirtyCounts {
+                vcpu_only: 0,
+                vmm_only: 6,
+                both: 0
+            }
+        );
         assert_eq!(h2.words(), h.words());
     }
 
@@ -349,7 +370,14 @@ mod tests {
         vmm[1].store(0b110, Ordering::Relaxed);
         let mut h = HarvestBuffer::new(128);
         let c = h.harvest(&[0b10, 0b10], &vmm[..]).unwrap();
-        assert_eq!(c, DirtyCounts { vcpu_only: 1, vmm_only: 1, both: 1 });
+        assert_eq!(
+            c,
+            DirtyCounts {
+                vcpu_only: 1,
+                vmm_only: 1,
+                both: 1
+            }
+        );
         assert_eq!(vmm[1].load(Ordering::Relaxed), 0);
         assert_eq!(h.pages().collect::<Vec<_>>(), vec![1, 65, 66]);
     }
@@ -358,13 +386,26 @@ mod tests {
     fn size_mismatches_are_errors() {
         let mut h = HarvestBuffer::new(100);
         let e = h.harvest(&[0; 3], &bitmap(100)).unwrap_err();
-        assert_eq!(e, DirtyError::KvmLogSize { got: 3, want: 2, pages: 100 });
+        assert_eq!(
+            e,
+            DirtyError::KvmLogSize {
+                got: 3,
+                want: 2,
+                pages: 100
+            }
+        );
         assert_eq!(
             e.to_string(),
             "KVM dirty log of 3 words does not match a region of 100 pages (2 words)"
         );
         let e = h.harvest(&[0; 2], &bitmap(50)).unwrap_err();
-        assert_eq!(e, DirtyError::VmmBitmapSize { got: 50, pages: 100 });
+        assert_eq!(
+            e,
+            DirtyError::VmmBitmapSize {
+                got: 50,
+                pages: 100
+            }
+        );
     }
 
     /// I3: a write the VMM makes through vm-memory (as a device does into an RX buffer)
@@ -381,14 +422,23 @@ mod tests {
         let pages = (region.len() / 4096) as usize;
 
         // A u32 written across the boundary of pages 9 and 10, and a byte on page 40.
-        mem.write_obj(0xdead_beefu32, GuestAddress(base + 10 * 4096 - 2)).unwrap();
-        mem.write_obj(7u8, GuestAddress(base + 40 * 4096 + 123)).unwrap();
+        mem.write_obj(0xdead_beefu32, GuestAddress(base + 10 * 4096 - 2))
+            .unwrap();
+        mem.write_obj(7u8, GuestAddress(base + 40 * 4096 + 123))
+            .unwrap();
 
         let kvm = [1u64 << 40 | 1 << 3]; // vCPUs wrote pages 3 and 40
         let mut h = HarvestBuffer::new(pages);
         let c = h.harvest(&kvm, vmm_bits).unwrap();
         assert_eq!(h.pages().collect::<Vec<_>>(), vec![3, 9, 10, 40]);
-        assert_eq!(c, DirtyCounts { vcpu_only: 1, vmm_only: 2, both: 1 });
+        assert_eq!(
+            c,
+            DirtyCounts {
+                vcpu_only: 1,
+                vmm_only: 2,
+                both: 1
+            }
+        );
         // Harvested: the next epoch starts clean.
         let c = h.harvest(&[0], vmm_bits).unwrap();
         assert_eq!(c.total(), 0);

@@ -37,6 +37,6 @@ pub use metrics::{EpochMetrics, FieldSummary, Histogram, Summary, SummaryReport}
 pub use persist::Persist;
 pub use slab::{EpochStats, EpochWriter, Staging, StagingConfig, StagingError, PAGE_SIZE};
 pub use wire::{
-    CheckpointFrame, DevicesSummary, Frame, FrameReader, GuestShape, Hello, Limits, Message,
-    Role, WireError, WIRE_VERSION,
+    CheckpointFrame, DevicesSummary, Frame, FrameReader, GuestShape, Hello, Limits, Message, Role,
+    WireError, WIRE_VERSION,
 };

@@ -331,7 +331,10 @@ mod tests {
         }
         assert_eq!(h.quantile(1.0), 100_000);
         let empty = Histogram::new();
-        assert_eq!((empty.min(), empty.quantile(0.5), empty.mean()), (0, 0, 0.0));
+        assert_eq!(
+            (empty.min(), empty.quantile(0.5), empty.mean()),
+            (0, 0, 0.0)
+        );
     }
 
     #[test]
@@ -353,11 +356,22 @@ mod tests {
         assert_eq!(r.last_epoch, 99);
         assert_eq!(r.pause_us.min, 100);
         assert_eq!(r.pause_us.max, 199);
-        assert!((r.pause_us.median as i64 - 149).abs() <= 2, "{}", r.pause_us.median);
+        assert!(
+            (r.pause_us.median as i64 - 149).abs() <= 2,
+            "{}",
+            r.pause_us.median
+        );
         assert_eq!(r.dirty_pages.median, 13);
-        assert_eq!((r.total_dirty_vcpu, r.total_dirty_vmm, r.total_dirty_both), (1000, 200, 100));
+        assert_eq!(
+            (r.total_dirty_vcpu, r.total_dirty_vmm, r.total_dirty_both),
+            (1000, 200, 100)
+        );
         assert_eq!(r.total_bytes_sent, 100_000);
-        let line = serde_json::to_string(&EpochMetrics { epoch: 3, ..Default::default() }).unwrap();
+        let line = serde_json::to_string(&EpochMetrics {
+            epoch: 3,
+            ..Default::default()
+        })
+        .unwrap();
         assert!(line.starts_with("{\"epoch\":3,\"pause_us\":0"), "{line}");
         assert!(serde_json::to_string(&r).unwrap().contains("\"p99\""));
     }

@@ -101,6 +101,9 @@ mod tests {
             queue: vec![0; 9],
         };
         let err = Counter::restore(8, &state).unwrap_err();
-        assert_eq!(err.to_string(), "counter queue holds 9 bytes, more than the device's 8");
+        assert_eq!(
+            err.to_string(),
+            "counter queue holds 9 bytes, more than the device's 8"
+        );
     }
 }

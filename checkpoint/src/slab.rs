@@ -110,7 +110,9 @@ pub enum StagingError {
         gpa: u64,
     },
     /// The checkpoint already holds the most pages it may.
-    #[error("checkpoint already holds {max} pages, the guest's size; cannot stage the page at {gpa:#x}")]
+    #[error(
+        "checkpoint already holds {max} pages, the guest's size; cannot stage the page at {gpa:#x}"
+    )]
     TooManyPages {
         /// The maximum.
         max: usize,
@@ -584,14 +586,25 @@ mod tests {
     #[test]
     fn config_validation() {
         assert_eq!(
-            Staging::new(StagingConfig { slab_bytes: 4000, ..cfg(1, 1) }).unwrap_err(),
+            Staging::new(StagingConfig {
+                slab_bytes: 4000,
+                ..cfg(1, 1)
+            })
+            .unwrap_err(),
             StagingError::BadSlabSize(4000)
         );
         assert_eq!(
-            Staging::new(StagingConfig { slab_bytes: 0, ..cfg(1, 1) }).unwrap_err(),
+            Staging::new(StagingConfig {
+                slab_bytes: 0,
+                ..cfg(1, 1)
+            })
+            .unwrap_err(),
             StagingError::BadSlabSize(0)
         );
-        assert_eq!(Staging::new(cfg(1, 0)).unwrap_err(), StagingError::ZeroStrikeLimit);
+        assert_eq!(
+            Staging::new(cfg(1, 0)).unwrap_err(),
+            StagingError::ZeroStrikeLimit
+        );
         let c = StagingConfig::for_guest(1 << 30);
         assert_eq!(c.max_pages, 262_144);
         assert_eq!(c.slab_bytes % PAGE_SIZE, 0);
@@ -620,7 +633,10 @@ mod tests {
         // The chunks are the payload exactly, one per used slab.
         let chunks: Vec<&[u8]> = st.slab_chunks().collect();
         assert_eq!(chunks.len(), stats.slabs_used);
-        assert_eq!(chunks.iter().map(|c| c.len()).sum::<usize>(), stats.payload_bytes);
+        assert_eq!(
+            chunks.iter().map(|c| c.len()).sum::<usize>(),
+            stats.payload_bytes
+        );
         let flat: Vec<u8> = chunks.concat();
         assert_eq!(&flat[4096..8192], &page(1)[..]);
         assert_eq!(&flat[5 * 4096..], &state[..]);
@@ -643,9 +659,17 @@ mod tests {
 
     #[test]
     fn staging_errors() {
-        let mut st = Staging::new(StagingConfig { max_pages: 2, max_state_bytes: 10, ..cfg(4, 10) }).unwrap();
+        let mut st = Staging::new(StagingConfig {
+            max_pages: 2,
+            max_state_bytes: 10,
+            ..cfg(4, 10)
+        })
+        .unwrap();
         let mut w = st.begin_epoch();
-        assert_eq!(w.stage_page(0x1001, &page(0)).unwrap_err(), StagingError::Unaligned { gpa: 0x1001 });
+        assert_eq!(
+            w.stage_page(0x1001, &page(0)).unwrap_err(),
+            StagingError::Unaligned { gpa: 0x1001 }
+        );
         w.stage_page(0, &page(0)).unwrap();
         w.stage_page(4096, &page(1)).unwrap();
         let e = w.stage_page(8192, &page(2)).unwrap_err();
@@ -655,8 +679,14 @@ mod tests {
             "checkpoint already holds 2 pages, the guest's size; cannot stage the page at 0x2000"
         );
         w.stage_state(&[1; 6]).unwrap();
-        assert_eq!(w.stage_state(&[1; 5]).unwrap_err(), StagingError::StateTooLarge { len: 11, max: 10 });
-        assert_eq!(w.stage_page(0, &page(0)).unwrap_err(), StagingError::PageAfterState { gpa: 0 });
+        assert_eq!(
+            w.stage_state(&[1; 5]).unwrap_err(),
+            StagingError::StateTooLarge { len: 11, max: 10 }
+        );
+        assert_eq!(
+            w.stage_page(0, &page(0)).unwrap_err(),
+            StagingError::PageAfterState { gpa: 0 }
+        );
         let stats = w.finish();
         assert_eq!((stats.pages, stats.state_bytes), (2, 6));
     }
@@ -685,12 +715,18 @@ mod tests {
 
         // A burst of 8 pages grows the cache to 8 slabs.
         let s = stage(&mut st, 8, &[]);
-        assert_eq!((s.slabs_used, s.slabs_cached, s.slabs_grown, s.strikes), (8, 8, 7, 0));
+        assert_eq!(
+            (s.slabs_used, s.slabs_cached, s.slabs_grown, s.strikes),
+            (8, 8, 7, 0)
+        );
 
         // Two small checkpoints are strikes 1 and 2; the cache stays.
         for k in 1..=2 {
             let s = stage(&mut st, 1, &[]);
-            assert_eq!((s.slabs_used, s.slabs_cached, s.strikes, s.shrink_to), (1, 8, k, None));
+            assert_eq!(
+                (s.slabs_used, s.slabs_cached, s.strikes, s.shrink_to),
+                (1, 8, k, None)
+            );
         }
         // A checkpoint that needs the whole cache clears the strikes.
         let s = stage(&mut st, 8, &[]);
@@ -701,7 +737,11 @@ mod tests {
         stage(&mut st, 2, &[]);
         let s = stage(&mut st, 2, &[]);
         assert_eq!((s.strikes, s.shrink_to), (0, Some(4)));
-        assert_eq!(st.slab_count(), 8, "nothing is freed while the checkpoint is held");
+        assert_eq!(
+            st.slab_count(),
+            8,
+            "nothing is freed while the checkpoint is held"
+        );
         // ...applied by trim once it is sent.
         assert_eq!(st.trim(), 4);
         assert_eq!(st.slab_count(), 4);

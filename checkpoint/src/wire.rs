@@ -387,7 +387,9 @@ pub enum WireError {
         gpa: u64,
     },
     /// A page address is outside guest memory.
-    #[error("checkpoint page {index} has address {gpa:#x}, outside guest memory ending at {gpa_end:#x}")]
+    #[error(
+        "checkpoint page {index} has address {gpa:#x}, outside guest memory ending at {gpa_end:#x}"
+    )]
     GpaOutOfRange {
         /// Position in the page index.
         index: u64,
@@ -453,7 +455,9 @@ pub enum WireError {
         len: usize,
     },
     /// Too many devices.
-    #[error("guest has {nics} NICs and {disks} disks; at most {MAX_NICS} and {MAX_DISKS} are supported")]
+    #[error(
+        "guest has {nics} NICs and {disks} disks; at most {MAX_NICS} and {MAX_DISKS} are supported"
+    )]
     ShapeDevices {
         /// NICs given.
         nics: usize,
@@ -519,8 +523,7 @@ impl<'a> CheckpointFrame<'a> {
     pub fn new(staging: &'a Staging, epoch: u64, generation: u64) -> Self {
         let pages = staging.page_count() as u64;
         let state_len = staging.state_len() as u64;
-        let body_len =
-            CHECKPOINT_HEADER_LEN as u64 + pages * WIRE_BYTES_PER_PAGE + state_len;
+        let body_len = CHECKPOINT_HEADER_LEN as u64 + pages * WIRE_BYTES_PER_PAGE + state_len;
         let mut head = [0u8; FRAME_HEADER_LEN + CHECKPOINT_HEADER_LEN];
         head[..FRAME_HEADER_LEN].copy_from_slice(&frame_header(FrameKind::Checkpoint, body_len));
         let c = &mut head[FRAME_HEADER_LEN..];
@@ -543,8 +546,10 @@ impl<'a> CheckpointFrame<'a> {
 
     /// Total frame length in bytes.
     pub fn len(&self) -> u64 {
-        (self.head.len() + self.staging.index_bytes().len() + self.staging.payload_len() + TRAILER_LEN)
-            as u64
+        (self.head.len()
+            + self.staging.index_bytes().len()
+            + self.staging.payload_len()
+            + TRAILER_LEN) as u64
     }
 
     /// Always false: a frame has at least its header.
@@ -656,7 +661,11 @@ pub struct FrameReader {
     body: Vec<u8>,
 }
 
-fn read_exact<R: Read + ?Sized>(r: &mut R, buf: &mut [u8], what: &'static str) -> Result<(), WireError> {
+fn read_exact<R: Read + ?Sized>(
+    r: &mut R,
+    buf: &mut [u8],
+    what: &'static str,
+) -> Result<(), WireError> {
     r.read_exact(buf).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             WireError::Truncated { what }
@@ -667,12 +676,19 @@ fn read_exact<R: Read + ?Sized>(r: &mut R, buf: &mut [u8], what: &'static str) -
 }
 
 /// Reads a frame header; end of stream before its first byte is [`WireError::Closed`].
-fn read_header<R: Read + ?Sized>(r: &mut R, head: &mut [u8; FRAME_HEADER_LEN]) -> Result<(), WireError> {
+fn read_header<R: Read + ?Sized>(
+    r: &mut R,
+    head: &mut [u8; FRAME_HEADER_LEN],
+) -> Result<(), WireError> {
     let mut got = 0;
     while got < head.len() {
         match r.read(&mut head[got..]) {
             Ok(0) if got == 0 => return Err(WireError::Closed),
-            Ok(0) => return Err(WireError::Truncated { what: "frame header" }),
+            Ok(0) => {
+                return Err(WireError::Truncated {
+                    what: "frame header",
+                })
+            }
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(WireError::Io(e)),
@@ -765,10 +781,14 @@ impl FrameReader {
         };
         let msg = match kind {
             FrameKind::Hello => Message::Hello(codec::decode_state(body, limit).map_err(bad)?),
-            FrameKind::HelloAck => Message::HelloAck(codec::decode_state(body, limit).map_err(bad)?),
+            FrameKind::HelloAck => {
+                Message::HelloAck(codec::decode_state(body, limit).map_err(bad)?)
+            }
             FrameKind::Refuse => Message::Refuse(codec::decode_state(body, limit).map_err(bad)?),
             FrameKind::Ack => Message::Ack(codec::decode_state(body, limit).map_err(bad)?),
-            FrameKind::Heartbeat => Message::Heartbeat(codec::decode_state(body, limit).map_err(bad)?),
+            FrameKind::Heartbeat => {
+                Message::Heartbeat(codec::decode_state(body, limit).map_err(bad)?)
+            }
             FrameKind::Bye => {
                 codec::decode_state::<()>(body, limit).map_err(bad)?;
                 Message::Bye
@@ -809,7 +829,9 @@ impl FrameReader {
         if pages > guest_pages {
             return Err(WireError::TooManyPages { pages, guest_pages });
         }
-        let max_state = lim.max_state_bytes.min(staging.config().max_state_bytes as u64);
+        let max_state = lim
+            .max_state_bytes
+            .min(staging.config().max_state_bytes as u64);
         if state_len > max_state {
             return Err(WireError::StateTooLarge {
                 len: state_len,
@@ -833,7 +855,10 @@ impl FrameReader {
         for i in 0..pages as usize {
             let gpa = staging.gpa_at(i);
             if gpa % PAGE_SIZE as u64 != 0 {
-                return Err(WireError::UnalignedGpa { index: i as u64, gpa });
+                return Err(WireError::UnalignedGpa {
+                    index: i as u64,
+                    gpa,
+                });
             }
             if gpa >= lim.gpa_end || lim.gpa_end - gpa < PAGE_SIZE as u64 {
                 return Err(WireError::GpaOutOfRange {
@@ -909,7 +934,8 @@ mod tests {
         .unwrap();
         let mut w = st.begin_epoch();
         for &gpa in pages {
-            w.stage_page(gpa, &page(gpa as u8 ^ (gpa >> 12) as u8)).unwrap();
+            w.stage_page(gpa, &page(gpa as u8 ^ (gpa >> 12) as u8))
+                .unwrap();
         }
         w.stage_state(state).unwrap();
         w.finish();
@@ -918,7 +944,10 @@ mod tests {
 
     fn receiver(mem_bytes: u64) -> (FrameReader, Staging) {
         let l = limits(mem_bytes);
-        (FrameReader::new(l), Staging::new(l.staging_config()).unwrap())
+        (
+            FrameReader::new(l),
+            Staging::new(l.staging_config()).unwrap(),
+        )
     }
 
     fn all_messages() -> Vec<Message> {
@@ -965,11 +994,16 @@ mod tests {
                 Frame::Checkpoint(_) => panic!("unexpected checkpoint"),
             }
         }
-        assert!(matches!(fr.read_frame(&mut r, &mut st), Err(WireError::Closed)));
+        assert!(matches!(
+            fr.read_frame(&mut r, &mut st),
+            Err(WireError::Closed)
+        ));
         let mut torn = &buf[..5];
         assert!(matches!(
             fr.read_frame(&mut torn, &mut st),
-            Err(WireError::Truncated { what: "frame header" })
+            Err(WireError::Truncated {
+                what: "frame header"
+            })
         ));
     }
 
@@ -1021,7 +1055,10 @@ mod tests {
         let Frame::Checkpoint(v) = fr.read_frame(&mut &wire[..], &mut rst).unwrap() else {
             panic!("expected a checkpoint");
         };
-        assert_eq!((v.epoch(), v.generation(), v.page_count(), v.state_len()), (7, 2, 5, 5000));
+        assert_eq!(
+            (v.epoch(), v.generation(), v.page_count(), v.state_len()),
+            (7, 2, 5, 5000)
+        );
         let got: Vec<(u64, Page)> = v.pages().map(|(g, p)| (g, *p)).collect();
         let want: Vec<(u64, Page)> = st.pages().map(|(g, p)| (g, *p)).collect();
         assert_eq!(got, want);
@@ -1060,18 +1097,34 @@ mod tests {
         let mut f = good.clone();
         forge(&mut f, 2, 9_999_999);
         let (e, st) = read_err(&f, 128 << 20);
-        assert_eq!(e.to_string(), "checkpoint page count 9999999 exceeds guest size of 32768 pages");
+        assert_eq!(
+            e.to_string(),
+            "checkpoint page count 9999999 exceeds guest size of 32768 pages"
+        );
         assert_eq!(st.slab_count(), 1, "nothing allocated");
 
         let mut f = good.clone();
         forge(&mut f, 3, 1 << 40);
         let (e, _) = read_err(&f, 64 * 4096);
-        assert_eq!(e.to_string(), "checkpoint state length 1099511627776 exceeds the cap of 1048576 bytes");
+        assert_eq!(
+            e.to_string(),
+            "checkpoint state length 1099511627776 exceeds the cap of 1048576 bytes"
+        );
 
         let mut f = good.clone();
         forge(&mut f, 2, 2);
         let (e, _) = read_err(&f, 64 * 4096);
-        assert!(matches!(e, WireError::BodyLength { pages: 2, state_len: 2, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                WireError::BodyLength {
+                    pages: 2,
+                    state_len: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
 
         // gpa field is the first index entry, right after the 32-byte header (field 4).
         let mut f = good.clone();
@@ -1086,9 +1139,21 @@ mod tests {
         let mut f = good.clone();
         forge(&mut f, 4, 0x1234);
         let (e, _) = read_err(&f, 64 * 4096);
-        assert!(matches!(e, WireError::UnalignedGpa { index: 0, gpa: 0x1234 }), "{e}");
+        assert!(
+            matches!(
+                e,
+                WireError::UnalignedGpa {
+                    index: 0,
+                    gpa: 0x1234
+                }
+            ),
+            "{e}"
+        );
 
-        let (mut fr, mut st) = (FrameReader::new(Limits::handshake()), Staging::new(StagingConfig::for_guest(4096)).unwrap());
+        let (mut fr, mut st) = (
+            FrameReader::new(Limits::handshake()),
+            Staging::new(StagingConfig::for_guest(4096)).unwrap(),
+        );
         let e = fr.read_frame(&mut &good[..], &mut st).unwrap_err();
         assert!(matches!(e, WireError::NoGuestShape), "{e}");
     }
@@ -1101,15 +1166,40 @@ mod tests {
         let at = FRAME_HEADER_LEN + CHECKPOINT_HEADER_LEN + 3 * 8 + 5000;
         f[at] ^= 0x10;
         let (e, st) = read_err(&f, 64 * 4096);
-        assert!(matches!(e, WireError::Checksum { kind: "Checkpoint", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                WireError::Checksum {
+                    kind: "Checkpoint",
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert_eq!((st.page_count(), st.state_len()), (0, 0));
         // Cut in the payload.
         let (e, st) = read_err(&good[..good.len() - 100], 64 * 4096);
-        assert!(matches!(e, WireError::Truncated { what: "checkpoint payload" }), "{e}");
+        assert!(
+            matches!(
+                e,
+                WireError::Truncated {
+                    what: "checkpoint payload"
+                }
+            ),
+            "{e}"
+        );
         assert_eq!(st.page_count(), 0);
         // Cut in the trailer.
         let (e, _) = read_err(&good[..good.len() - 1], 64 * 4096);
-        assert!(matches!(e, WireError::Truncated { what: "frame trailer" }), "{e}");
+        assert!(
+            matches!(
+                e,
+                WireError::Truncated {
+                    what: "frame trailer"
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1119,18 +1209,30 @@ mod tests {
         let (mut fr, mut st) = receiver(4096);
         let mut f = buf.clone();
         f[0] = b'X';
-        assert!(matches!(fr.read_frame(&mut &f[..], &mut st), Err(WireError::BadMagic { .. })));
+        assert!(matches!(
+            fr.read_frame(&mut &f[..], &mut st),
+            Err(WireError::BadMagic { .. })
+        ));
         let mut f = buf.clone();
         f[4] = 2;
         let e = fr.read_frame(&mut &f[..], &mut st).unwrap_err();
-        assert_eq!(e.to_string(), "unsupported wire version 2 (this build speaks version 1)");
+        assert_eq!(
+            e.to_string(),
+            "unsupported wire version 2 (this build speaks version 1)"
+        );
         let mut f = buf.clone();
         f[6] = 77;
-        assert!(matches!(fr.read_frame(&mut &f[..], &mut st), Err(WireError::UnknownKind(77))));
+        assert!(matches!(
+            fr.read_frame(&mut &f[..], &mut st),
+            Err(WireError::UnknownKind(77))
+        ));
         let mut f = buf.clone();
         f[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
         let e = fr.read_frame(&mut &f[..], &mut st).unwrap_err();
-        assert_eq!(e.to_string(), "Bye frame body of 1099511627776 bytes exceeds the limit of 65536 bytes");
+        assert_eq!(
+            e.to_string(),
+            "Bye frame body of 1099511627776 bytes exceeds the limit of 65536 bytes"
+        );
     }
 
     #[test]
@@ -1142,12 +1244,35 @@ mod tests {
             e.to_string(),
             "guest memory size of 1073741824 bytes exceeds this host's limit of 536870912 bytes"
         );
-        let e = Limits::for_shape(&GuestShape { mem_bytes: 4097, ..ok.clone() }, 1 << 40, 0).unwrap_err();
+        let e = Limits::for_shape(
+            &GuestShape {
+                mem_bytes: 4097,
+                ..ok.clone()
+            },
+            1 << 40,
+            0,
+        )
+        .unwrap_err();
         assert!(matches!(e, WireError::ShapeMemory { mem_bytes: 4097 }));
-        let e = Limits::for_shape(&GuestShape { vcpus: 0, ..ok.clone() }, 1 << 40, 0).unwrap_err();
+        let e = Limits::for_shape(
+            &GuestShape {
+                vcpus: 0,
+                ..ok.clone()
+            },
+            1 << 40,
+            0,
+        )
+        .unwrap_err();
         assert!(matches!(e, WireError::ShapeVcpus { vcpus: 0 }));
-        let e = Limits::for_shape(&GuestShape { cmdline: "x".repeat(5000), ..ok.clone() }, 1 << 40, 0)
-            .unwrap_err();
+        let e = Limits::for_shape(
+            &GuestShape {
+                cmdline: "x".repeat(5000),
+                ..ok.clone()
+            },
+            1 << 40,
+            0,
+        )
+        .unwrap_err();
         assert!(matches!(e, WireError::ShapeCmdline { len: 5000 }));
     }
 
@@ -1157,7 +1282,10 @@ mod tests {
             reason: "x".repeat(70_000),
         });
         let mut buf = Vec::new();
-        assert!(matches!(encode_message(&m, &mut buf), Err(WireError::ControlTooLarge { .. })));
+        assert!(matches!(
+            encode_message(&m, &mut buf),
+            Err(WireError::ControlTooLarge { .. })
+        ));
     }
 
     #[test]

@@ -154,13 +154,24 @@ impl Rig {
         self.tx.trim();
 
         // Standby: receive, verify, apply, decode, ack.
-        let Frame::Checkpoint(v) = self.reader.read_frame(&mut &self.wire[..], &mut self.rx).unwrap() else {
+        let Frame::Checkpoint(v) = self
+            .reader
+            .read_frame(&mut &self.wire[..], &mut self.rx)
+            .unwrap()
+        else {
             panic!("expected a checkpoint");
         };
         let bytes = v.apply(&self.standby_mem, &mut self.state_out).unwrap();
         let back: VcpuLike = decode_state(bytes, 1 << 20).unwrap();
         assert_eq!(back, state);
-        encode_message(&Message::Ack(Ack { epoch, generation: 1 }), &mut self.ack_buf).unwrap();
+        encode_message(
+            &Message::Ack(Ack {
+                epoch,
+                generation: 1,
+            }),
+            &mut self.ack_buf,
+        )
+        .unwrap();
 
         let mut m = EpochMetrics {
             epoch,

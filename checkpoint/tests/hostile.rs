@@ -116,13 +116,21 @@ fn feed(bytes: &[u8]) -> Result<Option<String>, TestCaseError> {
         reader.read_frame(&mut r, &mut st).map(|_| ())
     });
     let bound = alloc_bound(bytes.len());
-    prop_assert!(allocated <= bound, "decoding {} bytes allocated {} > {}", bytes.len(), allocated, bound);
+    prop_assert!(
+        allocated <= bound,
+        "decoding {} bytes allocated {} > {}",
+        bytes.len(),
+        allocated,
+        bound
+    );
     match res {
         Ok(()) => Ok(None),
         Err(e) => {
             prop_assert!(
                 st.page_count() == 0 && st.state_len() == 0,
-                "error '{}' left {} pages staged", e, st.page_count()
+                "error '{}' left {} pages staged",
+                e,
+                st.page_count()
             );
             Ok(Some(e.to_string()))
         }
@@ -151,30 +159,40 @@ fn control_frame(m: &Message) -> Vec<u8> {
 }
 
 fn arb_gpas() -> impl Strategy<Value = Vec<u64>> {
-    prop::collection::vec((0..MEM / PAGE_SIZE as u64).prop_map(|p| p * PAGE_SIZE as u64), 0..40)
+    prop::collection::vec(
+        (0..MEM / PAGE_SIZE as u64).prop_map(|p| p * PAGE_SIZE as u64),
+        0..40,
+    )
 }
 
 fn arb_message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        (any::<u64>(), ".{0,200}", any::<u32>(), prop::collection::vec(any::<[u8; 6]>(), 0..4)).prop_map(
-            |(generation, cmdline, disks, nic_macs)| Message::Hello(Hello {
-                version: WIRE_VERSION,
-                generation,
-                role: Role::Primary,
-                shape: GuestShape {
-                    mem_bytes: MEM,
-                    vcpus: 1,
-                    cmdline,
-                    devices: DevicesSummary { nic_macs, disks },
-                },
-            })
-        ),
+        (
+            any::<u64>(),
+            ".{0,200}",
+            any::<u32>(),
+            prop::collection::vec(any::<[u8; 6]>(), 0..4)
+        )
+            .prop_map(
+                |(generation, cmdline, disks, nic_macs)| Message::Hello(Hello {
+                    version: WIRE_VERSION,
+                    generation,
+                    role: Role::Primary,
+                    shape: GuestShape {
+                        mem_bytes: MEM,
+                        vcpus: 1,
+                        cmdline,
+                        devices: DevicesSummary { nic_macs, disks },
+                    },
+                })
+            ),
         any::<u64>().prop_map(|generation| Message::HelloAck(HelloAck {
             version: WIRE_VERSION,
             generation
         })),
         ".{0,100}".prop_map(|reason| Message::Refuse(Refuse { reason })),
-        (any::<u64>(), any::<u64>()).prop_map(|(epoch, generation)| Message::Ack(Ack { epoch, generation })),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(epoch, generation)| Message::Ack(Ack { epoch, generation })),
         (any::<u64>(), any::<u64>())
             .prop_map(|(generation, epoch)| Message::Heartbeat(Heartbeat { generation, epoch })),
         Just(Message::Bye),
@@ -184,7 +202,11 @@ fn arb_message() -> impl Strategy<Value = Message> {
 /// A valid frame of either sort.
 fn arb_frame() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
-        (arb_gpas(), prop::collection::vec(any::<u8>(), 0..3000), any::<u64>())
+        (
+            arb_gpas(),
+            prop::collection::vec(any::<u8>(), 0..3000),
+            any::<u64>()
+        )
             .prop_map(|(g, s, e)| checkpoint_frame(&g, &s, e)),
         arb_message().prop_map(|m| control_frame(&m)),
     ]
@@ -286,7 +308,10 @@ fn corruption_is_named() {
     let mut c = f.clone();
     c[FRAME_HEADER_LEN + CHECKPOINT_HEADER_LEN + 16 + 100] ^= 1;
     let e = feed(&c).unwrap().unwrap();
-    assert!(e.starts_with("checksum mismatch in Checkpoint frame"), "{e}");
+    assert!(
+        e.starts_with("checksum mismatch in Checkpoint frame"),
+        "{e}"
+    );
     // A claimed page count beyond the guest, before any allocation.
     let mut c = f.clone();
     c[FRAME_HEADER_LEN + 16..FRAME_HEADER_LEN + 24].copy_from_slice(&9_999_999u64.to_le_bytes());
@@ -296,8 +321,15 @@ fn corruption_is_named() {
     );
     let mut reader = FrameReader::new(limits());
     let mut st = staging();
-    let err = reader.read_frame(&mut &f[..f.len() - 1], &mut st).unwrap_err();
-    assert!(matches!(err, WireError::Truncated { what: "frame trailer" }));
+    let err = reader
+        .read_frame(&mut &f[..f.len() - 1], &mut st)
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        WireError::Truncated {
+            what: "frame trailer"
+        }
+    ));
 }
 
 /// Slabs are allocated as payload arrives, not on a header's word: a frame claiming the
@@ -320,7 +352,12 @@ fn allocation_follows_received_bytes() {
     let mut reader = FrameReader::new(limits());
     let mut st = staging();
     let (res, allocated) = measured(|| reader.read_frame(&mut &f[..], &mut st).map(|_| ()));
-    assert!(matches!(res, Err(WireError::Truncated { what: "checkpoint payload" })));
+    assert!(matches!(
+        res,
+        Err(WireError::Truncated {
+            what: "checkpoint payload"
+        })
+    ));
     assert_eq!(allocated, 0);
 
     let gpas: Vec<u64> = (0..40).map(|p| p * PAGE_SIZE as u64).collect();
