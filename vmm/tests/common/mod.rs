@@ -126,3 +126,28 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// The tiny Linux guest built by resources/linux/build.sh: (vmlinux,
+/// initramfs, cmdline). None (after printing a SKIP line) when it is not
+/// built; a panic instead when FTVMM_REQUIRE_LINUX=1 (scripts/test.sh builds
+/// it, so there a missing guest is a failure, not a skip).
+pub fn linux_guest(test: &str) -> Option<(PathBuf, PathBuf, String)> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../resources/linux");
+    let dir = std::env::var_os("FTVMM_LINUX_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("out"));
+    let vmlinux = dir.join("vmlinux");
+    let initrd = dir.join("initramfs.cpio");
+    if !vmlinux.exists() || !initrd.exists() {
+        if std::env::var("FTVMM_REQUIRE_LINUX").as_deref() == Ok("1") {
+            panic!("{test}: the tiny Linux guest is not built in {}", dir.display());
+        }
+        println!("SKIP {test}: tiny Linux guest not built (run resources/linux/build.sh)");
+        return None;
+    }
+    let cmdline = std::fs::read_to_string(root.join("cmdline"))
+        .expect("resources/linux/cmdline")
+        .trim()
+        .to_string();
+    Some((vmlinux, initrd, cmdline))
+}

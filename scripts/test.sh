@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine and runs every ftvmm test: installs the Debian
+# packages the tests need, builds the tiny Linux guest (cached under
+# resources/linux/out), then runs the whole cargo test suite.
+#
+#   ./scripts/test.sh            # everything
+#   ./scripts/test.sh -- boot    # extra arguments go to `cargo test`
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+need=()
+command -v objdump >/dev/null || need+=(binutils)
+command -v unshare >/dev/null || need+=(util-linux)
+command -v ip >/dev/null || need+=(iproute2)
+if ((${#need[@]})); then
+    echo "test.sh: installing ${need[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+# The tiny Linux guest (kernel + initramfs); a no-op when already built.
+resources/linux/build.sh
+export FTVMM_LINUX_DIR="$PWD/resources/linux/out"
+export FTVMM_REQUIRE_LINUX=1
+
+cargo build --workspace --all-targets
+cargo test --workspace "$@"
