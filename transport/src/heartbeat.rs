@@ -16,11 +16,15 @@
 //! The VMM waits for the outcome cheaply: [`HeartbeatHandle::event_fd`]
 //! becomes readable on failure (register it in the event loop), then
 //! [`HeartbeatHandle::failure`] says why. [`HeartbeatHandle::wait_failure`]
-//! blocks instead. After a failure both threads end and the connection is
-//! shut down, so the peer learns of it at once too.
+//! blocks instead. After a failure the sender sends one last heartbeat (so a
+//! fenced peer reads our generation before the end of the stream, rather
+//! than a bare close it could take for "standby lost"), shuts the connection
+//! down so the peer learns of the loss at once, and both threads end. A loss
+//! declared from outside ([`FailureDetector::declare`]) is acted on at the
+//! sender's next tick.
 
 use std::fmt;
-use std::io::{self, Read};
+use std::io;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,7 +35,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::handshake::SessionId;
-use crate::tcp::{apply_options, sendmsg_nosignal, TcpOptions};
+use crate::tcp::{apply_options, poll_fd, recv_dontwait, sendmsg_nosignal, TcpOptions};
 use crate::TransportError;
 
 /// Size of one heartbeat on the wire.
@@ -428,31 +432,40 @@ impl Heartbeat {
     }
 }
 
+/// Wakes the sender: to stop, or to say goodbye after a failure.
 #[derive(Default)]
 struct StopFlag {
-    stopped: Mutex<bool>,
+    /// (stopped, poked)
+    state: Mutex<(bool, bool)>,
     cond: Condvar,
 }
 
 impl StopFlag {
     fn raise(&self) {
-        *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0 = true;
+        self.cond.notify_all();
+    }
+
+    /// Wakes a sleeping sender without stopping it.
+    fn poke(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
         self.cond.notify_all();
     }
 
     fn is_raised(&self) -> bool {
-        *self.stopped.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0
     }
 
-    /// Sleeps until `until` or until raised; true if raised.
+    /// Sleeps until `until`, a stop or a poke; true if stopped.
     fn wait_until(&self, until: Instant) -> bool {
-        let mut g = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if *g {
+            if g.0 {
                 return true;
             }
             let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if g.1 || left.is_zero() {
+                g.1 = false;
                 return false;
             }
             g = self
@@ -464,6 +477,10 @@ impl StopFlag {
     }
 }
 
+/// Sends a heartbeat every `interval` until stopped. Once the peer has been
+/// declared lost it sends one last heartbeat, so a fenced peer reads our
+/// generation before the end of the stream, then shuts the connection down
+/// (the peer learns of the loss at once) and ends.
 fn send_loop(
     stream: TcpStream,
     peer: SocketAddr,
@@ -476,9 +493,10 @@ fn send_loop(
     let fd = stream.as_raw_fd();
     let mut next = Instant::now();
     for seq in 0u64.. {
-        if detector.failure().is_some() || stop.is_raised() {
+        if stop.is_raised() {
             return;
         }
+        let farewell = detector.failure().is_some();
         let msg = HeartbeatMsg {
             generation,
             epoch: epoch.load(Ordering::Acquire),
@@ -490,21 +508,28 @@ fn send_loop(
             match sendmsg_nosignal(fd, &[io::IoSlice::new(&msg[sent..])]) {
                 Ok(n) => sent += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // Full buffer: the receiver side judges liveness; we keep
-                // trying (a half-sent heartbeat must be finished) until stopped.
+                // Full buffer (SO_SNDTIMEO expired): the receiver side judges
+                // liveness; we keep trying (a half-sent heartbeat must be
+                // finished) until stopped or the peer is lost.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if stop.is_raised() || detector.failure().is_some() {
+                    if stop.is_raised() {
                         return;
+                    }
+                    if detector.failure().is_some() {
+                        break;
                     }
                 }
                 Err(e) => {
                     if !stop.is_raised() && detector.declare(PeerLost::ConnectionClosed) {
                         log::warn!("heartbeat to {peer} failed: {e}; peer lost");
                     }
-                    let _ = stream.shutdown(Shutdown::Both);
-                    return;
+                    break;
                 }
             }
+        }
+        if farewell || detector.failure().is_some() {
+            let _ = stream.shutdown(Shutdown::Both);
+            return;
         }
         next += interval;
         let now = Instant::now();
@@ -517,7 +542,8 @@ fn send_loop(
     }
 }
 
-fn recv_loop(mut stream: TcpStream, peer: SocketAddr, detector: &FailureDetector, stop: &StopFlag) {
+fn recv_loop(stream: TcpStream, peer: SocketAddr, detector: &FailureDetector, stop: &StopFlag) {
+    let fd = stream.as_raw_fd();
     let mut buf = [0u8; HEARTBEAT_LEN];
     let mut got = 0;
     let verdict = loop {
@@ -528,12 +554,16 @@ fn recv_loop(mut stream: TcpStream, peer: SocketAddr, detector: &FailureDetector
         if let Some(silence) = detector.check_silence(now) {
             break silence;
         }
-        let left = detector.silence_deadline().saturating_duration_since(now);
-        if let Err(e) = stream.set_read_timeout(Some(left.max(Duration::from_millis(1)))) {
-            log::warn!("cannot set the heartbeat read timeout for {peer}: {e}");
-            break PeerLost::ConnectionClosed;
+        // Wait for data or the silence deadline (ppoll: microsecond-precise).
+        match poll_fd(fd, libc::POLLIN, Some(detector.silence_deadline())) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                log::warn!("cannot poll the heartbeat connection to {peer}: {e}");
+                break PeerLost::ConnectionClosed;
+            }
         }
-        match stream.read(&mut buf[got..]) {
+        match recv_dontwait(fd, &mut buf[got..]) {
             Ok(0) => break PeerLost::ConnectionClosed,
             Ok(n) => {
                 got += n;
@@ -569,8 +599,8 @@ fn recv_loop(mut stream: TcpStream, peer: SocketAddr, detector: &FailureDetector
     if detector.declare(verdict) {
         log::warn!("peer {peer} lost: {verdict}");
     }
-    // Tell the peer at once, and end our sender.
-    let _ = stream.shutdown(Shutdown::Both);
+    // The sender says goodbye and shuts the connection down.
+    stop.poke();
 }
 
 /// Running heartbeats; stopping (or dropping) it joins both threads and shuts
@@ -665,7 +695,7 @@ impl Drop for HeartbeatHandle {
 mod tests {
     use super::*;
     use crate::test_utils::tcp_pair;
-    use std::io::Write;
+    use std::io::{Read, Write};
 
     const HB: Duration = Duration::from_millis(20);
 
@@ -883,18 +913,42 @@ mod tests {
 
     #[test]
     fn newer_generation_fences_us() {
-        let (a, b) = tcp_pair();
+        let (a, mut b) = tcp_pair();
         let old_primary = start(a, HB, 5, 2);
-        let new_primary = start(b, HB, 5, 3);
+        b.write_all(
+            &HeartbeatMsg {
+                generation: 3,
+                epoch: 50,
+                seq: 0,
+            }
+            .encode(),
+        )
+        .unwrap();
         assert_eq!(
             old_primary.wait_failure(Duration::from_secs(5)),
             Some(PeerLost::GenerationMismatch { ours: 2, theirs: 3 })
         );
-        // Either it saw our heartbeat, or our shutdown first.
-        assert!(matches!(
-            new_primary.wait_failure(Duration::from_secs(5)),
-            Some(PeerLost::GenerationMismatch { ours: 3, theirs: 2 } | PeerLost::ConnectionClosed)
-        ));
+        assert_eq!(old_primary.detector().heartbeats_received(), 0);
+    }
+
+    #[test]
+    fn both_sides_of_a_generation_split_see_the_mismatch_not_a_close() {
+        // Whichever side reads the other's heartbeat first, the other side
+        // still reads a heartbeat before the end of the stream: a stale
+        // primary must learn it is fenced, not merely "standby lost".
+        for _ in 0..20 {
+            let (a, b) = tcp_pair();
+            let old_primary = start(a, HB, 5, 2);
+            let new_primary = start(b, HB, 5, 3);
+            assert_eq!(
+                old_primary.wait_failure(Duration::from_secs(5)),
+                Some(PeerLost::GenerationMismatch { ours: 2, theirs: 3 })
+            );
+            assert_eq!(
+                new_primary.wait_failure(Duration::from_secs(5)),
+                Some(PeerLost::GenerationMismatch { ours: 3, theirs: 2 })
+            );
+        }
     }
 
     #[test]

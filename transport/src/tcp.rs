@@ -371,6 +371,18 @@ pub(crate) fn sendmsg_flags(
     }
 }
 
+/// `recv(2)` with `MSG_DONTWAIT`, without touching the shared file status
+/// flags (a clone of the socket may be doing blocking sends).
+pub(crate) fn recv_dontwait(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is live and writable for `buf.len()` bytes.
+    let r = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
 pub(crate) fn set_int_opt(
     fd: RawFd,
     level: libc::c_int,
@@ -466,26 +478,24 @@ pub(crate) fn poll_fd(
     deadline: Option<Instant>,
 ) -> io::Result<bool> {
     loop {
-        let ms: libc::c_int = match deadline {
-            None => -1,
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    0
-                } else {
-                    // Round up so we never spin on a sub-millisecond rest.
-                    libc::c_int::try_from(left.as_micros().div_ceil(1000))
-                        .unwrap_or(libc::c_int::MAX)
-                }
-            }
-        };
+        // ppoll(2) takes a timespec: precise to the microsecond (hrtimers),
+        // where SO_RCVTIMEO and poll(2)'s milliseconds would add up to a tick.
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let ts = left.map(|l| libc::timespec {
+            tv_sec: l.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
+            tv_nsec: l.subsec_nanos() as libc::c_long,
+        });
+        let ts_ptr = ts
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
         let mut pfd = libc::pollfd {
             fd,
             events,
             revents: 0,
         };
-        // SAFETY: one live pollfd, count 1.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        // SAFETY: one live pollfd, count 1; `ts_ptr` is null or points to a
+        // live timespec; a null sigmask leaves the signal mask alone.
+        let r = unsafe { libc::ppoll(&mut pfd, 1, ts_ptr, std::ptr::null()) };
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -496,7 +506,7 @@ pub(crate) fn poll_fd(
         if r > 0 {
             return Ok(true);
         }
-        if ms == 0 || deadline.is_some_and(|d| Instant::now() >= d) {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(false);
         }
     }
