@@ -20,7 +20,7 @@
 //! caller-owned buffer, which for RDMA is the standby's own registered slab.
 //! The TCP channel ignores registration hints.
 
-use std::io::{self, IoSlice, Read};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -67,6 +67,14 @@ pub trait Channel: Send {
         Self: Sized,
     {
         ChannelReader::new(self)
+    }
+
+    /// An [`io::Write`] view, for encoders that write frames to any writer.
+    fn writer(&mut self) -> ChannelWriter<'_, Self>
+    where
+        Self: Sized,
+    {
+        ChannelWriter::new(self)
     }
 
     /// Sets (or clears, with `None`) the timeout of every receive call. A zero
@@ -129,6 +137,38 @@ impl<C: Channel + ?Sized> Read for ChannelReader<'_, C> {
 
     fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
         self.channel.recv_exact(buf).map_err(io::Error::from)
+    }
+}
+
+/// An [`io::Write`] over any [`Channel`] (also `dyn Channel`): every write
+/// sends all it is given through [`Channel::send_vectored_all`].
+pub struct ChannelWriter<'a, C: Channel + ?Sized> {
+    channel: &'a mut C,
+}
+
+impl<'a, C: Channel + ?Sized> ChannelWriter<'a, C> {
+    /// Wraps a channel.
+    pub fn new(channel: &'a mut C) -> Self {
+        ChannelWriter { channel }
+    }
+}
+
+impl<C: Channel + ?Sized> Write for ChannelWriter<'_, C> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.channel
+            .send_all(buf)
+            .map(|_| buf.len())
+            .map_err(io::Error::from)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.channel
+            .send_vectored_all(bufs)
+            .map_err(io::Error::from)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 

@@ -310,7 +310,9 @@ impl ChannelListener {
     /// [`ChannelListener::rejected`]); listening goes on. A half whose other
     /// half has not arrived yet waits in the listener, also across calls (at
     /// most a few; the oldest is dropped first), so interleaved pairs from
-    /// two primaries are matched correctly.
+    /// two primaries are matched correctly. Preambles are read one connection
+    /// at a time: a peer that connects and sends nothing delays pairing by at
+    /// most [`PREAMBLE_TIMEOUT`] before it is dropped.
     pub fn accept_pair(
         &mut self,
         timeout: Duration,

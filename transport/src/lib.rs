@@ -4,6 +4,8 @@
 //! frames a checkpoint as a list of [`std::io::IoSlice`]s pointing into its
 //! staging slabs and gives them to [`Channel::send_vectored_all`]; on the
 //! standby it decodes frames from [`Channel::reader`] (any `std::io::Read`).
+//! [`TcpChannel`] is also an `io::Read` and `io::Write` itself, and
+//! [`Channel::writer`] gives an `io::Write` over any channel.
 //!
 //! - [`Channel`]: a reliable ordered byte stream; [`TcpChannel`] implements it
 //!   over TCP (`TCP_NODELAY`, large socket buffers, no keepalive), and an RDMA
@@ -45,7 +47,7 @@ mod tcp;
 #[cfg(test)]
 mod test_utils;
 
-pub use channel::{Channel, ChannelReader, SEND_WINDOW};
+pub use channel::{Channel, ChannelReader, ChannelWriter, SEND_WINDOW};
 pub use error::TransportError;
 pub use handshake::{connect_pair, connect_pair_with, ConnectionKind, Incoming, SessionId};
 pub use heartbeat::{
