@@ -32,7 +32,7 @@ pub mod wire;
 
 pub use apply::{ApplyError, EpochFence, FenceError, VerifiedCheckpoint};
 pub use codec::{decode_state, encode_state, CodecError, DEFAULT_STATE_LIMIT};
-pub use dirty::{DirtyBitmap, DirtyCounts, DirtyError, DirtyPages, HarvestBuffer};
+pub use dirty::{DirtyBitmap, DirtyCounts, DirtyError, DirtyPages, HarvestBuffer, PageBitmap};
 pub use metrics::{EpochMetrics, FieldSummary, Histogram, Summary, SummaryReport};
 pub use persist::Persist;
 pub use slab::{EpochStats, EpochWriter, Staging, StagingConfig, StagingError, PAGE_SIZE};
