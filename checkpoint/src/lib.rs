@@ -17,6 +17,63 @@
 //!
 //! The hot paths (staging a page, iterating dirty pages) neither allocate, log nor make
 //! system calls.
+//!
+//! # One epoch, both sides
+//!
+//! ```
+//! use ftvmm_checkpoint::wire::{encode_message, Ack, Frame, FrameReader, Message};
+//! use ftvmm_checkpoint::{
+//!     encode_state, CheckpointFrame, DevicesSummary, GuestShape, HarvestBuffer, Limits,
+//!     PageBitmap, Staging, PAGE_SIZE,
+//! };
+//! use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
+//!
+//! const MEM: usize = 1 << 20;
+//! let shape = GuestShape { mem_bytes: MEM as u64, vcpus: 1, cmdline: String::new(),
+//!                          devices: DevicesSummary::default() };
+//! // Primary. `PageBitmap` (or vm-memory's `AtomicBitmap`) records the VMM's own writes.
+//! let mem: GuestMemoryMmap<PageBitmap> =
+//!     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+//! mem.write_obj(42u64, GuestAddress(0x3000)).unwrap(); // a device write
+//! let kvm_log = vec![1u64 << 5; MEM / PAGE_SIZE / 64]; // vCPUs wrote page 5 (and 69, ...)
+//! let limits = Limits::for_shape(&shape, MEM as u64, 1 << 20).unwrap();
+//! let mut harvest = HarvestBuffer::new(MEM / PAGE_SIZE);
+//! let mut staging = Staging::new(limits.staging_config()).unwrap();
+//! let mut state = Vec::new();
+//!
+//! // ...vCPUs paused, devices quiescent...
+//! let region = mem.find_region(GuestAddress(0)).unwrap();
+//! let mmap: &MmapRegion<PageBitmap> = region;
+//! let counts = harvest.harvest(&kvm_log, mmap.bitmap()).unwrap();
+//! encode_state(&("vcpu regs", [0u64; 4]), &mut state).unwrap();
+//! let mut w = staging.begin_epoch();
+//! for page in harvest.pages() {
+//!     let gpa = region.start_addr().0 + (page * PAGE_SIZE) as u64;
+//!     mem.read_slice(w.page_slot(gpa).unwrap(), GuestAddress(gpa)).unwrap();
+//! }
+//! w.stage_state(&state).unwrap();
+//! let stats = w.finish();
+//! // ...resume; then stream while the guest runs:
+//! let mut wire = Vec::new(); // a TcpStream in real life
+//! CheckpointFrame::new(&staging, 1, 1).write_to(&mut wire).unwrap();
+//! assert_eq!(stats.pages as u64, counts.total());
+//!
+//! // Standby.
+//! let standby_mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
+//! let mut rx = Staging::new(limits.staging_config()).unwrap();
+//! let mut reader = FrameReader::new(limits);
+//! let mut state_out = Vec::new();
+//! let mut ack = Vec::new();
+//! match reader.read_frame(&mut &wire[..], &mut rx).unwrap() {
+//!     Frame::Checkpoint(ckpt) => {
+//!         ckpt.apply(&standby_mem, &mut state_out).unwrap();
+//!         encode_message(&Message::Ack(Ack { epoch: ckpt.epoch(), generation: 1 }), &mut ack).unwrap();
+//!     }
+//!     Frame::Message(m) => panic!("unexpected {m:?}"),
+//! }
+//! assert_eq!(standby_mem.read_obj::<u64>(GuestAddress(0x3000)).unwrap(), 42);
+//! assert_eq!(state_out, state);
+//! ```
 
 #![deny(missing_docs)]
 
