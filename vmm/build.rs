@@ -9,13 +9,21 @@ fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let guest = manifest.join("../resources/test-guest");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("ftguest.elf");
-    for p in ["src", "Cargo.toml", "Cargo.lock", "build.rs", "linker.ld", ".cargo/config.toml"] {
+    for p in [
+        "src",
+        "Cargo.toml",
+        "Cargo.lock",
+        "build.rs",
+        "linker.ld",
+        ".cargo/config.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", guest.join(p).display());
     }
 
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(&guest).args(["build", "--release", "--quiet"]);
+    cmd.current_dir(&guest)
+        .args(["build", "--release", "--quiet"]);
     // The outer build's settings (its target dir, rustflags, profile and
     // jobserver) must not leak into the guest's build, which has its own.
     for (key, _) in std::env::vars_os() {
@@ -28,11 +36,17 @@ fn main() {
             cmd.env_remove(&key);
         }
     }
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run cargo to build the test guest in {}: {e}", guest.display()));
+    let status = cmd.status().unwrap_or_else(|e| {
+        panic!(
+            "cannot run cargo to build the test guest in {}: {e}",
+            guest.display()
+        )
+    });
     if !status.success() {
-        panic!("building the test guest in {} failed ({status})", guest.display());
+        panic!(
+            "building the test guest in {} failed ({status})",
+            guest.display()
+        );
     }
     let elf = guest.join("target/x86_64-unknown-linux-gnu/release/ftguest");
     std::fs::copy(&elf, &out)

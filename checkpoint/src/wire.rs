@@ -180,6 +180,9 @@ pub struct Hello {
     pub generation: u64,
     /// The sender's role.
     pub role: Role,
+    /// Heartbeat interval both sides use, in milliseconds (the peer is lost
+    /// after a few intervals of silence).
+    pub heartbeat_ms: u32,
     /// The guest's shape.
     pub shape: GuestShape,
 }
@@ -956,6 +959,7 @@ mod tests {
                 version: WIRE_VERSION,
                 generation: 3,
                 role: Role::Primary,
+                heartbeat_ms: 50,
                 shape: shape(1 << 30),
             }),
             Message::HelloAck(HelloAck {

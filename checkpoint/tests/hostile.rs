@@ -178,6 +178,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     version: WIRE_VERSION,
                     generation,
                     role: Role::Primary,
+                    heartbeat_ms: 50,
                     shape: GuestShape {
                         mem_bytes: MEM,
                         vcpus: 1,

@@ -11,7 +11,9 @@ use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::Elf;
 use linux_loader::loader::{load_cmdline, KernelLoader, KernelLoaderResult};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, ReadVolatile};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, ReadVolatile,
+};
 
 use crate::arch::x86_64::layout::*;
 use crate::config::KernelSource;
@@ -85,9 +87,11 @@ const PAGE: u64 = 4096;
 /// Loads the kernel image into memory.
 fn load_kernel(mem: &GuestMemory, source: &KernelSource) -> Result<KernelLoaderResult, BootError> {
     match source {
-        KernelSource::EmbeddedTestGuest => {
-            load_image(mem, &mut Cursor::new(TEST_GUEST_ELF), "<embedded test guest>")
-        }
+        KernelSource::EmbeddedTestGuest => load_image(
+            mem,
+            &mut Cursor::new(TEST_GUEST_ELF),
+            "<embedded test guest>",
+        ),
         KernelSource::File(path) => {
             let mut f = File::open(path).map_err(|source| BootError::KernelFile {
                 path: path.clone(),
@@ -169,7 +173,11 @@ fn add_e820(params: &mut boot_params, addr: u64, size: u64, type_: u32) -> Resul
     if i >= params.e820_table.len() {
         return Err(BootError::GuestMemory("e820 table (too many entries)"));
     }
-    params.e820_table[i] = boot_e820_entry { addr, size, r#type: type_ };
+    params.e820_table[i] = boot_e820_entry {
+        addr,
+        size,
+        r#type: type_,
+    };
     params.e820_entries += 1;
     Ok(())
 }
@@ -222,7 +230,12 @@ pub fn load(
     }
 
     add_e820(&mut params, 0, EBDA_START, E820_RAM)?;
-    add_e820(&mut params, EBDA_START, 0x100000 - EBDA_START, E820_RESERVED)?;
+    add_e820(
+        &mut params,
+        EBDA_START,
+        0x100000 - EBDA_START,
+        E820_RESERVED,
+    )?;
     for region in mem.iter() {
         let start = region.start_addr().0.max(HIMEM_START);
         let end = region.start_addr().0 + region.len();
@@ -250,7 +263,8 @@ mod tests {
         assert_eq!(p.hdr.cmd_line_ptr as u64, CMDLINE_START);
         assert_eq!(p.e820_entries, 3);
         let mut buf = [0u8; 6];
-        mem.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
+        mem.read_slice(&mut buf, GuestAddress(CMDLINE_START))
+            .unwrap();
         assert_eq!(&buf, b"stop=1");
     }
 

@@ -133,7 +133,9 @@ impl FromStr for NetConfig {
             match k {
                 "tap" => {
                     if v.is_empty() || v.len() > IFNAME_MAX {
-                        return Err(err(format!("tap name '{v}' must be 1 to {IFNAME_MAX} bytes")));
+                        return Err(err(format!(
+                            "tap name '{v}' must be 1 to {IFNAME_MAX} bytes"
+                        )));
                     }
                     if v.contains(['/', ' ', '\0']) || v == "." || v == ".." {
                         return Err(err(format!("tap name '{v}' is not a valid interface name")));

@@ -6,6 +6,7 @@ pub mod arch;
 pub mod boot;
 pub mod config;
 pub mod dirty_log;
+pub mod ft;
 pub mod memory;
 pub mod persist;
 pub mod quirks;

@@ -6,10 +6,17 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use ftvmm::config::{DiskConfig, KernelSource, NetConfig, SerialConfig, VmConfig};
+use ftvmm::ft::standby::{run_standby, StandbyOptions};
+use ftvmm::ft::FtOptions;
 use ftvmm::vm::Vm;
+use std::time::Duration;
 
 #[derive(Parser, Debug)]
-#[command(name = "ftvmm", version, about = "A KVM micro-VMM whose virtual machines survive the loss of their host")]
+#[command(
+    name = "ftvmm",
+    version,
+    about = "A KVM micro-VMM whose virtual machines survive the loss of their host"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -17,8 +24,10 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Boot and run a VM.
+    /// Boot and run a VM, protected by a standby with --ft-peer.
     Run(RunArgs),
+    /// Wait for a primary, mirror its VM, and take over when it is lost.
+    Standby(StandbyArgs),
 }
 
 #[derive(Args, Debug)]
@@ -53,12 +62,75 @@ struct VmArgs {
 struct RunArgs {
     #[command(flatten)]
     vm: VmArgs,
+    #[command(flatten)]
+    ft: FtArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum NetbufArg {
+    Vmm,
+    Plug,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum TransportArg {
+    Tcp,
+    Rdma,
+}
+
+#[derive(Args, Debug)]
+struct FtArgs {
+    /// Protect the VM: stream checkpoints to the standby at HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    ft_peer: Option<String>,
+    /// Epoch length in milliseconds.
+    #[arg(long, value_name = "N", default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    ft_interval_ms: u64,
+    /// Network output commit backend.
+    #[arg(long, value_enum, default_value_t = NetbufArg::Vmm)]
+    netbuf: NetbufArg,
+    /// Checkpoint transport.
+    #[arg(long, value_enum, default_value_t = TransportArg::Tcp)]
+    transport: TransportArg,
+    /// Heartbeat interval in milliseconds; the peer is lost after 5 silent intervals.
+    #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    heartbeat_ms: u64,
+    /// Write one JSON line of metrics per epoch to FILE.
+    #[arg(long, value_name = "FILE")]
+    ft_metrics: Option<PathBuf>,
+    /// Protection generation (fences older primaries).
+    #[arg(long, value_name = "N", default_value_t = 1, hide = true)]
+    ft_generation: u64,
+    /// Fault injection for tests: handshake, initial-sync, mid-checkpoint@N, before-ack@N, during-release@N.
+    #[arg(long, value_name = "POINT", hide = true)]
+    ft_fault: Option<ftvmm::ft::Fault>,
+}
+
+#[derive(Args, Debug)]
+struct StandbyArgs {
+    /// Address to listen on for the primary.
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: String,
+    /// This host's tap for each of the guest's NICs: tap=NAME (repeatable, in order).
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<NetConfig>,
+    /// This host's replica of each of the guest's disks (repeatable, in order).
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<DiskConfig>,
+    /// Console output once the guest runs here: stdout, file:PATH or none.
+    #[arg(long, value_name = "SINK", default_value = "stdout")]
+    serial: SerialConfig,
 }
 
 impl VmArgs {
     fn into_config(self) -> Result<VmConfig, String> {
-        let vcpus = u8::try_from(self.vcpus)
-            .map_err(|_| format!("--vcpus {} is invalid: it must be between 1 and 254", self.vcpus))?;
+        let vcpus = u8::try_from(self.vcpus).map_err(|_| {
+            format!(
+                "--vcpus {} is invalid: it must be between 1 and 254",
+                self.vcpus
+            )
+        })?;
         Ok(VmConfig {
             kernel: self
                 .kernel
@@ -86,15 +158,60 @@ fn init_logger() {
 
 fn run(args: RunArgs) -> Result<(), String> {
     let config = args.vm.into_config()?;
-    let mut vm = Vm::build(&config).map_err(|e| e.to_string())?;
-    vm.start().map_err(|e| e.to_string())?;
-    let reason = vm.wait_exit(None).expect("waiting without timeout returns a reason");
-    vm.stop();
+    let reason = match args.ft.ft_peer {
+        Some(peer) => {
+            match args.ft.netbuf {
+                NetbufArg::Vmm | NetbufArg::None => {}
+                NetbufArg::Plug => {
+                    return Err(
+                        "--netbuf plug is not available in this build yet; use --netbuf vmm".into(),
+                    )
+                }
+            }
+            if args.ft.transport == TransportArg::Rdma {
+                return Err(
+                    "--transport rdma is not available in this build; use --transport tcp".into(),
+                );
+            }
+            let ft = FtOptions {
+                peer,
+                interval: Duration::from_millis(args.ft.ft_interval_ms),
+                heartbeat: Duration::from_millis(args.ft.heartbeat_ms),
+                generation: args.ft.ft_generation,
+                metrics_path: args.ft.ft_metrics,
+                fault: args.ft.ft_fault,
+            };
+            ftvmm::ft::primary::run_primary(&config, &ft).map_err(|e| e.to_string())?
+        }
+        None => {
+            let mut vm = Vm::build(&config).map_err(|e| e.to_string())?;
+            vm.start().map_err(|e| e.to_string())?;
+            let reason = vm
+                .wait_exit(None)
+                .expect("waiting without timeout returns a reason");
+            vm.stop();
+            reason
+        }
+    };
     if reason.is_clean() {
         log::info!("{reason}");
         Ok(())
     } else {
         Err(reason.to_string())
+    }
+}
+
+fn standby(args: StandbyArgs) -> Result<(), String> {
+    let opts = StandbyOptions {
+        listen: args.listen,
+        serial: args.serial,
+        net: args.net,
+        disks: args.disk,
+    };
+    match run_standby(&opts).map_err(|e| e.to_string())? {
+        None => Ok(()),
+        Some(reason) if reason.is_clean() => Ok(()),
+        Some(reason) => Err(reason.to_string()),
     }
 }
 
@@ -117,6 +234,7 @@ fn main() -> ExitCode {
     init_logger();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Standby(args) => standby(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,8 +7,8 @@
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-    Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -86,7 +86,9 @@ impl PodBytes {
         let mut v = T::default();
         // SAFETY: the length matches and every bit pattern is a valid T
         // (Pod: integers and arrays only).
-        unsafe { std::ptr::copy_nonoverlapping(self.0.as_ptr(), (&mut v as *mut T).cast::<u8>(), size) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.0.as_ptr(), (&mut v as *mut T).cast::<u8>(), size)
+        };
         Ok(v)
     }
 }
@@ -154,7 +156,9 @@ pub struct MachineState {
 /// The MSRs worth saving on this host: those KVM lists that a vCPU answers.
 /// Probed once per VM, on a vCPU that has not run yet.
 pub fn saveable_msrs(sys: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, PersistError> {
-    let list = sys.get_msr_index_list().map_err(kvm("KVM_GET_MSR_INDEX_LIST"))?;
+    let list = sys
+        .get_msr_index_list()
+        .map_err(kvm("KVM_GET_MSR_INDEX_LIST"))?;
     let mut ok = Vec::new();
     for &index in list.as_slice() {
         let mut one = Msrs::from_entries(&[kvm_msr_entry {
@@ -196,7 +200,12 @@ impl VcpuCapture {
     }
 
     /// Captures `vcpu` into `out` (whose buffers are reused).
-    pub fn capture(&mut self, id: u8, vcpu: &VcpuFd, out: &mut Option<VcpuState>) -> Result<(), PersistError> {
+    pub fn capture(
+        &mut self,
+        id: u8,
+        vcpu: &VcpuFd,
+        out: &mut Option<VcpuState>,
+    ) -> Result<(), PersistError> {
         let n = vcpu.get_msrs(&mut self.msrs).map_err(kvm("KVM_GET_MSRS"))?;
         let wanted = self.msrs.as_slice().len();
         if n != wanted {
@@ -265,7 +274,8 @@ impl VcpuCapture {
 
 /// Restores `state` into a vCPU that has its CPUID set but has not run.
 pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), PersistError> {
-    vcpu.set_mp_state(state.mp_state).map_err(kvm("KVM_SET_MP_STATE"))?;
+    vcpu.set_mp_state(state.mp_state)
+        .map_err(kvm("KVM_SET_MP_STATE"))?;
     vcpu.set_regs(&state.regs).map_err(kvm("KVM_SET_REGS"))?;
     vcpu.set_sregs(&state.sregs).map_err(kvm("KVM_SET_SREGS"))?;
     match &state.xsave {
@@ -281,11 +291,13 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), PersistError
     if let Some(x) = &state.xcrs {
         vcpu.set_xcrs(x).map_err(kvm("KVM_SET_XCRS"))?;
     }
-    vcpu.set_debug_regs(&state.debugregs).map_err(kvm("KVM_SET_DEBUGREGS"))?;
+    vcpu.set_debug_regs(&state.debugregs)
+        .map_err(kvm("KVM_SET_DEBUGREGS"))?;
     vcpu.set_lapic(&state.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
     if !state.msrs.is_empty() {
-        let msrs = Msrs::from_entries(&state.msrs)
-            .map_err(|_| PersistError::Mismatch(format!("{} MSRs are too many", state.msrs.len())))?;
+        let msrs = Msrs::from_entries(&state.msrs).map_err(|_| {
+            PersistError::Mismatch(format!("{} MSRs are too many", state.msrs.len()))
+        })?;
         let n = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
         if n != state.msrs.len() {
             return Err(PersistError::Msrs {
@@ -296,7 +308,8 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), PersistError
             });
         }
     }
-    vcpu.set_vcpu_events(&state.events).map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+    vcpu.set_vcpu_events(&state.events)
+        .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
     Ok(())
 }
 

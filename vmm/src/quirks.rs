@@ -54,7 +54,8 @@ pub fn handle_internal_error(fd: &mut VcpuFd, mem: &GuestMemory, id: u8) -> Resu
         Some(OPCODE_INT3) => {
             let mut r = regs;
             r.rip += 1;
-            fd.set_regs(&r).map_err(|e| fail(format!("(KVM_SET_REGS: {e})")))?;
+            fd.set_regs(&r)
+                .map_err(|e| fail(format!("(KVM_SET_REGS: {e})")))?;
             let mut events = fd
                 .get_vcpu_events()
                 .map_err(|e| fail(format!("(KVM_GET_VCPU_EVENTS: {e})")))?;
@@ -70,7 +71,8 @@ pub fn handle_internal_error(fd: &mut VcpuFd, mem: &GuestMemory, id: u8) -> Resu
         Some(OPCODE_FWAIT) => {
             let mut r = regs;
             r.rip += 1;
-            fd.set_regs(&r).map_err(|e| fail(format!("(KVM_SET_REGS: {e})")))?;
+            fd.set_regs(&r)
+                .map_err(|e| fail(format!("(KVM_SET_REGS: {e})")))?;
             log::debug!("vCPU {id}: skipped fwait at {:#x}", regs.rip);
             Ok(())
         }

@@ -74,7 +74,10 @@ impl std::fmt::Display for VmExit {
             VmExit::Reset => write!(f, "guest reset (i8042)"),
             VmExit::SystemEvent(t) => write!(f, "guest system event {t}"),
             VmExit::TripleFault { vcpu, rip } => {
-                write!(f, "guest triple fault (KVM_EXIT_SHUTDOWN) on vCPU {vcpu} at RIP {rip:#x}")
+                write!(
+                    f,
+                    "guest triple fault (KVM_EXIT_SHUTDOWN) on vCPU {vcpu} at RIP {rip:#x}"
+                )
             }
             VmExit::Error(e) => write!(f, "{e}"),
         }
@@ -110,7 +113,10 @@ impl ExitSignal {
 
     /// The recorded reason.
     pub fn reason(&self) -> Option<VmExit> {
-        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Readable once a reason is recorded.
@@ -376,7 +382,10 @@ impl Vcpu {
         let result = self.fd.run();
         if matches!(
             result,
-            Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..) | VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..))
+            Ok(VcpuExit::IoIn(..)
+                | VcpuExit::IoOut(..)
+                | VcpuExit::MmioRead(..)
+                | VcpuExit::MmioWrite(..))
         ) {
             self.io_pending = true;
         }
@@ -484,7 +493,10 @@ impl VcpuHandle {
     pub fn take_saved(&self, state: &mut VcpuState) -> Result<(), VcpuError> {
         let mut ctl = self.shared.lock();
         if let Some(reason) = ctl.save_error.take() {
-            return Err(VcpuError::Save { id: self.id, reason });
+            return Err(VcpuError::Save {
+                id: self.id,
+                reason,
+            });
         }
         std::mem::swap(&mut ctl.saved, state);
         Ok(())

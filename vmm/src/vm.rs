@@ -20,7 +20,9 @@ use crate::arch::x86_64::{cpuid, layout, mptable, regs};
 use crate::boot::{self, BootError};
 use crate::config::{SerialConfig, VmConfig};
 use crate::memory::{self, GuestMemory, MemoryError};
-use crate::persist::{self, DevicesState, MachineState, PersistError, VcpuCapture, VcpuState, VmState};
+use crate::persist::{
+    self, DevicesState, MachineState, PersistError, VcpuCapture, VcpuState, VmState,
+};
 use crate::vcpu::{ExitSignal, Vcpu, VcpuError, VcpuHandle, VmExit};
 
 /// Path of the KVM device.
@@ -102,7 +104,9 @@ pub enum VmError {
 fn kvm_hint(e: &std::io::Error) -> &'static str {
     match e.raw_os_error() {
         Some(libc::ENOENT) => " (is the kvm module loaded? this host needs KVM)",
-        Some(libc::EACCES) | Some(libc::EPERM) => " (permission denied: run as root or join the kvm group)",
+        Some(libc::EACCES) | Some(libc::EPERM) => {
+            " (permission denied: run as root or join the kvm group)"
+        }
         _ => "",
     }
 }
@@ -116,12 +120,12 @@ pub fn open_serial_output(cfg: &SerialConfig) -> Result<SerialOutput, VmError> {
     Ok(match cfg {
         SerialConfig::Stdout => Box::new(std::io::stdout()),
         SerialConfig::None => Box::new(std::io::sink()),
-        SerialConfig::File(path) => Box::new(File::create(path).map_err(|source| {
-            VmError::SerialFile {
+        SerialConfig::File(path) => {
+            Box::new(File::create(path).map_err(|source| VmError::SerialFile {
                 path: path.display().to_string(),
                 source,
-            }
-        })?),
+            })?)
+        }
     })
 }
 
@@ -204,6 +208,14 @@ impl Vm {
     /// of a boot ([`Vm::boot`]) and of a restore from a checkpoint
     /// ([`Vm::restore`]).
     pub fn create(config: &VmConfig) -> Result<Vm, VmError> {
+        let out = open_serial_output(&config.serial)?;
+        Vm::create_with_output(config, out)
+    }
+
+    /// [`Vm::create`] with the console output given instead of opened from
+    /// the configuration (a protected VM's console goes through its held
+    /// output buffer).
+    pub fn create_with_output(config: &VmConfig, serial_out: SerialOutput) -> Result<Vm, VmError> {
         if !config.net.is_empty() {
             return Err(VmError::Unsupported("virtio-net (--net)"));
         }
@@ -213,14 +225,14 @@ impl Vm {
         let kvm = open_kvm()?;
         let vcpu_count = validate_vcpus(&kvm, u64::from(config.vcpus))?;
         let memory = memory::create(config.mem_mib)?;
-        let serial_out = open_serial_output(&config.serial)?;
 
         let fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         // Needed on Intel hosts for real-mode emulation; harmless elsewhere.
         if let Err(e) = fd.set_tss_address(layout::KVM_TSS_ADDRESS) {
             log::debug!("KVM_SET_TSS_ADDR: {e}");
         }
-        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -255,16 +267,20 @@ impl Vm {
         let mut pending = Vec::with_capacity(vcpu_count as usize);
         let mut msr_indices = None;
         for id in 0..vcpu_count {
-            let vfd = fd.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let vfd = fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let mut cpuid = supported.clone();
             cpuid::filter(&mut cpuid, id, vcpu_count);
             vfd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
             if msr_indices.is_none() {
                 msr_indices = Some(
-                    persist::saveable_msrs(&kvm, &vfd).map_err(|source| VmError::Persist { source })?,
+                    persist::saveable_msrs(&kvm, &vfd)
+                        .map_err(|source| VmError::Persist { source })?,
                 );
             }
-            let capture = VcpuCapture::new(msr_indices.as_deref().unwrap_or(&[]), has_xsave, has_xcrs);
+            let capture =
+                VcpuCapture::new(msr_indices.as_deref().unwrap_or(&[]), has_xsave, has_xcrs);
             pending.push(Vcpu::new(
                 id,
                 vfd,
@@ -354,13 +370,19 @@ impl Vm {
             v.wait_parked(deadline, timeout)?;
         }
         if self.states.len() != self.vcpus.len() {
-            self.states = (0..self.vcpus.len()).map(|_| crate::vcpu::empty_state()).collect();
+            self.states = (0..self.vcpus.len())
+                .map(|_| crate::vcpu::empty_state())
+                .collect();
         }
         for (v, slot) in self.vcpus.iter().zip(self.states.iter_mut()) {
             v.take_saved(slot)?;
         }
         let vm = persist::capture_vm(&self.fd).map_err(|source| VmError::Persist { source })?;
-        let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner()).state();
+        let serial = self
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state();
         self.vm_state = Some(vm);
         self.devices_state = DevicesState { serial };
         Ok(MachineStateRef {

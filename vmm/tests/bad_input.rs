@@ -16,14 +16,23 @@ fn refused(args: &[&str]) -> String {
 }
 
 fn check(out: Output, args: &[&str]) -> String {
-    assert!(!out.status.success(), "{args:?} succeeded; stdout: {}", out.stdout);
+    assert!(
+        !out.status.success(),
+        "{args:?} succeeded; stdout: {}",
+        out.stdout
+    );
     assert!(
         !out.stderr.contains("panicked") && !out.stderr.contains("RUST_BACKTRACE"),
         "{args:?} panicked: {}",
         out.stderr
     );
     let lines: Vec<&str> = out.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one stderr line, got:\n{}", out.stderr);
+    assert_eq!(
+        lines.len(),
+        1,
+        "{args:?}: expected one stderr line, got:\n{}",
+        out.stderr
+    );
     assert!(lines[0].starts_with("ftvmm: "), "{}", lines[0]);
     lines[0].to_string()
 }
@@ -120,7 +129,13 @@ fn vcpus_above_kvm_limit() {
 
 #[test]
 fn malformed_net_spec() {
-    for spec in ["tap", "tap=", "mac=02:00:00:00:00:01", "tap=x,mac=zz", "tap=x,foo=1"] {
+    for spec in [
+        "tap",
+        "tap=",
+        "mac=02:00:00:00:00:01",
+        "tap=x,mac=zz",
+        "tap=x,foo=1",
+    ] {
         let l = refused(&["run", "--net", spec]);
         assert_mentions(&l, &["--net", spec]);
     }
@@ -159,7 +174,12 @@ fn serial_file_in_missing_directory() {
 /// /dev/kvm absent: run ftvmm in a private mount namespace with an empty /dev.
 #[test]
 fn kvm_device_missing() {
-    if !is_root() || std::process::Command::new("unshare").arg("--version").output().is_err() {
+    if !is_root()
+        || std::process::Command::new("unshare")
+            .arg("--version")
+            .output()
+            .is_err()
+    {
         println!("SKIP kvm_device_missing: needs root and unshare(1)");
         return;
     }
@@ -184,7 +204,13 @@ fn kvm_device_not_accessible() {
         .as_ref()
         .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o006 == 0o006)
         .unwrap_or(true);
-    if !is_root() || world_rw || std::process::Command::new("setpriv").arg("--version").output().is_err() {
+    if !is_root()
+        || world_rw
+        || std::process::Command::new("setpriv")
+            .arg("--version")
+            .output()
+            .is_err()
+    {
         println!("SKIP kvm_device_not_accessible: needs root, setpriv(1) and a /dev/kvm closed to others");
         return;
     }

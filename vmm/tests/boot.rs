@@ -14,14 +14,23 @@ fn assert_counts(transcript: &str, n: u64) {
         "no ready marker in:\n{transcript}"
     );
     assert_eq!(transcript.matches("ftguest ready").count(), 1);
-    assert_eq!(heartbeats(transcript), (1..=n).collect::<Vec<_>>(), "{transcript}");
+    assert_eq!(
+        heartbeats(transcript),
+        (1..=n).collect::<Vec<_>>(),
+        "{transcript}"
+    );
     assert!(transcript.contains("ftguest done"), "{transcript}");
 }
 
 #[test]
 fn test_guest_heartbeats_then_powers_off() {
     let out = run(&["run", "--cmdline", "stop=5", "--serial", "stdout"], T);
-    assert!(out.status.success(), "exit {:?}, stderr: {}", out.status, out.stderr);
+    assert!(
+        out.status.success(),
+        "exit {:?}, stderr: {}",
+        out.status,
+        out.stderr
+    );
     assert_counts(&out.stdout, 5);
     assert!(out.stderr.is_empty(), "stderr: {}", out.stderr);
 }
@@ -29,10 +38,23 @@ fn test_guest_heartbeats_then_powers_off() {
 #[test]
 fn test_guest_with_two_vcpus() {
     let out = run(
-        &["run", "--vcpus", "2", "--mem-mib", "64", "--cmdline", "stop=3 dirty=64"],
+        &[
+            "run",
+            "--vcpus",
+            "2",
+            "--mem-mib",
+            "64",
+            "--cmdline",
+            "stop=3 dirty=64",
+        ],
         T,
     );
-    assert!(out.status.success(), "exit {:?}, stderr: {}", out.status, out.stderr);
+    assert!(
+        out.status.success(),
+        "exit {:?}, stderr: {}",
+        out.status,
+        out.stderr
+    );
     assert_counts(&out.stdout, 3);
 }
 
@@ -54,7 +76,10 @@ fn serial_to_file_and_to_nowhere() {
 #[test]
 fn guest_memory_sizes() {
     for mib in ["16", "512"] {
-        let out = run(&["run", "--mem-mib", mib, "--cmdline", "stop=1 dirty=16"], T);
+        let out = run(
+            &["run", "--mem-mib", mib, "--cmdline", "stop=1 dirty=16"],
+            T,
+        );
         assert!(out.status.success(), "--mem-mib {mib}: {}", out.stderr);
         assert_counts(&out.stdout, 1);
     }

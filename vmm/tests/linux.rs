@@ -35,7 +35,11 @@ fn tiny_linux_boots_and_powers_off() {
         out.stderr,
         out.stdout
     );
-    assert!(out.stdout.contains("ftlinux ready"), "console:\n{}", out.stdout);
+    assert!(
+        out.stdout.contains("ftlinux ready"),
+        "console:\n{}",
+        out.stdout
+    );
     let uname = out
         .stdout
         .lines()

@@ -70,7 +70,14 @@ fn restored_guest_continues_counting() {
     // B) counts 1, 2, 3... with nothing missing or repeated.
     let all = heartbeats(&format!("{transcript_a}{transcript_b}"));
     assert!(all.len() >= 10, "{all:?}");
-    assert_eq!(all, (1..=all.len() as u64).collect::<Vec<_>>(), "A:\n{transcript_a}\nB:\n{transcript_b}");
-    assert!(!transcript_b.contains("ready"), "B rebooted: {transcript_b}");
+    assert_eq!(
+        all,
+        (1..=all.len() as u64).collect::<Vec<_>>(),
+        "A:\n{transcript_a}\nB:\n{transcript_b}"
+    );
+    assert!(
+        !transcript_b.contains("ready"),
+        "B rebooted: {transcript_b}"
+    );
     assert!(!transcript_b.contains("panic"), "{transcript_b}");
 }

@@ -140,7 +140,10 @@ pub fn linux_guest(test: &str) -> Option<(PathBuf, PathBuf, String)> {
     let initrd = dir.join("initramfs.cpio");
     if !vmlinux.exists() || !initrd.exists() {
         if std::env::var("FTVMM_REQUIRE_LINUX").as_deref() == Ok("1") {
-            panic!("{test}: the tiny Linux guest is not built in {}", dir.display());
+            panic!(
+                "{test}: the tiny Linux guest is not built in {}",
+                dir.display()
+            );
         }
         println!("SKIP {test}: tiny Linux guest not built (run resources/linux/build.sh)");
         return None;

@@ -41,7 +41,10 @@ const MP_IRQ_EXTINT: u8 = 3;
 const ISA_IRQS: u8 = 16;
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// Builds the configuration table's bytes (header and entries) for `vcpus`.
@@ -132,7 +135,10 @@ mod tests {
         assert_eq!(sum(&fp), 0);
         let table = config_table(4);
         assert_eq!(sum(&table), 0);
-        assert_eq!(u16::from_le_bytes([table[4], table[5]]) as usize, table.len());
+        assert_eq!(
+            u16::from_le_bytes([table[4], table[5]]) as usize,
+            table.len()
+        );
         assert_eq!(u16::from_le_bytes([table[34], table[35]]), 4 + 2 + 16 + 2);
         // The first processor entry is the BSP.
         assert_eq!(table[44 + 3], CPU_ENABLED | CPU_BOOTPROCESSOR);
@@ -143,7 +149,10 @@ mod tests {
     fn limits() {
         let mem = Mem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         assert_eq!(setup_mptable(&mem, 0), Err(MpTableError::NoVcpus));
-        assert_eq!(setup_mptable(&mem, 255), Err(MpTableError::TooManyVcpus(255)));
+        assert_eq!(
+            setup_mptable(&mem, 255),
+            Err(MpTableError::TooManyVcpus(255))
+        );
         setup_mptable(&mem, MAX_VCPUS).unwrap();
     }
 }

@@ -112,10 +112,16 @@ pub fn setup_sregs<M: GuestMemoryBackend>(mem: &M, vcpu: &VcpuFd) -> Result<(), 
     for (i, e) in gdt.iter().enumerate() {
         let addr = BOOT_GDT_START + (i as u64) * 8;
         mem.write_obj(*e, GuestAddress(addr))
-            .map_err(|_| RegsError::GuestMemory { what: "boot GDT", addr })?;
+            .map_err(|_| RegsError::GuestMemory {
+                what: "boot GDT",
+                addr,
+            })?;
     }
     mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))
-        .map_err(|_| RegsError::GuestMemory { what: "boot IDT", addr: BOOT_IDT_START })?;
+        .map_err(|_| RegsError::GuestMemory {
+            what: "boot IDT",
+            addr: BOOT_IDT_START,
+        })?;
     setup_page_tables(mem)?;
 
     let mut sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
@@ -152,7 +158,11 @@ fn setup_page_tables<M: GuestMemoryBackend>(mem: &M) -> Result<(), RegsError> {
         w("PDPT", PDPTE_START + dir * 8, pd | PTE_PRESENT | PTE_WRITE)?;
         for i in 0..512u64 {
             let phys = (dir << 30) | (i << 21);
-            w("page directory", pd + i * 8, phys | PTE_PRESENT | PTE_WRITE | PTE_PS)?;
+            w(
+                "page directory",
+                pd + i * 8,
+                phys | PTE_PRESENT | PTE_WRITE | PTE_PS,
+            )?;
         }
     }
     Ok(())
@@ -282,4 +292,3 @@ mod tests {
         assert_eq!(v, 0x0001_0700);
     }
 }
-

@@ -1,0 +1,615 @@
+//! The primary: runs the guest and drives the epochs (DESIGN "The epoch").
+//!
+//! 0. Handshake, then a live initial sync (all memory, then rounds of the
+//!    pages dirtied meanwhile) while the guest runs. Output is held from the
+//!    start.
+//! 1. At each epoch boundary every vCPU leaves `KVM_RUN` and saves its state.
+//! 2. Harvest: KVM's dirty log (GET + CLEAR) OR the VMM's page bitmap.
+//! 3. Copy the dirty pages and the encoded machine state into slab staging.
+//! 4. Seal the epoch's output; new output goes to the next epoch.
+//! 5. Resume the guest.
+//! 6. Stream the checkpoint straight from the slabs.
+//! 7. On the standby's ack, release the epoch's output.
+//!
+//! When the standby is lost the held output is released and the guest runs
+//! on unprotected.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::ops::Deref;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ftvmm_checkpoint::wire::{Ack, Limits, Message};
+use ftvmm_checkpoint::{
+    encode_state, CheckpointFrame, DevicesSummary, DirtyCounts, EpochMetrics, Frame, FrameReader,
+    GuestShape, HarvestBuffer, Hello, Role, Staging, StagingConfig, Summary, PAGE_SIZE,
+    WIRE_VERSION,
+};
+use ftvmm_transport::{connect_pair, Channel, Heartbeat, HeartbeatHandle, TcpChannel};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::console::HeldOutput;
+use super::{die_now, Fault, FaultPoint, FtError, FtOptions, HEARTBEAT_MISSES};
+use crate::config::VmConfig;
+use crate::dirty_log::DirtyLog;
+use crate::memory;
+use crate::vcpu::VmExit;
+use crate::vm::{open_serial_output, Vm};
+
+/// How long vCPUs get to acknowledge a pause.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pages per frame of the initial sync.
+const PRECOPY_BATCH: usize = 16 * 1024;
+/// The initial sync stops iterating when a round dirtied fewer pages.
+const PRECOPY_DONE_PAGES: usize = 2048;
+/// Most dirty rounds of the initial sync.
+const PRECOPY_MAX_ROUNDS: usize = 5;
+/// Handshake timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The live link to the standby.
+struct Session {
+    chan: TcpChannel,
+    hb: HeartbeatHandle,
+    reader: FrameReader,
+    /// Staging for control frames the standby sends (never checkpoints).
+    ctl_staging: Staging,
+    watcher_stop: Arc<AtomicBool>,
+    peer: String,
+}
+
+impl Session {
+    fn close(self) {
+        self.watcher_stop.store(true, Ordering::Release);
+        let _ = self.chan.shutdown();
+        self.hb.stop();
+    }
+}
+
+/// Shuts the data channel down when the heartbeat detector declares the
+/// peer lost, so a blocked send or ack read returns at once.
+fn spawn_failure_watcher(hb: &HeartbeatHandle, chan: &TcpChannel, stop: Arc<AtomicBool>) {
+    let detector = hb.detector().clone();
+    let Ok(chan) = chan.try_clone() else { return };
+    let _ = std::thread::Builder::new()
+        .name("ft-watch".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                if let Some(lost) = detector.wait_failure(Duration::from_millis(200)) {
+                    log::warn!("peer lost: {lost}");
+                    let _ = chan.shutdown();
+                    return;
+                }
+            }
+        });
+}
+
+/// The guest's shape, as the standby must mirror it.
+fn shape_of(config: &VmConfig) -> GuestShape {
+    GuestShape {
+        mem_bytes: config.mem_mib << 20,
+        vcpus: u32::from(config.vcpus),
+        cmdline: config.cmdline.clone(),
+        devices: DevicesSummary {
+            nic_macs: config
+                .net
+                .iter()
+                .map(|n| n.mac.map(|m| m.0).unwrap_or([0; 6]))
+                .collect(),
+            disks: config.disks.len() as u32,
+        },
+    }
+}
+
+fn handshake(config: &VmConfig, ft: &FtOptions) -> Result<Session, FtError> {
+    let (mut chan, hb_stream) = connect_pair(ft.peer.as_str(), CONNECT_TIMEOUT)?;
+    let hello = Message::Hello(Hello {
+        version: WIRE_VERSION,
+        generation: ft.generation,
+        role: Role::Primary,
+        heartbeat_ms: ft.heartbeat.as_millis().clamp(1, u32::MAX as u128) as u32,
+        shape: shape_of(config),
+    });
+    let mut buf = Vec::new();
+    ftvmm_checkpoint::wire::encode_message(&hello, &mut buf)?;
+    chan.send_all(&buf)?;
+    if Fault::hits(ft.fault, FaultPoint::Handshake, 0) {
+        die_now("handshake");
+    }
+    let limits = Limits::handshake();
+    let mut reader = FrameReader::new(limits);
+    let mut ctl_staging = Staging::new(StagingConfig {
+        max_pages: 0,
+        ..limits.staging_config()
+    })?;
+    chan.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+    let reply = match reader.read_frame(&mut chan, &mut ctl_staging)? {
+        Frame::Message(m) => m,
+        Frame::Checkpoint(_) => {
+            return Err(FtError::Protocol {
+                peer: ft.peer.clone(),
+                what: "standby sent a checkpoint during the handshake".into(),
+            })
+        }
+    };
+    match reply {
+        Message::HelloAck(ack) if ack.generation == ft.generation => {}
+        Message::HelloAck(ack) => {
+            return Err(FtError::Protocol {
+                peer: ft.peer.clone(),
+                what: format!(
+                    "standby accepted generation {} but this primary is generation {}",
+                    ack.generation, ft.generation
+                ),
+            })
+        }
+        Message::Refuse(r) => {
+            return Err(FtError::Refused {
+                peer: ft.peer.clone(),
+                reason: r.reason,
+            })
+        }
+        other => {
+            return Err(FtError::Protocol {
+                peer: ft.peer.clone(),
+                what: format!("unexpected {} in reply to Hello", other.kind().name()),
+            })
+        }
+    }
+    let hb = Heartbeat::start(hb_stream, ft.heartbeat, HEARTBEAT_MISSES, ft.generation)?;
+    let watcher_stop = Arc::new(AtomicBool::new(false));
+    spawn_failure_watcher(&hb, &chan, watcher_stop.clone());
+    Ok(Session {
+        chan,
+        hb,
+        reader,
+        ctl_staging,
+        watcher_stop,
+        peer: ft.peer.clone(),
+    })
+}
+
+/// Writes the first half of `frame`'s bytes, then dies (fault injection).
+fn send_half_and_die(frame: &CheckpointFrame<'_>, chan: &mut TcpChannel, what: &str) -> ! {
+    let mut left = frame.len() / 2;
+    for chunk in frame.chunks() {
+        let n = (chunk.len() as u64).min(left) as usize;
+        let _ = chan.send_all(&chunk[..n]);
+        left -= n as u64;
+        if left == 0 {
+            break;
+        }
+    }
+    die_now(what)
+}
+
+/// The epoch machinery of the primary: dirty log, harvest buffers, staging.
+struct Engine {
+    log: DirtyLog,
+    harvests: Vec<HarvestBuffer>,
+    staging: Staging,
+    state_buf: Vec<u8>,
+    region_bases: Vec<u64>,
+}
+
+impl Engine {
+    fn new(vm: &Vm) -> Result<Self, FtError> {
+        let log = DirtyLog::new(&vm.fd, &vm.memory)?;
+        memory::register_slots(&vm.fd, &vm.memory, true).map_err(crate::vm::VmError::from)?;
+        let harvests = vm
+            .memory
+            .iter()
+            .map(|r| HarvestBuffer::new((r.len() / PAGE_SIZE as u64) as usize))
+            .collect();
+        let region_bases = vm.memory.iter().map(|r| r.start_addr().0).collect();
+        let staging = Staging::new(StagingConfig::for_guest(
+            memory::page_count(&vm.memory) * PAGE_SIZE as u64,
+        ))?;
+        Ok(Engine {
+            log,
+            harvests,
+            staging,
+            state_buf: Vec::with_capacity(64 * 1024),
+            region_bases,
+        })
+    }
+
+    /// Harvests the dirty set (KVM log OR the VMM's bitmap) into the
+    /// harvest buffers. With vCPUs running, this is a pre-copy round; paused,
+    /// an exact epoch cut.
+    fn harvest(&mut self, vm: &Vm) -> Result<DirtyCounts, FtError> {
+        self.log.harvest(&vm.fd)?;
+        let mut counts = DirtyCounts::default();
+        for (i, region) in vm.memory.iter().enumerate() {
+            counts
+                .add(self.harvests[i].harvest(&self.log.slots[i].bitmap, region.deref().bitmap())?);
+        }
+        Ok(counts)
+    }
+}
+
+/// Copies the harvested pages (and `state`, if any) into `staging`.
+fn stage(
+    vm: &Vm,
+    harvests: &[HarvestBuffer],
+    region_bases: &[u64],
+    staging: &mut Staging,
+    state: Option<&[u8]>,
+) -> Result<ftvmm_checkpoint::EpochStats, FtError> {
+    let mut w = staging.begin_epoch();
+    for (h, base) in harvests.iter().zip(region_bases) {
+        for page in h.pages() {
+            let gpa = base + page as u64 * PAGE_SIZE as u64;
+            let slot = w.page_slot(gpa)?;
+            vm.memory
+                .read_slice(&mut slot[..], GuestAddress(gpa))
+                .map_err(|e| FtError::GuestMemory {
+                    gpa,
+                    reason: e.to_string(),
+                })?;
+        }
+    }
+    if let Some(s) = state {
+        w.stage_state(s)?;
+    }
+    Ok(w.finish())
+}
+
+/// Sends every page of guest memory, in batches, while the guest runs.
+fn precopy(
+    vm: &Vm,
+    engine: &mut Engine,
+    session: &mut Session,
+    ft: &FtOptions,
+) -> Result<(), FtError> {
+    let t = Instant::now();
+    let mut sent_pages = 0u64;
+    let mut first = true;
+    // Round 0: all of memory. The dirty log is already on, so anything the
+    // guest writes while we copy is sent again in the next rounds.
+    for (region, base) in vm.memory.iter().zip(engine.region_bases.clone()) {
+        let pages = (region.len() / PAGE_SIZE as u64) as usize;
+        let mut start = 0;
+        while start < pages {
+            let end = (start + PRECOPY_BATCH).min(pages);
+            let mut w = engine.staging.begin_epoch();
+            for page in start..end {
+                let gpa = base + (page * PAGE_SIZE) as u64;
+                let slot = w.page_slot(gpa)?;
+                vm.memory
+                    .read_slice(&mut slot[..], GuestAddress(gpa))
+                    .map_err(|e| FtError::GuestMemory {
+                        gpa,
+                        reason: e.to_string(),
+                    })?;
+            }
+            w.finish();
+            let frame = CheckpointFrame::new(&engine.staging, 0, ft.generation);
+            if first && Fault::hits(ft.fault, FaultPoint::InitialSync, 0) {
+                send_half_and_die(&frame, &mut session.chan, "initial sync");
+            }
+            first = false;
+            frame.write_to(&mut session.chan)?;
+            sent_pages += (end - start) as u64;
+            start = end;
+        }
+    }
+    // Dirty rounds until the remainder is small.
+    for round in 1..=PRECOPY_MAX_ROUNDS {
+        let counts = engine.harvest(vm)?;
+        stage(
+            vm,
+            &engine.harvests,
+            &engine.region_bases,
+            &mut engine.staging,
+            None,
+        )?;
+        CheckpointFrame::new(&engine.staging, 0, ft.generation).write_to(&mut session.chan)?;
+        sent_pages += counts.total();
+        log::info!("initial sync round {round}: {} dirty pages", counts.total());
+        if (counts.total() as usize) < PRECOPY_DONE_PAGES {
+            break;
+        }
+    }
+    log::info!(
+        "initial sync: {sent_pages} pages in {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// Per-epoch metrics sink: JSON lines and the run's summary.
+struct MetricsLog {
+    file: Option<BufWriter<File>>,
+    summary: Summary,
+}
+
+impl MetricsLog {
+    fn new(ft: &FtOptions) -> Result<Self, FtError> {
+        let file = match &ft.metrics_path {
+            Some(p) => Some(BufWriter::new(File::create(p).map_err(|source| {
+                FtError::Metrics {
+                    path: p.display().to_string(),
+                    source,
+                }
+            })?)),
+            None => None,
+        };
+        Ok(MetricsLog {
+            file,
+            summary: Summary::new(),
+        })
+    }
+
+    fn record(&mut self, m: &EpochMetrics) {
+        self.summary.record(m);
+        if let Some(f) = &mut self.file {
+            if serde_json::to_writer(&mut *f, m).is_ok() {
+                let _ = f.write_all(b"\n");
+                let _ = f.flush();
+            }
+        }
+    }
+
+    fn print_summary(&self, side: &str) {
+        if self.summary.count() == 0 {
+            return;
+        }
+        let r = self.summary.report();
+        eprintln!(
+            "ftvmm: {side}: {} epochs; pause µs median {} p99 {} max {}; dirty pages median {} max {}; \
+             transfer µs median {}; ack latency µs median {} p99 {}; {} MiB sent",
+            r.epochs,
+            r.pause_us.median,
+            r.pause_us.p99,
+            r.pause_us.max,
+            r.dirty_pages.median,
+            r.dirty_pages.max,
+            r.transfer_us.median,
+            r.ack_latency_us.median,
+            r.ack_latency_us.p99,
+            r.total_bytes_sent >> 20
+        );
+    }
+}
+
+/// Outcome of one epoch.
+enum EpochResult {
+    Committed,
+    StandbyLost(String),
+}
+
+/// Runs `config`'s guest protected by the standby at `ft.peer`. Returns when
+/// the guest ends.
+pub fn run_primary(config: &VmConfig, ft: &FtOptions) -> Result<VmExit, FtError> {
+    let console = HeldOutput::new(open_serial_output(&config.serial)?);
+    let mut vm = Vm::create_with_output(config, console.writer())?;
+    vm.boot(config)?;
+    let mut metrics = MetricsLog::new(ft)?;
+
+    let mut session = Some(handshake(config, ft)?);
+    log::info!(
+        "protected by standby {} (generation {})",
+        ft.peer,
+        ft.generation
+    );
+    let mut engine = Engine::new(&vm)?;
+    console.hold();
+    vm.start()?;
+
+    if let Some(s) = session.as_mut() {
+        if let Err(e) = precopy(&vm, &mut engine, s, ft) {
+            lose_standby(&mut session, &console, &vm, &e.to_string());
+        }
+    }
+
+    let mut epoch = 0u64;
+    let mut next_boundary = Instant::now() + ft.interval;
+    loop {
+        // Wait for the epoch boundary, the guest's end, or the standby's loss.
+        let exit = wait_boundary(&vm, session.as_ref(), next_boundary);
+        if session.is_none() {
+            if let Some(reason) = exit {
+                metrics.print_summary("primary");
+                return Ok(reason);
+            }
+            next_boundary = Instant::now() + Duration::from_millis(200);
+            continue;
+        }
+        if let Some(lost) = session.as_ref().and_then(|s| s.hb.failure()) {
+            lose_standby(&mut session, &console, &vm, &lost.to_string());
+            continue;
+        }
+        epoch += 1;
+        let final_epoch = exit.is_some();
+        match run_epoch(
+            &mut vm,
+            &mut engine,
+            session.as_mut().expect("protected"),
+            &console,
+            ft,
+            epoch,
+            &mut metrics,
+        ) {
+            Ok(EpochResult::Committed) => {}
+            Ok(EpochResult::StandbyLost(why)) => lose_standby(&mut session, &console, &vm, &why),
+            Err(e) => {
+                // A local failure (pause timeout, memory read) is not the
+                // standby's fault, but the checkpoint stream cannot go on.
+                vm.resume();
+                lose_standby(&mut session, &console, &vm, &e.to_string());
+            }
+        }
+        if final_epoch {
+            // The guest ended: its last output is committed (or released,
+            // if the standby is gone); tell the standby not to take over.
+            if let Some(mut s) = session.take() {
+                let mut buf = Vec::new();
+                if ftvmm_checkpoint::wire::encode_message(&Message::Bye, &mut buf).is_ok() {
+                    let _ = s.chan.send_all(&buf);
+                }
+                s.close();
+            }
+            console.release_all();
+            metrics.print_summary("primary");
+            return Ok(exit.expect("final epoch has a reason"));
+        }
+        next_boundary = Instant::now() + ft.interval;
+    }
+}
+
+/// Waits until `deadline`, or until the VM ends (returns its reason) or the
+/// standby is declared lost (returns None early).
+fn wait_boundary(vm: &Vm, session: Option<&Session>, deadline: Instant) -> Option<VmExit> {
+    loop {
+        if let Some(r) = vm.exit_reason() {
+            return Some(r);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        let mut fds: Vec<libc::pollfd> = vm
+            .exit_fds()
+            .iter()
+            .map(|e| libc::pollfd {
+                fd: e.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        if let Some(s) = session {
+            fds.push(libc::pollfd {
+                fd: s.hb.event_fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let ms = (deadline - now)
+            .as_micros()
+            .div_ceil(1000)
+            .min(i32::MAX as u128) as i32;
+        // SAFETY: `fds` is a valid array of pollfd that outlives the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if n > 0 && session.is_some_and(|s| s.hb.failure().is_some()) {
+            return None;
+        }
+    }
+}
+
+fn lose_standby(session: &mut Option<Session>, console: &HeldOutput, vm: &Vm, why: &str) {
+    if let Some(s) = session.take() {
+        log::warn!(
+            "standby {} lost ({why}): releasing held output, running unprotected",
+            s.peer
+        );
+        s.close();
+    }
+    console.release_all();
+    if let Err(e) = memory::register_slots(&vm.fd, &vm.memory, false) {
+        log::warn!("cannot turn dirty logging off: {e}");
+    }
+}
+
+/// One epoch: pause, capture, resume, stream, await the ack, release.
+fn run_epoch(
+    vm: &mut Vm,
+    engine: &mut Engine,
+    s: &mut Session,
+    console: &HeldOutput,
+    ft: &FtOptions,
+    epoch: u64,
+    metrics: &mut MetricsLog,
+) -> Result<EpochResult, FtError> {
+    let t_pause = Instant::now();
+    let state = vm.pause_and_save(PAUSE_TIMEOUT)?;
+    encode_state(&state, &mut engine.state_buf)?;
+    let counts = engine.harvest(vm)?;
+    let stats = stage(
+        vm,
+        &engine.harvests,
+        &engine.region_bases,
+        &mut engine.staging,
+        Some(&engine.state_buf),
+    )?;
+    let held = console.seal(epoch);
+    vm.resume();
+    let pause = t_pause.elapsed();
+
+    let frame = CheckpointFrame::new(&engine.staging, epoch, ft.generation);
+    if Fault::hits(ft.fault, FaultPoint::MidCheckpoint, epoch) {
+        send_half_and_die(&frame, &mut s.chan, "mid-checkpoint");
+    }
+    let t_send = Instant::now();
+    let sent = match frame.write_to(&mut s.chan) {
+        Ok(n) => n,
+        Err(e) => {
+            return Ok(EpochResult::StandbyLost(format!(
+                "sending checkpoint {epoch}: {e}"
+            )))
+        }
+    };
+    let transfer = t_send.elapsed();
+    if Fault::hits(ft.fault, FaultPoint::BeforeAck, epoch) {
+        die_now("before ack");
+    }
+    s.hb.set_epoch(epoch);
+
+    // The ack: generous, since the heartbeat detects a dead standby sooner
+    // and shuts the channel down, which ends this read at once.
+    let ack_timeout = ft.heartbeat * HEARTBEAT_MISSES * 4 + Duration::from_secs(1);
+    if let Err(e) = s.chan.set_read_timeout(Some(ack_timeout)) {
+        return Ok(EpochResult::StandbyLost(e.to_string()));
+    }
+    match s.reader.read_frame(&mut s.chan, &mut s.ctl_staging) {
+        Ok(Frame::Message(Message::Ack(Ack {
+            epoch: e,
+            generation: g,
+        }))) if e == epoch && g == ft.generation => {}
+        Ok(Frame::Message(Message::Ack(a))) => {
+            return Ok(EpochResult::StandbyLost(format!(
+                "ack for epoch {} generation {} while waiting for epoch {epoch} generation {}",
+                a.epoch, a.generation, ft.generation
+            )))
+        }
+        Ok(Frame::Message(other)) => {
+            return Ok(EpochResult::StandbyLost(format!(
+                "{} while waiting for the ack of epoch {epoch}",
+                other.kind().name()
+            )))
+        }
+        Ok(Frame::Checkpoint(_)) => {
+            return Ok(EpochResult::StandbyLost("standby sent a checkpoint".into()))
+        }
+        Err(e) => {
+            return Ok(EpochResult::StandbyLost(format!(
+                "waiting for the ack of epoch {epoch}: {e}"
+            )))
+        }
+    }
+    let ack_latency = t_send.elapsed();
+    if Fault::hits(ft.fault, FaultPoint::DuringRelease, epoch) {
+        console.release_prefix(epoch, held / 2);
+        die_now("during release");
+    }
+    console.release_upto(epoch);
+    engine.staging.trim();
+    metrics.record(&EpochMetrics {
+        epoch,
+        pause_us: pause.as_micros() as u64,
+        dirty_vcpu: counts.vcpu_only,
+        dirty_vmm: counts.vmm_only,
+        dirty_both: counts.both,
+        bytes_staged: stats.payload_bytes as u64,
+        bytes_sent: sent,
+        transfer_us: transfer.as_micros() as u64,
+        ack_latency_us: ack_latency.as_micros() as u64,
+        held_packets: 0,
+        held_bytes: held as u64,
+        slabs: stats.slabs_used as u64,
+    });
+    Ok(EpochResult::Committed)
+}

@@ -1,0 +1,440 @@
+//! The standby: receives the primary's checkpoints into its own staging,
+//! verifies and applies them atomically, acknowledges them, and when the
+//! primary is lost restores the last committed checkpoint through the same
+//! builder as a boot and runs the guest (DESIGN "Standby and failover").
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ftvmm_checkpoint::wire::{encode_message, Ack, HelloAck, Limits, Message, Refuse};
+use ftvmm_checkpoint::{
+    decode_state, EpochFence, Frame, FrameReader, Role, Staging, StagingConfig, WireError,
+    DEFAULT_STATE_LIMIT, WIRE_VERSION,
+};
+use ftvmm_transport::{
+    Channel, ChannelListener, Heartbeat, HeartbeatStream, TcpChannel, TransportError,
+};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use super::{FtError, HEARTBEAT_MISSES};
+use crate::config::{DiskConfig, KernelSource, NetConfig, SerialConfig, VmConfig};
+use crate::persist::MachineState;
+use crate::vcpu::VmExit;
+use crate::vm::Vm;
+
+/// The standby's own host resources and settings.
+#[derive(Debug, Clone)]
+pub struct StandbyOptions {
+    /// Where to listen for a primary.
+    pub listen: String,
+    /// The console of the guest once it runs here.
+    pub serial: SerialConfig,
+    /// This host's taps for the guest's NICs, in order.
+    pub net: Vec<NetConfig>,
+    /// This host's disk replicas, in order.
+    pub disks: Vec<DiskConfig>,
+}
+
+/// How long a connected primary gets to send its Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn send_message(chan: &mut TcpChannel, msg: &Message) -> Result<(), FtError> {
+    let mut buf = Vec::new();
+    encode_message(msg, &mut buf)?;
+    chan.send_all(&buf)?;
+    Ok(())
+}
+
+fn refuse(chan: &mut TcpChannel, reason: &str) {
+    log::warn!("refusing primary {}: {reason}", chan.peer_addr());
+    let _ = send_message(
+        chan,
+        &Message::Refuse(Refuse {
+            reason: reason.to_string(),
+        }),
+    );
+    let _ = chan.shutdown();
+}
+
+/// What became of a session with a primary.
+enum SessionEnd {
+    /// The primary finished (its guest ended): nothing to take over.
+    Bye,
+    /// The primary was refused; this standby's state is untouched.
+    Refused,
+    /// The primary was lost before any checkpoint committed: nothing to run.
+    LostEmpty(String),
+    /// The primary was lost after checkpoint `epoch` committed: take over.
+    Takeover {
+        vm: Box<Vm>,
+        state: Vec<u8>,
+        epoch: u64,
+        why: String,
+        lost_at: Instant,
+    },
+}
+
+/// The standby's memory of past sessions, for fencing (I5).
+struct Fencing {
+    /// Highest generation ever accepted.
+    max_generation: u64,
+}
+
+/// Runs a standby until it has taken over and its guest ended (returns the
+/// guest's exit reason), or until a primary said goodbye.
+pub fn run_standby(opts: &StandbyOptions) -> Result<Option<VmExit>, FtError> {
+    let mut listener =
+        ChannelListener::bind(opts.listen.as_str()).map_err(|source| FtError::Listen {
+            addr: opts.listen.clone(),
+            source,
+        })?;
+    log::info!("standby listening on {}", listener.local_addr());
+    let busy: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let (tx, rx) = mpsc::channel::<(TcpChannel, HeartbeatStream)>();
+    {
+        let busy = busy.clone();
+        std::thread::Builder::new()
+            .name("ft-accept".into())
+            .spawn(move || loop {
+                match listener.accept_pair(Duration::from_secs(3600)) {
+                    Ok((mut chan, hb)) => {
+                        let reason = busy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        match reason {
+                            Some(r) => {
+                                refuse(&mut chan, &r);
+                                drop(hb);
+                            }
+                            None => {
+                                if tx.send((chan, hb)).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    Err(TransportError::AcceptTimeout { .. }) => {}
+                    Err(e) if e.is_per_connection() => log::warn!("dropped a connection: {e}"),
+                    Err(e) => {
+                        log::error!("accepting primaries: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            })
+            .map_err(|e| {
+                FtError::Io(std::io::Error::other(format!("cannot spawn acceptor: {e}")))
+            })?;
+    }
+
+    let mut fencing = Fencing { max_generation: 0 };
+    loop {
+        let (chan, hb) = rx
+            .recv()
+            .map_err(|_| FtError::Io(std::io::Error::other("acceptor thread ended")))?;
+        let set_busy = |r: Option<String>| *busy.lock().unwrap_or_else(|e| e.into_inner()) = r;
+        set_busy(Some("this standby is already paired with a primary".into()));
+        match serve(chan, hb, opts, &mut fencing) {
+            SessionEnd::Bye => {
+                log::info!("primary finished; standby exits");
+                return Ok(None);
+            }
+            SessionEnd::Refused => set_busy(None),
+            SessionEnd::LostEmpty(why) => {
+                log::warn!("primary lost before its first checkpoint committed ({why}); nothing to run, waiting for a new primary");
+                set_busy(None);
+            }
+            SessionEnd::Takeover {
+                vm,
+                state,
+                epoch,
+                why,
+                lost_at,
+            } => {
+                set_busy(Some(format!(
+                    "this standby took over the guest (generation {}) and runs it",
+                    fencing.max_generation + 1
+                )));
+                return take_over(*vm, &state, epoch, &why, lost_at).map(Some);
+            }
+        }
+    }
+}
+
+/// Restores the committed checkpoint and runs the guest here.
+fn take_over(
+    mut vm: Vm,
+    state: &[u8],
+    epoch: u64,
+    why: &str,
+    lost_at: Instant,
+) -> Result<VmExit, FtError> {
+    let machine: MachineState = decode_state(state, DEFAULT_STATE_LIMIT)?;
+    vm.restore(&machine)?;
+    // Pages written by the apply are not "dirty" for this VM's own future.
+    reset_vmm_bitmap(&vm);
+    vm.start()?;
+    eprintln!(
+        "ftvmm: standby took over from checkpoint {epoch} ({why}); guest running {:.1} ms after the primary was lost",
+        lost_at.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(vm.wait_exit(None).expect("waits until the guest ends"))
+}
+
+fn reset_vmm_bitmap(vm: &Vm) {
+    for region in vm.memory.iter() {
+        let bm = std::ops::Deref::deref(region).bitmap();
+        let mut scratch = ftvmm_checkpoint::HarvestBuffer::new((region.len() / 4096) as usize);
+        let kvm_none = vec![0u64; ((region.len() / 4096) as usize).div_ceil(64)];
+        let _ = scratch.harvest(&kvm_none, bm);
+    }
+}
+
+/// The VM config a Hello describes, with this host's resources.
+fn config_for(
+    shape: &ftvmm_checkpoint::GuestShape,
+    opts: &StandbyOptions,
+) -> Result<VmConfig, String> {
+    if shape.mem_bytes % (1 << 20) != 0 {
+        return Err(format!(
+            "guest memory {} bytes is not a whole number of MiB",
+            shape.mem_bytes
+        ));
+    }
+    if shape.devices.nic_macs.len() != opts.net.len() {
+        return Err(format!(
+            "the guest has {} NICs but this standby was given {} --net taps",
+            shape.devices.nic_macs.len(),
+            opts.net.len()
+        ));
+    }
+    if shape.devices.disks as usize != opts.disks.len() {
+        return Err(format!(
+            "the guest has {} disks but this standby was given {} --disk replicas",
+            shape.devices.disks,
+            opts.disks.len()
+        ));
+    }
+    let net = opts
+        .net
+        .iter()
+        .zip(&shape.devices.nic_macs)
+        .map(|(n, mac)| NetConfig {
+            tap: n.tap.clone(),
+            mac: (*mac != [0; 6]).then_some(crate::config::MacAddr(*mac)),
+        })
+        .collect();
+    Ok(VmConfig {
+        kernel: KernelSource::EmbeddedTestGuest,
+        initrd: None,
+        cmdline: shape.cmdline.clone(),
+        mem_mib: shape.mem_bytes >> 20,
+        vcpus: shape.vcpus as u8,
+        net,
+        disks: opts.disks.clone(),
+        serial: opts.serial.clone(),
+    })
+}
+
+/// Serves one primary from its Hello to its end.
+fn serve(
+    mut chan: TcpChannel,
+    hb: HeartbeatStream,
+    opts: &StandbyOptions,
+    fencing: &mut Fencing,
+) -> SessionEnd {
+    let peer = chan.peer_addr().to_string();
+    // Handshake.
+    let limits = Limits::handshake();
+    let mut reader = FrameReader::new(limits);
+    let mut ctl = match Staging::new(StagingConfig {
+        max_pages: 0,
+        ..limits.staging_config()
+    }) {
+        Ok(s) => s,
+        Err(e) => {
+            refuse(&mut chan, &e.to_string());
+            return SessionEnd::Refused;
+        }
+    };
+    if let Err(e) = chan.set_read_timeout(Some(HELLO_TIMEOUT)) {
+        log::warn!("primary {peer}: {e}");
+        return SessionEnd::Refused;
+    }
+    let hello = match reader.read_frame(&mut chan, &mut ctl) {
+        Ok(Frame::Message(Message::Hello(h))) => h,
+        Ok(Frame::Message(m)) => {
+            refuse(
+                &mut chan,
+                &format!("expected Hello, got {}", m.kind().name()),
+            );
+            return SessionEnd::Refused;
+        }
+        Ok(Frame::Checkpoint(_)) => {
+            refuse(&mut chan, "expected Hello, got a checkpoint");
+            return SessionEnd::Refused;
+        }
+        Err(e) => {
+            refuse(&mut chan, &format!("bad handshake: {e}"));
+            return SessionEnd::Refused;
+        }
+    };
+    if hello.version != WIRE_VERSION {
+        refuse(
+            &mut chan,
+            &format!(
+                "wire version {} is not supported (this standby speaks {WIRE_VERSION})",
+                hello.version
+            ),
+        );
+        return SessionEnd::Refused;
+    }
+    if hello.role != Role::Primary {
+        refuse(&mut chan, "the peer does not claim the primary role");
+        return SessionEnd::Refused;
+    }
+    if hello.generation < fencing.max_generation {
+        refuse(
+            &mut chan,
+            &format!(
+                "generation {} is older than generation {} this standby already served: a stale primary is fenced",
+                hello.generation, fencing.max_generation
+            ),
+        );
+        return SessionEnd::Refused;
+    }
+    let host_mem = crate::memory::host_memory_mib().unwrap_or(u64::MAX >> 20) << 20;
+    let limits = match Limits::for_shape(&hello.shape, host_mem, DEFAULT_STATE_LIMIT) {
+        Ok(l) => l,
+        Err(e) => {
+            refuse(&mut chan, &format!("guest shape refused: {e}"));
+            return SessionEnd::Refused;
+        }
+    };
+    let config = match config_for(&hello.shape, opts) {
+        Ok(c) => c,
+        Err(e) => {
+            refuse(&mut chan, &format!("guest shape refused: {e}"));
+            return SessionEnd::Refused;
+        }
+    };
+    let vm = match Vm::create(&config) {
+        Ok(vm) => vm,
+        Err(e) => {
+            refuse(&mut chan, &format!("cannot build the guest's VM here: {e}"));
+            return SessionEnd::Refused;
+        }
+    };
+    let mut limits = limits;
+    limits.gpa_end = vm.memory.last_addr().0 + 1;
+    let mut staging = match Staging::new(limits.staging_config()) {
+        Ok(s) => s,
+        Err(e) => {
+            refuse(&mut chan, &e.to_string());
+            return SessionEnd::Refused;
+        }
+    };
+    reader.set_limits(limits);
+    fencing.max_generation = hello.generation;
+    let generation = hello.generation;
+    if let Err(e) = send_message(
+        &mut chan,
+        &Message::HelloAck(HelloAck {
+            version: WIRE_VERSION,
+            generation,
+        }),
+    ) {
+        return SessionEnd::LostEmpty(e.to_string());
+    }
+    let interval = Duration::from_millis(u64::from(hello.heartbeat_ms.max(1)));
+    let hb = match Heartbeat::start(hb, interval, HEARTBEAT_MISSES, generation) {
+        Ok(h) => h,
+        Err(e) => return SessionEnd::LostEmpty(e.to_string()),
+    };
+    // A dead primary stops its heartbeats: shut the data channel so the
+    // blocked read below ends; a torn frame is then discarded (I2).
+    let stop = Arc::new(AtomicBool::new(false));
+    if let Ok(c) = chan.try_clone() {
+        let detector = hb.detector().clone();
+        let stop = stop.clone();
+        let _ = std::thread::Builder::new()
+            .name("ft-watch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    if detector.wait_failure(Duration::from_millis(200)).is_some() {
+                        let _ = c.shutdown();
+                        return;
+                    }
+                }
+            });
+    }
+    log::info!("paired with primary {peer}, generation {generation}");
+    let _ = chan.set_read_timeout(None);
+
+    let mut fence = EpochFence::new(generation);
+    let mut committed: Vec<u8> = Vec::new();
+    let mut scratch: Vec<u8> = Vec::new();
+    let mut have_commit = false;
+    let end = loop {
+        let frame = reader.read_frame(&mut chan, &mut staging);
+        match frame {
+            Ok(Frame::Checkpoint(cp)) => {
+                if cp.state_len() == 0 {
+                    // Initial sync: pages only, nothing commits.
+                    if cp.generation() != generation {
+                        break format!("initial-sync frame of generation {}", cp.generation());
+                    }
+                    if let Err(e) = cp.apply(&vm.memory, &mut scratch) {
+                        break format!("applying initial sync: {e}");
+                    }
+                    continue;
+                }
+                if let Err(e) = fence.admit(cp.generation(), cp.epoch()) {
+                    break format!("checkpoint refused: {e}");
+                }
+                let epoch = cp.epoch();
+                match cp.apply(&vm.memory, &mut scratch) {
+                    Ok(state) => {
+                        committed.clear();
+                        committed.extend_from_slice(state);
+                    }
+                    Err(e) => break format!("applying checkpoint {epoch}: {e}"),
+                }
+                fence.commit(epoch);
+                have_commit = true;
+                hb.set_epoch(epoch);
+                if let Err(e) = send_message(&mut chan, &Message::Ack(Ack { epoch, generation })) {
+                    break format!("sending ack {epoch}: {e}");
+                }
+            }
+            Ok(Frame::Message(Message::Bye)) => {
+                stop.store(true, Ordering::Release);
+                hb.stop();
+                return SessionEnd::Bye;
+            }
+            Ok(Frame::Message(m)) => {
+                break format!("unexpected {} from the primary", m.kind().name())
+            }
+            Err(WireError::Closed) => break "the primary closed the connection".to_string(),
+            Err(e) => break e.to_string(),
+        }
+    };
+    let lost_at = Instant::now();
+    let why = match hb.failure() {
+        Some(lost) => format!("{lost}; {end}"),
+        None => end,
+    };
+    stop.store(true, Ordering::Release);
+    // Fence the old primary: it never hears from this standby again.
+    let _ = chan.shutdown();
+    hb.stop();
+    if !have_commit {
+        return SessionEnd::LostEmpty(why);
+    }
+    SessionEnd::Takeover {
+        vm: Box::new(vm),
+        state: committed,
+        epoch: fence.last_applied().unwrap_or(0),
+        why,
+        lost_at,
+    }
+}
