@@ -13,10 +13,16 @@
 mod arch;
 mod bootparams;
 mod cmdline;
+mod disk;
 mod mem;
+mod net;
+mod netproto;
+mod peripherals;
 mod power;
+mod records;
 mod serial;
 mod tsc;
+mod virtio;
 mod workload;
 
 use core::fmt::Write;
@@ -63,6 +69,7 @@ extern "C" fn user_main(boot_params: u64) -> ! {
 
     let wl = workload::Workload::new(&bp, &cfg, khz.khz);
     wl.print_config();
+    let mut io = peripherals::Peripherals::new(&cfg, khz.khz);
     serial::write_bytes(b"ftguest ready\n");
     match cfg.crash {
         cmdline::Crash::No => {}
@@ -74,7 +81,7 @@ extern "C" fn user_main(boot_params: u64) -> ! {
         }
         cmdline::Crash::Panic => panic!("crash=panic on the command line"),
     }
-    wl.run()
+    wl.run(&mut io)
 }
 
 #[panic_handler]

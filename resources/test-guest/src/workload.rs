@@ -10,6 +10,7 @@ use crate::arch::boot::MAPPED_END;
 use crate::arch::io::{pause, rdtsc};
 use crate::bootparams::BootParams;
 use crate::cmdline::Config;
+use crate::peripherals::Peripherals;
 use crate::power::poweroff;
 use crate::serial::{write_bytes, Line};
 
@@ -83,11 +84,14 @@ impl Workload {
         line.emit();
     }
 
-    pub fn run(&self) -> ! {
+    /// Rounds and heartbeats forever (or until `stop`); `io` is polled
+    /// while rounds wait, and told of each heartbeat after its line.
+    pub fn run(&self, io: &mut Peripherals) -> ! {
         let mut cursor = 0;
+        io.start();
         loop {
             for _ in 0..self.rounds {
-                cursor = self.round(cursor);
+                cursor = self.round(cursor, io);
             }
             let n = HEARTBEAT.load(Ordering::Relaxed) + 1;
             HEARTBEAT.store(n, Ordering::Relaxed);
@@ -96,16 +100,18 @@ impl Workload {
             line.push_u64(HEARTBEAT.load(Ordering::Relaxed));
             line.push_str("\n");
             line.emit();
+            io.heartbeat(n);
             if self.stop != 0 && n >= self.stop {
+                io.drain();
                 write_bytes(b"ftguest done\n");
                 poweroff();
             }
         }
     }
 
-    /// Dirties `dirty` pages from `cursor` on, waits out the round, and
-    /// returns the next cursor.
-    fn round(&self, mut cursor: u64) -> u64 {
+    /// Dirties `dirty` pages from `cursor` on, waits out the round (polling
+    /// `io`), and returns the next cursor.
+    fn round(&self, mut cursor: u64, io: &mut Peripherals) -> u64 {
         let start = rdtsc();
         let round = ROUND.load(Ordering::Relaxed) + 1;
         ROUND.store(round, Ordering::Relaxed);
@@ -121,8 +127,10 @@ impl Workload {
                 }
             }
         }
+        io.poll();
         while rdtsc().wrapping_sub(start) < self.round_cycles {
             pause();
+            io.poll();
         }
         cursor
     }

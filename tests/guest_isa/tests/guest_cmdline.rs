@@ -4,7 +4,10 @@
 #[path = "../../../resources/test-guest/src/cmdline.rs"]
 mod cmdline;
 
-use cmdline::{parse, parse_u64, Config, Crash};
+use cmdline::{
+    parse, parse_ip_port, parse_ipv4, parse_mac, parse_mmio_device, parse_size, parse_u64, Config,
+    Crash, MmioDevice, Switch,
+};
 
 fn parse_ok(s: &str) -> Config {
     parse(s.as_bytes(), |k, v| {
@@ -27,7 +30,16 @@ fn defaults() {
             rounds: 10,
             round_us: 1000,
             stop: 0,
-            crash: Crash::No
+            crash: Crash::No,
+            mmio: [None; 8],
+            net: Switch::Auto,
+            ip: None,
+            udp: None,
+            udp_src: 7777,
+            echo_port: 7,
+            gw_mac: None,
+            disk: Switch::Auto,
+            disk_verify: false,
         }
     );
 }
@@ -35,7 +47,7 @@ fn defaults() {
 #[test]
 fn keys_and_unknown_words() {
     let cfg = parse_ok(
-        "console=ttyS0 quiet dirty=1000 span=0x1000  rounds=3\tround_us=0 stop=5 net=tap0",
+        "console=ttyS0 quiet dirty=1000 span=0x1000  rounds=3\tround_us=0 stop=5 tap=tap0",
     );
     assert_eq!(
         cfg,
@@ -45,7 +57,7 @@ fn keys_and_unknown_words() {
             rounds: 3,
             round_us: 0,
             stop: 5,
-            crash: Crash::No
+            ..Config::default()
         }
     );
     // span=0 means the default; the last occurrence wins.
@@ -90,4 +102,101 @@ fn numbers() {
     assert_eq!(parse_u64(b"0x"), None);
     assert_eq!(parse_u64(b""), None);
     assert_eq!(parse_u64(b"+1"), None);
+}
+
+#[test]
+fn devices_and_network_keys() {
+    let cfg = parse_ok(
+        "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=0x1000@0xd0001000:6:1 \
+         net=on ip=10.0.0.2 udp=10.0.0.1:9000 udp_src=1234 echo_port=0x7 \
+         gw_mac=02:00:00:00:00:FE disk=off disk_verify=yes",
+    );
+    assert_eq!(
+        cfg.mmio[0],
+        Some(MmioDevice {
+            addr: 0xd000_0000,
+            size: 4096,
+            irq: 5
+        })
+    );
+    assert_eq!(
+        cfg.mmio[1],
+        Some(MmioDevice {
+            addr: 0xd000_1000,
+            size: 4096,
+            irq: 6
+        })
+    );
+    assert_eq!(cfg.mmio[2], None);
+    assert_eq!(cfg.net, Switch::On);
+    assert_eq!(cfg.disk, Switch::Off);
+    assert!(cfg.disk_verify);
+    assert_eq!(cfg.ip, Some([10, 0, 0, 2]));
+    assert_eq!(cfg.udp, Some(([10, 0, 0, 1], 9000)));
+    assert_eq!(cfg.udp_src, 1234);
+    assert_eq!(cfg.echo_port, 7);
+    assert_eq!(cfg.gw_mac, Some([2, 0, 0, 0, 0, 0xfe]));
+    // More windows than kept: the first ones stay.
+    let many: Vec<String> = (0..10)
+        .map(|i| {
+            format!(
+                "virtio_mmio.device=4K@0x{:x}:{}",
+                0xd000_0000u64 + i * 0x1000,
+                5 + i
+            )
+        })
+        .collect();
+    let cfg = parse_ok(&many.join(" "));
+    assert!(cfg.mmio.iter().all(Option::is_some));
+    assert_eq!(cfg.mmio[7].unwrap().addr, 0xd000_7000);
+}
+
+#[test]
+fn bad_device_and_network_values() {
+    let mut bad = Vec::new();
+    let cfg = parse(
+        b"virtio_mmio.device=4K@0xd0000000 virtio_mmio.device=0@0x1000:5 net=maybe \
+          ip=10.0.0.256 udp=10.0.0.1 udp=10.0.0.1:0 udp_src=70000 gw_mac=02:00:00:00:00 disk=2",
+        |k, v| {
+            bad.push(format!(
+                "{}={}",
+                String::from_utf8_lossy(k),
+                String::from_utf8_lossy(v)
+            ))
+        },
+    );
+    assert_eq!(cfg, Config::default());
+    assert_eq!(bad.len(), 9, "{bad:?}");
+}
+
+#[test]
+fn value_parsers() {
+    assert_eq!(parse_size(b"4K"), Some(4096));
+    assert_eq!(parse_size(b"0x200"), Some(512));
+    assert_eq!(parse_size(b"1m"), Some(1 << 20));
+    assert_eq!(parse_size(b"K"), None);
+    assert_eq!(
+        parse_mmio_device(b"512@0xfeb00000:12:3"),
+        Some(MmioDevice {
+            addr: 0xfeb0_0000,
+            size: 512,
+            irq: 12
+        })
+    );
+    assert_eq!(parse_mmio_device(b"4K@0xd0000000:5:x"), None);
+    assert_eq!(parse_mmio_device(b"4K0xd0000000:5"), None);
+    assert_eq!(parse_ipv4(b"192.168.1.255"), Some([192, 168, 1, 255]));
+    assert_eq!(parse_ipv4(b"1.2.3"), None);
+    assert_eq!(parse_ipv4(b"1.2.3.4.5"), None);
+    assert_eq!(parse_ipv4(b"1..3.4"), None);
+    assert_eq!(parse_ipv4(b"0x1.2.3.4"), None);
+    assert_eq!(parse_ip_port(b"1.2.3.4:65535"), Some(([1, 2, 3, 4], 65535)));
+    assert_eq!(parse_ip_port(b"1.2.3.4:65536"), None);
+    assert_eq!(parse_ip_port(b"1.2.3.4:"), None);
+    assert_eq!(
+        parse_mac(b"aa-BB-cc-00-01-2"),
+        Some([0xaa, 0xbb, 0xcc, 0, 1, 2])
+    );
+    assert_eq!(parse_mac(b"aa:bb:cc:00:01:02:03"), None);
+    assert_eq!(parse_mac(b"aa:bb:cc:00:01:xyz"), None);
 }
