@@ -105,6 +105,9 @@ struct FtArgs {
     /// Fault injection for tests: handshake, initial-sync, mid-checkpoint@N, before-ack@N, during-release@N.
     #[arg(long, value_name = "POINT", hide = true)]
     ft_fault: Option<ftvmm::ft::Fault>,
+    /// Print a CRC of guest memory at this epoch's cut (tests).
+    #[arg(long, value_name = "N", hide = true)]
+    ft_hash_epoch: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -121,6 +124,9 @@ struct StandbyArgs {
     /// Console output once the guest runs here: stdout, file:PATH or none.
     #[arg(long, value_name = "SINK", default_value = "stdout")]
     serial: SerialConfig,
+    /// Print a CRC of guest memory after applying this epoch (tests).
+    #[arg(long, value_name = "N", hide = true)]
+    ft_hash_epoch: Option<u64>,
 }
 
 impl VmArgs {
@@ -180,6 +186,7 @@ fn run(args: RunArgs) -> Result<(), String> {
                 generation: args.ft.ft_generation,
                 metrics_path: args.ft.ft_metrics,
                 fault: args.ft.ft_fault,
+                hash_epoch: args.ft.ft_hash_epoch,
             };
             ftvmm::ft::primary::run_primary(&config, &ft).map_err(|e| e.to_string())?
         }
@@ -207,6 +214,7 @@ fn standby(args: StandbyArgs) -> Result<(), String> {
         serial: args.serial,
         net: args.net,
         disks: args.disk,
+        hash_epoch: args.ft_hash_epoch,
     };
     match run_standby(&opts).map_err(|e| e.to_string())? {
         None => Ok(()),

@@ -13,7 +13,7 @@ use std::io::Read;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{run, wait_with_timeout, TempDir};
@@ -27,6 +27,24 @@ const ECHO_PORT: u16 = 7;
 const BEATS: u64 = 300;
 const SECTOR: usize = 512;
 const DISK_SECTORS: usize = 2048;
+
+/// True unless this ftvmm still refuses virtio devices (they are being
+/// built; until they land these tests have nothing to run against).
+fn devices_supported(dir: &TempDir) -> bool {
+    let disk = dir.path("probe.img");
+    std::fs::write(&disk, vec![0u8; SECTOR]).unwrap();
+    let out = run(
+        &[
+            "run",
+            "--disk",
+            &format!("path={}", disk.display()),
+            "--cmdline",
+            "stop=1",
+        ],
+        Duration::from_secs(60),
+    );
+    !out.stderr.contains("not supported yet")
+}
 
 /// Why this host cannot run the namespace test, if it cannot.
 fn skip_reason() -> Option<&'static str> {
@@ -142,7 +160,15 @@ struct Seen {
 
 /// Receives heartbeats until `ftguest hb=<last>` (or the deadline); once the
 /// first arrives, sends `echoes` echo requests, each retried a few times.
-fn talk(hb: &UdpSocket, echo: &UdpSocket, last: u64, echoes: usize, deadline: Instant) -> Seen {
+/// Stops early (after a last 200 ms of receiving) when `child` exits.
+fn talk(
+    child: &mut Child,
+    hb: &UdpSocket,
+    echo: &UdpSocket,
+    last: u64,
+    echoes: usize,
+    mut deadline: Instant,
+) -> Seen {
     let mut seen = Seen::default();
     let last_payload = format!("ftguest hb={last}\n");
     hb.set_read_timeout(Some(Duration::from_millis(50)))
@@ -151,7 +177,12 @@ fn talk(hb: &UdpSocket, echo: &UdpSocket, last: u64, echoes: usize, deadline: In
         .unwrap();
     let guest_echo: SocketAddr = format!("{GUEST_IP}:{ECHO_PORT}").parse().unwrap();
     let mut buf = [0u8; 2048];
+    let mut exited = false;
     while Instant::now() < deadline {
+        if !exited && child.try_wait().ok().flatten().is_some() {
+            exited = true;
+            deadline = deadline.min(Instant::now() + Duration::from_millis(200));
+        }
         match hb.recv_from(&mut buf) {
             Ok((n, from)) => {
                 seen.beats
@@ -166,7 +197,7 @@ fn talk(hb: &UdpSocket, echo: &UdpSocket, last: u64, echoes: usize, deadline: In
                 break;
             }
         }
-        if !seen.beats.is_empty() && seen.echoes.len() < echoes {
+        if !exited && !seen.beats.is_empty() && seen.echoes.len() < echoes {
             let i = seen.echoes.len();
             let payload = format!("echo request {i} {}", "x".repeat(i * 97)).into_bytes();
             let mut answer = None;
@@ -198,6 +229,11 @@ fn guest_heartbeats_echo_and_disk_records() {
         println!("SKIP guest_net: {why}");
         return;
     }
+    let dir = TempDir::new("guest-net");
+    if !devices_supported(&dir) {
+        println!("SKIP guest_net: this ftvmm has no virtio devices yet");
+        return;
+    }
     let net = NetNs::new("gn").unwrap_or_else(|e| panic!("setting up the namespace: {e}"));
     let hb = net
         .udp_socket(&format!("{HOST_IP}:{HB_PORT}"))
@@ -206,14 +242,13 @@ fn guest_heartbeats_echo_and_disk_records() {
         .udp_socket(&format!("{HOST_IP}:0"))
         .unwrap_or_else(|e| panic!("echo socket: {e}"));
 
-    let dir = TempDir::new("guest-net");
     let disk = dir.path("disk.img");
     std::fs::write(&disk, vec![0u8; DISK_SECTORS * SECTOR]).unwrap();
 
     let cmdline = format!(
         "ip={GUEST_IP} udp={HOST_IP}:{HB_PORT} echo_port={ECHO_PORT} disk_verify=on stop={BEATS}"
     );
-    let child = Command::new("ip")
+    let mut child = Command::new("ip")
         .args(["netns", "exec", &net.ns, env!("CARGO_BIN_EXE_ftvmm"), "run"])
         .arg("--net")
         .arg(format!("tap={},mac={GUEST_MAC}", net.tap))
@@ -305,6 +340,10 @@ fn guest_reports_a_readonly_disk_and_leaves_it_alone() {
         return;
     }
     let dir = TempDir::new("guest-ro");
+    if !devices_supported(&dir) {
+        println!("SKIP guest_net readonly: this ftvmm has no virtio devices yet");
+        return;
+    }
     let disk = dir.path("ro.img");
     let pattern: Vec<u8> = (0..64 * SECTOR).map(|i| (i % 251) as u8).collect();
     std::fs::write(&disk, &pattern).unwrap();

@@ -35,6 +35,30 @@ pub struct FtOptions {
     pub metrics_path: Option<PathBuf>,
     /// Fault injection for the kill-at-every-step tests.
     pub fault: Option<Fault>,
+    /// Print a checksum of all guest memory at this epoch's cut (tests).
+    pub hash_epoch: Option<u64>,
+}
+
+/// CRC-32 of all guest RAM, region by region: the memory-equality tests
+/// compare the primary's at an epoch's cut with the standby's after it
+/// applied that epoch.
+pub fn memory_crc(mem: &crate::memory::GuestMemory) -> u32 {
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for region in mem.iter() {
+        let mut off = 0u64;
+        while off < region.len() {
+            let n = ((region.len() - off) as usize).min(buf.len());
+            let addr = vm_memory::GuestAddress(region.start_addr().0 + off);
+            if mem.read_slice(&mut buf[..n], addr).is_err() {
+                break;
+            }
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+    }
+    h.finalize()
 }
 
 /// A point of the protocol where a test makes the primary die (SIGKILL).

@@ -536,6 +536,12 @@ fn run_epoch(
         Some(&engine.state_buf),
     )?;
     let held = console.seal(epoch);
+    if ft.hash_epoch == Some(epoch) {
+        eprintln!(
+            "ftvmm: memory crc at epoch {epoch}: {:08x}",
+            super::memory_crc(&vm.memory)
+        );
+    }
     vm.resume();
     let pause = t_pause.elapsed();
 

@@ -35,6 +35,8 @@ pub struct StandbyOptions {
     pub net: Vec<NetConfig>,
     /// This host's disk replicas, in order.
     pub disks: Vec<DiskConfig>,
+    /// Print a checksum of all guest memory after applying this epoch (tests).
+    pub hash_epoch: Option<u64>,
 }
 
 /// How long a connected primary gets to send its Hello.
@@ -401,6 +403,12 @@ fn serve(
                 }
                 fence.commit(epoch);
                 have_commit = true;
+                if opts.hash_epoch == Some(epoch) {
+                    eprintln!(
+                        "ftvmm: memory crc at epoch {epoch}: {:08x}",
+                        super::memory_crc(&vm.memory)
+                    );
+                }
                 hb.set_epoch(epoch);
                 if let Err(e) = send_message(&mut chan, &Message::Ack(Ack { epoch, generation })) {
                     break format!("sending ack {epoch}: {e}");

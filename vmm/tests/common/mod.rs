@@ -154,3 +154,152 @@ pub fn linux_guest(test: &str) -> Option<(PathBuf, PathBuf, String)> {
         .to_string();
     Some((vmlinux, initrd, cmdline))
 }
+
+/// A child process killed (SIGKILL) and reaped when dropped, so a failing
+/// test leaves nothing running.
+pub struct Proc {
+    pub child: Child,
+    pub name: &'static str,
+}
+
+impl Proc {
+    /// SIGKILL now and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for exit at most `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Spawns `ftvmm ARGS` with stdout/stderr to files in `dir`.
+pub fn spawn(name: &'static str, dir: &TempDir, args: &[String]) -> Proc {
+    let out = std::fs::File::create(dir.path(&format!("{name}.stdout"))).unwrap();
+    let err = std::fs::File::create(dir.path(&format!("{name}.stderr"))).unwrap();
+    let child = ftvmm()
+        .args(args)
+        .env("FTVMM_LOG", "info")
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("spawn ftvmm");
+    Proc { child, name }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The file's contents, or "" if absent.
+pub fn read(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Parses the complete lines (those ending in '\n') of `text` with `parse`.
+pub fn complete_lines<T>(text: &str, parse: impl Fn(&str) -> Option<T>) -> Vec<T> {
+    text.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| parse(l.trim_end_matches('\n')))
+        .collect()
+}
+
+fn parse_hb(line: &str) -> Option<u64> {
+    line.strip_prefix("ftguest hb=")?.parse().ok()
+}
+
+/// Checks DESIGN's exactly-once property of a failover transcript: the
+/// primary's released output `p` followed by the standby's output `s` shows
+/// every number at most once and in order, consecutive within each process,
+/// with a gap only at the takeover (the epoch that was in flight), and the
+/// standby goes on counting. Returns (last number of the primary, first
+/// number of the standby, gap).
+pub fn check_exactly_once(
+    p: &str,
+    s: &str,
+    parse: impl Fn(&str) -> Option<u64> + Copy,
+) -> (u64, u64, u64) {
+    // The line the primary was in the middle of when it died may be
+    // finished by the standby's first bytes (same epoch boundary), or be
+    // lost with the in-flight epoch; it is judged as one junction line.
+    let p_tail = p.rsplit_once('\n').map(|(_, t)| t).unwrap_or(p);
+    let (s_head, s_rest) = if p_tail.is_empty() {
+        ("", s)
+    } else {
+        match s.split_once('\n') {
+            Some((h, r)) => (h, r),
+            None => (s, ""),
+        }
+    };
+    let p_nums = complete_lines(p, parse);
+    let junction = parse(&format!("{p_tail}{s_head}"));
+    let s_nums = complete_lines(s_rest, parse);
+    assert!(!p_nums.is_empty(), "primary released nothing:\n{p}");
+    assert_eq!(
+        p_nums,
+        (p_nums[0]..p_nums[0] + p_nums.len() as u64).collect::<Vec<_>>(),
+        "primary's output is not consecutive"
+    );
+    assert!(
+        !s_nums.is_empty(),
+        "the standby printed nothing after the takeover:\n{s}"
+    );
+    assert_eq!(
+        s_nums,
+        (s_nums[0]..s_nums[0] + s_nums.len() as u64).collect::<Vec<_>>(),
+        "standby's output is not consecutive"
+    );
+    let last_p = *p_nums.last().unwrap();
+    let first_s = match junction {
+        Some(j) => {
+            assert!(
+                j > last_p,
+                "junction line {j} repeats the primary's output (last {last_p})"
+            );
+            assert_eq!(
+                s_nums[0],
+                j + 1,
+                "standby's output does not follow the junction line"
+            );
+            j
+        }
+        None => s_nums[0],
+    };
+    assert!(
+        first_s > last_p,
+        "output repeated across the takeover: primary ended at {last_p}, standby restarted at {first_s}"
+    );
+    (last_p, first_s, first_s - last_p - 1)
+}
+
+/// Heartbeat number of a test-guest console line.
+pub fn hb_line(line: &str) -> Option<u64> {
+    parse_hb(line)
+}

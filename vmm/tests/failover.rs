@@ -1,0 +1,395 @@
+//! Primary → standby failover through the real binary, with the test guest:
+//! exactly-once console output (I1), torn checkpoints (I2), kills at every
+//! step of the protocol, memory equality at a committed epoch (I3), standby
+//! death, and bad peers.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const GUEST: &str = "dirty=512 span=2048 rounds=2 round_us=2000";
+
+struct Pair {
+    dir: TempDir,
+    port: u16,
+    standby: Proc,
+    primary: Option<Proc>,
+}
+
+impl Pair {
+    fn standby_args(dir: &TempDir, port: u16, extra: &[&str]) -> Vec<String> {
+        let mut a = vec![
+            "standby".to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--serial".into(),
+            format!("file:{}", dir.path("standby.console").display()),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    }
+
+    fn primary_args(&self, cmdline: &str, extra: &[&str]) -> Vec<String> {
+        let mut a = vec![
+            "run".to_string(),
+            "--mem-mib".into(),
+            "64".into(),
+            "--cmdline".into(),
+            cmdline.into(),
+            "--ft-peer".into(),
+            format!("127.0.0.1:{}", self.port),
+            "--ft-interval-ms".into(),
+            "20".into(),
+            "--serial".into(),
+            format!("file:{}", self.dir.path("primary.console").display()),
+            "--ft-metrics".into(),
+            self.dir.path("metrics.jsonl").display().to_string(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    }
+
+    /// A standby listening, and a primary protected by it.
+    fn start(tag: &str, primary_extra: &[&str], standby_extra: &[&str]) -> Pair {
+        let dir = TempDir::new(tag);
+        let port = free_port();
+        let standby = spawn(
+            "standby",
+            &dir,
+            &Pair::standby_args(&dir, port, standby_extra),
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), || read(
+                &dir.path("standby.stderr")
+            )
+            .contains("listening")),
+            "standby did not start: {}",
+            read(&dir.path("standby.stderr"))
+        );
+        let mut pair = Pair {
+            dir,
+            port,
+            standby,
+            primary: None,
+        };
+        let args = pair.primary_args(GUEST, primary_extra);
+        pair.primary = Some(spawn("primary", &pair.dir, &args));
+        pair
+    }
+
+    fn file(&self, name: &str) -> String {
+        read(&self.dir.path(name))
+    }
+
+    fn epochs(&self) -> usize {
+        self.file("metrics.jsonl").lines().count()
+    }
+
+    fn wait_epochs(&self, n: usize) {
+        assert!(
+            wait_until(Duration::from_secs(60), || self.epochs() >= n),
+            "only {} epochs; primary stderr:\n{}\nstandby stderr:\n{}",
+            self.epochs(),
+            self.file("primary.stderr"),
+            self.file("standby.stderr")
+        );
+    }
+
+    fn standby_hbs(&self) -> usize {
+        complete_lines(&self.file("standby.console"), hb_line).len()
+    }
+
+    /// Waits until the standby took over and printed `n` heartbeats.
+    fn wait_takeover(&self, n: usize) {
+        assert!(
+            wait_until(Duration::from_secs(30), || self.standby_hbs() >= n),
+            "standby did not take over; its stderr:\n{}\nconsole:\n{}",
+            self.file("standby.stderr"),
+            self.file("standby.console")
+        );
+    }
+
+    fn kill_primary(&mut self) {
+        if let Some(p) = self.primary.as_mut() {
+            p.kill();
+        }
+    }
+
+    fn primary_died_by_itself(&mut self) -> bool {
+        let p = self.primary.as_mut().unwrap();
+        p.wait(Duration::from_secs(30)).is_some()
+    }
+}
+
+#[test]
+fn failover_is_exactly_once_and_the_guest_keeps_counting() {
+    let mut pair = Pair::start("failover", &[], &[]);
+    pair.wait_epochs(25);
+    assert_eq!(
+        pair.standby_hbs(),
+        0,
+        "the standby printed before the takeover"
+    );
+    let killed = Instant::now();
+    pair.kill_primary();
+    assert!(
+        wait_until(Duration::from_secs(30), || pair.standby_hbs() >= 1),
+        "no takeover: {}",
+        pair.file("standby.stderr")
+    );
+    let takeover = killed.elapsed();
+    pair.wait_takeover(20);
+    let (last_p, first_s, gap) = check_exactly_once(
+        &pair.file("primary.console"),
+        &pair.file("standby.console"),
+        hb_line,
+    );
+    println!(
+        "takeover: primary SIGKILL → first heartbeat from the standby in {:.1} ms; \
+         primary released up to hb={last_p}, standby went on from hb={first_s} ({gap} in the in-flight epoch)",
+        takeover.as_secs_f64() * 1e3
+    );
+    let stderr = pair.file("standby.stderr");
+    assert!(stderr.contains("took over from checkpoint"), "{stderr}");
+    // The in-flight epoch is at most one epoch (20 ms) of output: a few heartbeats.
+    assert!(
+        gap <= 10,
+        "gap of {gap} heartbeats is more than one epoch's output"
+    );
+    assert!(
+        !pair.file("standby.console").contains("ftguest ready"),
+        "the guest rebooted"
+    );
+}
+
+#[test]
+fn torn_checkpoint_is_discarded() {
+    let mut pair = Pair::start("torn", &["--ft-fault", "mid-checkpoint@25"], &[]);
+    assert!(
+        pair.primary_died_by_itself(),
+        "fault injection did not fire"
+    );
+    pair.wait_takeover(10);
+    let stderr = pair.file("standby.stderr");
+    assert!(
+        stderr.contains("took over from checkpoint 24"),
+        "the standby must resume from the last complete checkpoint (24):\n{stderr}"
+    );
+    check_exactly_once(
+        &pair.file("primary.console"),
+        &pair.file("standby.console"),
+        hb_line,
+    );
+}
+
+/// Dies at a protocol step; returns the pair once the primary is dead.
+fn kill_at(tag: &str, fault: &str) -> Pair {
+    let mut pair = Pair::start(tag, &["--ft-fault", fault], &[]);
+    assert!(pair.primary_died_by_itself(), "fault {fault} did not fire");
+    pair
+}
+
+fn assert_no_guest_started(pair: &mut Pair) {
+    assert!(
+        wait_until(Duration::from_secs(10), || pair
+            .file("standby.stderr")
+            .contains("nothing to run")),
+        "standby stderr:\n{}",
+        pair.file("standby.stderr")
+    );
+    assert!(
+        pair.standby.running(),
+        "the standby must stay up, waiting for a primary"
+    );
+    assert_eq!(
+        pair.file("standby.console"),
+        "",
+        "a guest was started without a committed checkpoint"
+    );
+}
+
+#[test]
+fn kill_during_handshake_starts_nothing() {
+    let mut pair = kill_at("k-handshake", "handshake");
+    assert_no_guest_started(&mut pair);
+    assert_eq!(
+        pair.file("primary.console"),
+        "",
+        "output escaped before protection"
+    );
+}
+
+#[test]
+fn kill_during_initial_sync_starts_nothing() {
+    let mut pair = kill_at("k-sync", "initial-sync");
+    assert_no_guest_started(&mut pair);
+    assert_eq!(
+        pair.file("primary.console"),
+        "",
+        "output escaped before the first commit"
+    );
+}
+
+#[test]
+fn kill_mid_checkpoint() {
+    let pair = kill_at("k-mid", "mid-checkpoint@3");
+    pair.wait_takeover(5);
+    assert!(pair
+        .file("standby.stderr")
+        .contains("took over from checkpoint 2"));
+    check_exactly_once(
+        &pair.file("primary.console"),
+        &pair.file("standby.console"),
+        hb_line,
+    );
+}
+
+#[test]
+fn kill_after_last_byte_before_ack() {
+    let pair = kill_at("k-ack", "before-ack@12");
+    pair.wait_takeover(5);
+    // The standby has checkpoint 12 complete: it resumes from it, and the
+    // primary never released epoch 12's output.
+    assert!(pair
+        .file("standby.stderr")
+        .contains("took over from checkpoint 12"));
+    check_exactly_once(
+        &pair.file("primary.console"),
+        &pair.file("standby.console"),
+        hb_line,
+    );
+}
+
+#[test]
+fn kill_during_output_release() {
+    let pair = kill_at("k-release", "during-release@15");
+    pair.wait_takeover(5);
+    assert!(pair
+        .file("standby.stderr")
+        .contains("took over from checkpoint 15"));
+    check_exactly_once(
+        &pair.file("primary.console"),
+        &pair.file("standby.console"),
+        hb_line,
+    );
+}
+
+#[test]
+fn standby_memory_equals_primary_memory_at_a_committed_epoch() {
+    let mut pair = Pair::start(
+        "memeq",
+        &["--ft-hash-epoch", "20"],
+        &["--ft-hash-epoch", "20"],
+    );
+    pair.wait_epochs(22);
+    let grab = |f: &str| {
+        pair.file(f).lines().find_map(|l| {
+            l.strip_prefix("ftvmm: memory crc at epoch 20: ")
+                .map(str::to_string)
+        })
+    };
+    assert!(wait_until(Duration::from_secs(10), || grab(
+        "standby.stderr"
+    )
+    .is_some()));
+    let p = grab("primary.stderr").expect("primary printed no memory crc");
+    let s = grab("standby.stderr").expect("standby printed no memory crc");
+    assert_eq!(
+        p, s,
+        "guest memory differs between primary and standby at epoch 20"
+    );
+    pair.kill_primary();
+}
+
+#[test]
+fn standby_death_releases_output_and_the_primary_runs_on() {
+    let dir = TempDir::new("sbdeath");
+    let port = free_port();
+    let mut standby = spawn("standby", &dir, &Pair::standby_args(&dir, port, &[]));
+    assert!(wait_until(Duration::from_secs(10), || read(
+        &dir.path("standby.stderr")
+    )
+    .contains("listening")));
+    let pair_args = |dir: &TempDir| {
+        vec![
+            "run".to_string(),
+            "--mem-mib".into(),
+            "64".into(),
+            "--cmdline".into(),
+            format!("{GUEST} stop=150"),
+            "--ft-peer".into(),
+            format!("127.0.0.1:{port}"),
+            "--ft-interval-ms".into(),
+            "20".into(),
+            "--serial".into(),
+            format!("file:{}", dir.path("primary.console").display()),
+            "--ft-metrics".into(),
+            dir.path("metrics.jsonl").display().to_string(),
+        ]
+    };
+    let mut primary = spawn("primary", &dir, &pair_args(&dir));
+    assert!(wait_until(Duration::from_secs(60), || read(
+        &dir.path("metrics.jsonl")
+    )
+    .lines()
+    .count()
+        >= 10));
+    standby.kill();
+    let status = primary
+        .wait(Duration::from_secs(60))
+        .expect("primary did not finish");
+    let stderr = read(&dir.path("primary.stderr"));
+    assert!(status.success(), "primary failed: {stderr}");
+    assert!(stderr.contains("lost"), "{stderr}");
+    // Nothing held was dropped: every heartbeat up to the last, in order.
+    let console = read(&dir.path("primary.console"));
+    assert_eq!(
+        complete_lines(&console, hb_line),
+        (1..=150).collect::<Vec<_>>()
+    );
+    assert!(console.contains("ftguest done"));
+}
+
+#[test]
+fn guest_poweroff_under_protection_ends_both_sides_cleanly() {
+    let dir = TempDir::new("bye");
+    let port = free_port();
+    let mut standby = spawn("standby", &dir, &Pair::standby_args(&dir, port, &[]));
+    assert!(wait_until(Duration::from_secs(10), || read(
+        &dir.path("standby.stderr")
+    )
+    .contains("listening")));
+    let mut primary = spawn(
+        "primary",
+        &dir,
+        &[
+            "run".to_string(),
+            "--cmdline".into(),
+            format!("{GUEST} stop=40"),
+            "--ft-peer".into(),
+            format!("127.0.0.1:{port}"),
+            "--serial".into(),
+            format!("file:{}", dir.path("primary.console").display()),
+        ],
+    );
+    let p = primary
+        .wait(Duration::from_secs(60))
+        .expect("primary did not finish");
+    assert!(p.success(), "{}", read(&dir.path("primary.stderr")));
+    let s = standby
+        .wait(Duration::from_secs(10))
+        .expect("standby did not finish");
+    assert!(s.success(), "{}", read(&dir.path("standby.stderr")));
+    let console = read(&dir.path("primary.console"));
+    assert_eq!(
+        complete_lines(&console, hb_line),
+        (1..=40).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        read(&dir.path("standby.console")),
+        "",
+        "the standby must not run the guest after a clean end"
+    );
+}
