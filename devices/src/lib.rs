@@ -1,6 +1,7 @@
 //! Devices of ftvmm: the legacy PC devices (COM1 16550 serial and the i8042
-//! reset controller, both from vm-superio) and the bus that routes port I/O
-//! and MMIO exits to them.
+//! reset controller, both from vm-superio), the virtio-mmio devices
+//! (virtio-net over a tap, virtio-blk over a file) and the bus that routes
+//! port I/O and MMIO exits to them.
 //!
 //! Devices receive what they need through constructor arguments (an interrupt
 //! trigger, an output sink, a reset event); they never see the VMM. Each device
@@ -8,6 +9,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod virtio;
 
 use vmm_sys_util::eventfd::EventFd;
 
