@@ -261,6 +261,7 @@ fn guest_heartbeats_echo_and_disk_records() {
         .spawn()
         .expect("spawn ip netns exec ftvmm");
     let seen = talk(
+        &mut child,
         &hb,
         &echo,
         BEATS,
