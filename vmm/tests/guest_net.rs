@@ -146,6 +146,9 @@ impl Drop for NetNs {
     }
 }
 
+/// An echo request's payload, and the answer's payload and sender (if any).
+type Echo = (Vec<u8>, Option<(Vec<u8>, SocketAddr)>);
+
 /// What the host side saw while the guest ran.
 #[derive(Default)]
 struct Seen {
@@ -154,7 +157,7 @@ struct Seen {
     /// Where they came from.
     beat_sources: Vec<SocketAddr>,
     /// (sent, answered) echo payloads.
-    echoes: Vec<(Vec<u8>, Option<(Vec<u8>, SocketAddr)>)>,
+    echoes: Vec<Echo>,
     errors: Vec<String>,
 }
 
