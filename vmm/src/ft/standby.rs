@@ -135,7 +135,7 @@ pub fn run_standby(opts: &StandbyOptions) -> Result<Option<VmExit>, FtError> {
             .map_err(|_| FtError::Io(std::io::Error::other("acceptor thread ended")))?;
         let set_busy = |r: Option<String>| *busy.lock().unwrap_or_else(|e| e.into_inner()) = r;
         set_busy(Some("this standby is already paired with a primary".into()));
-        match serve(chan, hb, opts, &mut fencing) {
+        match serve(chan, hb, opts, &mut fencing, &busy) {
             SessionEnd::Bye => {
                 log::info!("primary finished; standby exits");
                 return Ok(None);
@@ -243,8 +243,14 @@ fn serve(
     hb: HeartbeatStream,
     opts: &StandbyOptions,
     fencing: &mut Fencing,
+    busy: &Mutex<Option<String>>,
 ) -> SessionEnd {
     let peer = chan.peer_addr().to_string();
+    // A refused primary may retry at once: free the standby before answering.
+    let refuse = |chan: &mut TcpChannel, reason: &str| {
+        *busy.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        refuse(chan, reason);
+    };
     // Handshake.
     let limits = Limits::handshake();
     let mut reader = FrameReader::new(limits);
