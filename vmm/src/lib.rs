@@ -5,6 +5,7 @@
 pub mod arch;
 pub mod boot;
 pub mod config;
+pub mod device_manager;
 pub mod dirty_log;
 pub mod ft;
 pub mod memory;

@@ -14,6 +14,8 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
 use ftvmm_devices::legacy::persist::SerialDeviceState;
+use ftvmm_devices::virtio::block::BlockDeviceState;
+use ftvmm_devices::virtio::net::NetDeviceState;
 
 /// Errors capturing or restoring machine state.
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +142,12 @@ pub struct VmState {
 pub struct DevicesState {
     /// COM1.
     pub serial: SerialDeviceState,
+    /// virtio-net devices, in `--net` order.
+    #[serde(default)]
+    pub net: Vec<NetDeviceState>,
+    /// virtio-blk devices, in `--disk` order.
+    #[serde(default)]
+    pub blk: Vec<BlockDeviceState>,
 }
 
 /// The whole machine, less its memory.

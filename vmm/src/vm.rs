@@ -18,6 +18,7 @@ use ftvmm_devices::EventFdTrigger;
 
 use crate::arch::x86_64::{cpuid, layout, mptable, regs};
 use crate::boot::{self, BootError};
+use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::config::{SerialConfig, VmConfig};
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::persist::{
@@ -99,6 +100,9 @@ pub enum VmError {
     /// Bus set-up.
     #[error("cannot register device: {0}")]
     Bus(#[from] ftvmm_devices::bus::BusError),
+    /// The virtio devices.
+    #[error(transparent)]
+    Devices(#[from] DeviceManagerError),
 }
 
 fn kvm_hint(e: &std::io::Error) -> &'static str {
@@ -150,6 +154,8 @@ pub struct Vm {
     states: Vec<VcpuState>,
     vm_state: Option<VmState>,
     devices_state: DevicesState,
+    /// The virtio devices.
+    pub devices: DeviceManager,
 }
 
 /// A borrowed view of the machine state, serialised exactly like
@@ -216,12 +222,6 @@ impl Vm {
     /// the configuration (a protected VM's console goes through its held
     /// output buffer).
     pub fn create_with_output(config: &VmConfig, serial_out: SerialOutput) -> Result<Vm, VmError> {
-        if !config.net.is_empty() {
-            return Err(VmError::Unsupported("virtio-net (--net)"));
-        }
-        if !config.disks.is_empty() {
-            return Err(VmError::Unsupported("virtio-blk (--disk)"));
-        }
         let kvm = open_kvm()?;
         let vcpu_count = validate_vcpus(&kvm, u64::from(config.vcpus))?;
         let memory = memory::create(config.mem_mib)?;
@@ -256,7 +256,9 @@ impl Vm {
         pio.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
         pio.insert(i8042, I8042_BASE, I8042_LEN)?;
         let pio = Arc::new(pio);
-        let mmio = Arc::new(Bus::new());
+        let mut mmio = Bus::new();
+        let devices = DeviceManager::new(config, &fd, &memory, &mut mmio)?;
+        let mmio = Arc::new(mmio);
         let exit = Arc::new(ExitSignal::new().map_err(host("exit eventfd"))?);
 
         let supported = kvm
@@ -304,6 +306,7 @@ impl Vm {
             states: Vec::new(),
             vm_state: None,
             devices_state: DevicesState::default(),
+            devices,
         })
     }
 
@@ -314,7 +317,7 @@ impl Vm {
             &self.memory,
             &config.kernel,
             config.initrd.as_deref(),
-            &config.cmdline,
+            &self.devices.kernel_cmdline(&config.cmdline),
             self.pending.len() as u8,
         )?;
         for v in &self.pending {
@@ -355,6 +358,8 @@ impl Vm {
                 what: "serial device from checkpoint",
                 source,
             })?;
+        self.devices
+            .restore(&state.devices.net, &state.devices.blk)?;
         Ok(())
     }
 
@@ -377,14 +382,16 @@ impl Vm {
         for (v, slot) in self.vcpus.iter().zip(self.states.iter_mut()) {
             v.take_saved(slot)?;
         }
+        self.devices.pause_devices(timeout)?;
         let vm = persist::capture_vm(&self.fd).map_err(|source| VmError::Persist { source })?;
+        let (net, blk) = self.devices.save();
         let serial = self
             .serial
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .state();
         self.vm_state = Some(vm);
-        self.devices_state = DevicesState { serial };
+        self.devices_state = DevicesState { serial, net, blk };
         Ok(MachineStateRef {
             vm: self.vm_state.as_ref().expect("just set"),
             vcpus: &self.states,
@@ -417,11 +424,14 @@ impl Vm {
         for v in &self.vcpus {
             v.wait_parked(deadline, timeout)?;
         }
+        self.devices
+            .pause_devices(deadline.saturating_duration_since(Instant::now()))?;
         Ok(())
     }
 
-    /// Lets every vCPU run again.
+    /// Lets every vCPU and device run again.
     pub fn resume(&self) {
+        self.devices.resume_devices();
         for v in &self.vcpus {
             v.resume();
         }

@@ -91,14 +91,25 @@ pub trait VirtioDevice: Send + 'static {
     /// Serves queue `index` (it was notified, or the device was activated or
     /// resumed). Stops early, between requests, when `stop` is set. Returns
     /// true when the used ring changed (the driver is interrupted).
-    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemory, stop: &AtomicBool) -> bool;
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemory,
+        stop: &AtomicBool,
+    ) -> bool;
     /// A backend fd the worker should wait on now (net: the tap, while the
     /// guest has receive buffers).
     fn backend_fd(&self) -> Option<RawFd> {
         None
     }
     /// Serves the backend's input; like [`VirtioDevice::process_queue`].
-    fn process_backend(&mut self, _queues: &mut [Queue], _mem: &GuestMemory, _stop: &AtomicBool) -> bool {
+    fn process_backend(
+        &mut self,
+        _queues: &mut [Queue],
+        _mem: &GuestMemory,
+        _stop: &AtomicBool,
+    ) -> bool {
         false
     }
     /// The driver reset the device: forget guest-visible progress.
@@ -188,7 +199,11 @@ impl Common {
             config_generation: self.config_generation,
             interrupt_status: self.interrupt_status,
             activated: self.activated,
-            queues: self.queues.iter().map(|q| QueueSnapshot::from(q.state())).collect(),
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueSnapshot::from(q.state()))
+                .collect(),
         }
     }
 
@@ -216,13 +231,19 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         let old = common.device_status;
         if v & old != old {
-            log::warn!("{}: status {v:#x} clears bits of {old:#x}; ignored", self.shared.name);
+            log::warn!(
+                "{}: status {v:#x} clears bits of {old:#x}; ignored",
+                self.shared.name
+            );
             return;
         }
         let mut v = v;
         let added = v & !old;
         if added & status::FEATURES_OK != 0 && common.driver_features & features::VERSION_1 == 0 {
-            log::warn!("{}: driver did not accept VERSION_1; FEATURES_OK refused", self.shared.name);
+            log::warn!(
+                "{}: driver did not accept VERSION_1; FEATURES_OK refused",
+                self.shared.name
+            );
             v &= !status::FEATURES_OK;
         }
         if added & status::DRIVER_OK != 0 && !common.activated {
@@ -239,7 +260,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 v |= status::DEVICE_NEEDS_RESET;
             } else {
                 common.activated = true;
-                log::debug!("{}: activated, features {:#x}", self.shared.name, common.driver_features);
+                log::debug!(
+                    "{}: activated, features {:#x}",
+                    self.shared.name,
+                    common.driver_features
+                );
                 self.shared.kick_worker();
             }
         }
@@ -288,7 +313,11 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            log::debug!("{}: {}-byte write at {offset:#x} ignored", self.shared.name, data.len());
+            log::debug!(
+                "{}: {}-byte write at {offset:#x} ignored",
+                self.shared.name,
+                data.len()
+            );
             return;
         };
         let v = u32::from_le_bytes(bytes);
@@ -319,12 +348,20 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
                     q.set_ready(v == 1);
                 }
             }
-            regs::QUEUE_DESC_LOW | regs::QUEUE_DESC_HIGH | regs::QUEUE_AVAIL_LOW | regs::QUEUE_AVAIL_HIGH
-            | regs::QUEUE_USED_LOW | regs::QUEUE_USED_HIGH
+            regs::QUEUE_DESC_LOW
+            | regs::QUEUE_DESC_HIGH
+            | regs::QUEUE_AVAIL_LOW
+            | regs::QUEUE_AVAIL_HIGH
+            | regs::QUEUE_USED_LOW
+            | regs::QUEUE_USED_HIGH
                 if configurable =>
             {
                 if let Some(q) = c.selected_queue() {
-                    let (lo, hi) = if offset & 4 == 0 { (Some(v), None) } else { (None, Some(v)) };
+                    let (lo, hi) = if offset & 4 == 0 {
+                        (Some(v), None)
+                    } else {
+                        (None, Some(v))
+                    };
                     match offset & !4 {
                         regs::QUEUE_DESC_LOW => q.set_desc_table_address(lo, hi),
                         regs::QUEUE_AVAIL_LOW => q.set_avail_ring_address(lo, hi),
@@ -355,7 +392,9 @@ pub struct VirtioMmioDevice<D: VirtioDevice> {
 
 impl<D: VirtioDevice> std::fmt::Debug for VirtioMmioDevice<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VirtioMmioDevice").field("name", &self.shared.name).finish_non_exhaustive()
+        f.debug_struct("VirtioMmioDevice")
+            .field("name", &self.shared.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -463,7 +502,9 @@ impl<D: VirtioDevice> VirtioMmioDevice<D> {
 
 fn short_name(name: &str) -> String {
     // Thread names are cut at 15 bytes by the kernel; keep the useful end.
-    name.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>()
+    name.chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect::<String>()
 }
 
 impl<D: VirtioDevice> Quiesce for VirtioMmioDevice<D> {

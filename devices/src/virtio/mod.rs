@@ -67,7 +67,7 @@
 //! Devices run their queues on a worker thread each, woken by the queues'
 //! eventfds (ioeventfds) and, for net, the tap; they raise interrupts by
 //! writing an eventfd (an irqfd). Every write into guest memory goes through
-//! vm-memory on the `AtomicBitmap`-tracked memory, so the checkpoint sees
+//! vm-memory on the dirty-tracked memory, so the checkpoint sees
 //! it (DESIGN I3). For a checkpoint, [`Quiesce::pause`] stops a device at a
 //! request boundary; [`Quiesce::resume`] lets it go on, and notifications
 //! that came in between are served then.
@@ -81,11 +81,10 @@ pub(crate) mod test_utils;
 
 use std::time::Duration;
 
-use vm_memory::bitmap::AtomicBitmap;
-
-/// Guest memory as devices see it: every write through vm-memory marks the
-/// written pages in the `AtomicBitmap`.
-pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+/// Guest memory as devices see it (the VMM's own type): every write through
+/// vm-memory marks the written pages in its dirty bitmap (the checkpoint
+/// crate's `PageBitmap`, a vm-memory `Bitmap` like `AtomicBitmap`).
+pub type GuestMemory = vm_memory::GuestMemoryMmap<ftvmm_checkpoint::dirty::PageBitmap>;
 
 /// The interrupt lines of virtio devices, in device order.
 pub const IRQS: [u32; 9] = [5, 6, 7, 9, 10, 11, 12, 14, 15];

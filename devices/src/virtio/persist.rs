@@ -108,7 +108,9 @@ pub enum VirtioStateError {
         reason: String,
     },
     /// Features the device does not offer.
-    #[error("{device}: driver features {features:#x} are not a subset of the device's {offered:#x}")]
+    #[error(
+        "{device}: driver features {features:#x} are not a subset of the device's {offered:#x}"
+    )]
     Features {
         /// Which device.
         device: String,
@@ -161,14 +163,24 @@ pub(crate) fn restore_queues(
     let mut queues = Vec::with_capacity(num_queues);
     for (index, snap) in state.queues.iter().enumerate() {
         if snap.max_size != max_size {
-            return Err(qerr(index, format!("max size {} where the device offers {max_size}", snap.max_size)));
+            return Err(qerr(
+                index,
+                format!(
+                    "max size {} where the device offers {max_size}",
+                    snap.max_size
+                ),
+            ));
         }
         if snap.event_idx_enabled {
             return Err(qerr(index, "EVENT_IDX is not offered".to_string()));
         }
-        let q = Queue::try_from(QueueState::from(snap)).map_err(|e| qerr(index, format!("{e:?}")))?;
+        let q =
+            Queue::try_from(QueueState::from(snap)).map_err(|e| qerr(index, format!("{e:?}")))?;
         if state.activated && q.ready() && !q.is_valid(mem) {
-            return Err(qerr(index, "rings lie outside guest memory or are misaligned".to_string()));
+            return Err(qerr(
+                index,
+                "rings lie outside guest memory or are misaligned".to_string(),
+            ));
         }
         queues.push(q);
     }

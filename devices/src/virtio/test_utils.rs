@@ -21,15 +21,22 @@ pub fn test_mem(size: usize) -> GuestMemory {
 
 /// Clears the dirty bitmap.
 pub fn clear_dirty(mem: &GuestMemory) {
+    use ftvmm_checkpoint::dirty::DirtyBitmap;
     for r in mem.iter() {
-        std::ops::Deref::deref(r).bitmap().reset();
+        let bm = std::ops::Deref::deref(r).bitmap();
+        for w in 0..bm.page_count().div_ceil(64) {
+            bm.clear_bits(w, u64::MAX);
+        }
     }
 }
 
-/// Whether the page holding `addr` is marked dirty in the AtomicBitmap.
+/// Whether the page holding `addr` is marked dirty in the dirty bitmap.
 pub fn is_dirty(mem: &GuestMemory, addr: u64) -> bool {
     let r = mem.find_region(GuestAddress(addr)).unwrap();
-    std::ops::Deref::deref(r).bitmap().is_addr_set((addr - r.start_addr().0) as usize)
+    vm_memory::bitmap::Bitmap::dirty_at(
+        std::ops::Deref::deref(r).bitmap(),
+        (addr - r.start_addr().0) as usize,
+    )
 }
 
 /// The driver's side of a split virtqueue.
@@ -78,7 +85,15 @@ impl TestQueue {
     }
 
     /// Writes descriptor `idx` raw.
-    pub fn write_desc(&self, mem: &GuestMemory, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
+    pub fn write_desc(
+        &self,
+        mem: &GuestMemory,
+        idx: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
         let d = self.desc + 16 * u64::from(idx);
         mem.write_obj(addr, GuestAddress(d)).unwrap();
         mem.write_obj(len, GuestAddress(d + 8)).unwrap();
@@ -91,7 +106,8 @@ impl TestQueue {
         let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
         mem.write_obj(head, GuestAddress(slot)).unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2)).unwrap();
+        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+            .unwrap();
     }
 
     /// The device's used index.
@@ -158,7 +174,13 @@ pub fn wait_evt(evt: &EventFd, timeout: Duration) -> bool {
 }
 
 /// Waits (on the interrupt eventfd) until the used index reaches `n`.
-pub fn wait_used(mem: &GuestMemory, q: &TestQueue, n: u16, irq: &EventFd, timeout: Duration) -> bool {
+pub fn wait_used(
+    mem: &GuestMemory,
+    q: &TestQueue,
+    n: u16,
+    irq: &EventFd,
+    timeout: Duration,
+) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if q.used_idx(mem) >= n {

@@ -167,7 +167,10 @@ impl Disk {
 /// 20 bytes.
 pub fn disk_id(path: &Path) -> [u8; DISK_ID_LEN] {
     let mut id = [0u8; DISK_ID_LEN];
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let n = name.len().min(DISK_ID_LEN);
     id[..n].copy_from_slice(&name.as_bytes()[..n]);
     id
@@ -182,7 +185,12 @@ struct Seg {
 
 /// Walks `segs` from byte `skip`, for `len` bytes, yielding (guest address,
 /// length) pieces of at most `CHUNK` bytes.
-fn pieces(segs: &[Seg], mut skip: u64, mut len: u64, mut f: impl FnMut(GuestAddress, usize) -> bool) -> bool {
+fn pieces(
+    segs: &[Seg],
+    mut skip: u64,
+    mut len: u64,
+    mut f: impl FnMut(GuestAddress, usize) -> bool,
+) -> bool {
     for s in segs {
         if len == 0 {
             break;
@@ -278,7 +286,8 @@ impl Block {
                 let mut offset = sector * SECTOR_SIZE;
                 let (disk, buf) = (&self.disk, &mut self.buf);
                 let ok = pieces(&self.writable, 0, w_data, |a, n| {
-                    let r = disk.read_at(&mut buf[..n], offset).is_ok() && mem.write_slice(&buf[..n], a).is_ok();
+                    let r = disk.read_at(&mut buf[..n], offset).is_ok()
+                        && mem.write_slice(&buf[..n], a).is_ok();
                     offset += n as u64;
                     r
                 });
@@ -296,7 +305,8 @@ impl Block {
                 let mut offset = sector * SECTOR_SIZE;
                 let (disk, buf) = (&self.disk, &mut self.buf);
                 let ok = pieces(&self.readable, 16, len, |a, n| {
-                    let r = mem.read_slice(&mut buf[..n], a).is_ok() && disk.write_at(&buf[..n], offset).is_ok();
+                    let r = mem.read_slice(&mut buf[..n], a).is_ok()
+                        && disk.write_at(&buf[..n], offset).is_ok();
                     offset += n as u64;
                     r
                 });
@@ -331,7 +341,12 @@ impl Block {
         }
     }
 
-    fn process_requests(&mut self, queues: &mut [Queue], mem: &GuestMemory, stop: &AtomicBool) -> bool {
+    fn process_requests(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemory,
+        stop: &AtomicBool,
+    ) -> bool {
         let mut used = false;
         let q = &mut queues[0];
         while !stop.load(Ordering::SeqCst) {
@@ -364,11 +379,18 @@ impl Block {
             let len = match status_addr {
                 None => {
                     self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
-                    log::debug!("disk '{}': chain {head} has no status byte", self.disk.path.display());
+                    log::debug!(
+                        "disk '{}': chain {head} has no status byte",
+                        self.disk.path.display()
+                    );
                     0
                 }
                 Some(addr) => {
-                    let (status, data) = if order_ok { self.serve(mem) } else { (VIRTIO_BLK_S_IOERR, 0) };
+                    let (status, data) = if order_ok {
+                        self.serve(mem)
+                    } else {
+                        (VIRTIO_BLK_S_IOERR, 0)
+                    };
                     let counter = match status {
                         VIRTIO_BLK_S_OK => &self.metrics.ok,
                         VIRTIO_BLK_S_IOERR => &self.metrics.ioerr,
@@ -376,13 +398,19 @@ impl Block {
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
                     if let Err(e) = mem.write_obj(status, GuestAddress(addr)) {
-                        log::debug!("disk '{}': cannot write status: {e}", self.disk.path.display());
+                        log::debug!(
+                            "disk '{}': cannot write status: {e}",
+                            self.disk.path.display()
+                        );
                     }
                     (data + 1) as u32
                 }
             };
             if let Err(e) = q.add_used(mem, head, len) {
-                log::warn!("disk '{}': add_used failed: {e:?}", self.disk.path.display());
+                log::warn!(
+                    "disk '{}': add_used failed: {e:?}",
+                    self.disk.path.display()
+                );
             }
             used = true;
         }
@@ -400,7 +428,11 @@ impl VirtioDevice for Block {
     }
 
     fn device_features(&self) -> u64 {
-        let ro = if self.disk.readonly { features::BLK_RO } else { 0 };
+        let ro = if self.disk.readonly {
+            features::BLK_RO
+        } else {
+            0
+        };
         features::VERSION_1 | features::BLK_SEG_MAX | features::BLK_FLUSH | ro
     }
 
@@ -416,7 +448,13 @@ impl VirtioDevice for Block {
         read_config_bytes(&cfg, offset, data);
     }
 
-    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemory, stop: &AtomicBool) -> bool {
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemory,
+        stop: &AtomicBool,
+    ) -> bool {
         index == 0 && self.process_requests(queues, mem, stop)
     }
 }
@@ -453,12 +491,24 @@ impl VirtioMmioDevice<Block> {
             if state.readonly != dev.disk.readonly {
                 return Err(mismatch(format!(
                     "checkpointed disk is {}, this one {}",
-                    if state.readonly { "readonly" } else { "writable" },
-                    if dev.disk.readonly { "readonly" } else { "writable" }
+                    if state.readonly {
+                        "readonly"
+                    } else {
+                        "writable"
+                    },
+                    if dev.disk.readonly {
+                        "readonly"
+                    } else {
+                        "writable"
+                    }
                 )));
             }
-            dev.id = <[u8; DISK_ID_LEN]>::try_from(state.disk_id.as_slice())
-                .map_err(|_| mismatch(format!("disk id is {} bytes, not {DISK_ID_LEN}", state.disk_id.len())))?;
+            dev.id = <[u8; DISK_ID_LEN]>::try_from(state.disk_id.as_slice()).map_err(|_| {
+                mismatch(format!(
+                    "disk id is {} bytes, not {DISK_ID_LEN}",
+                    state.disk_id.len()
+                ))
+            })?;
             Ok(())
         })
     }

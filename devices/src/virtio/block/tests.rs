@@ -31,7 +31,9 @@ impl Drop for Fixture {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
+        .collect()
 }
 
 fn fixture(tag: &str, size: usize, readonly: bool) -> Fixture {
@@ -42,10 +44,19 @@ fn fixture(tag: &str, size: usize, readonly: bool) -> Fixture {
     std::fs::write(&path, pattern(size, 1)).unwrap();
     let mem = test_mem(1 << 20);
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-    let dev = VirtioMmioDevice::new(Block::new(Disk::open(&path, readonly).unwrap()), mem.clone(), irq.try_clone().unwrap()).unwrap();
+    let dev = VirtioMmioDevice::new(
+        Block::new(Disk::open(&path, readonly).unwrap()),
+        mem.clone(),
+        irq.try_clone().unwrap(),
+    )
+    .unwrap();
     let transport = dev.transport();
     let q = TestQueue::new(0x1000, 16);
-    let st = activate(&mut *transport.lock().unwrap(), features::VERSION_1 | features::BLK_FLUSH, &[&q]);
+    let st = activate(
+        &mut *transport.lock().unwrap(),
+        features::VERSION_1 | features::BLK_FLUSH,
+        &[&q],
+    );
     assert_eq!(st & status::DRIVER_OK, status::DRIVER_OK);
     Fixture {
         dir,
@@ -79,7 +90,10 @@ impl Fixture {
         let head = self.q.add_chain(&self.mem, chain);
         let n = self.q.used_idx(&self.mem) + 1;
         w32(&mut *self.transport.lock().unwrap(), regs::QUEUE_NOTIFY, 0);
-        assert!(wait_used(&self.mem, &self.q, n, &self.irq, T), "request not completed");
+        assert!(
+            wait_used(&self.mem, &self.q, n, &self.irq, T),
+            "request not completed"
+        );
         let (id, len) = self.q.used_elem(&self.mem, n - 1);
         assert_eq!(id, u32::from(head));
         (self.mem.read_obj(GuestAddress(STATUS)).unwrap(), len)
@@ -90,14 +104,20 @@ impl Fixture {
 fn read_lands_in_guest_memory_and_marks_it_dirty() {
     let mut f = fixture("read", 8192, false);
     clear_dirty(&f.mem);
-    let (st, len) = f.request(VIRTIO_BLK_T_IN, 2, &[(DATA, 512, true), (DATA + 0x3000, 1024, true)]);
+    let (st, len) = f.request(
+        VIRTIO_BLK_T_IN,
+        2,
+        &[(DATA, 512, true), (DATA + 0x3000, 1024, true)],
+    );
     assert_eq!((st, len), (VIRTIO_BLK_S_OK, 1536 + 1));
     let want = pattern(8192, 1);
     let mut got = vec![0u8; 512];
     f.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
     assert_eq!(got, want[1024..1536]);
     let mut got = vec![0u8; 1024];
-    f.mem.read_slice(&mut got, GuestAddress(DATA + 0x3000)).unwrap();
+    f.mem
+        .read_slice(&mut got, GuestAddress(DATA + 0x3000))
+        .unwrap();
     assert_eq!(got, want[1536..2560]);
     // DESIGN I3 for the VMM's writes: data pages, status and used ring are
     // dirty; an untouched page is not.
@@ -120,7 +140,11 @@ fn write_reaches_the_file() {
     assert_eq!(&file[1536..2560], &data[..]);
     assert_eq!(&file[..1536], &pattern(8192, 1)[..1536]);
     assert_eq!(f.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (VIRTIO_BLK_S_OK, 1));
-    assert_eq!(f.dev.with_device(|d| d.metrics().write_bytes.load(Ordering::Relaxed)), 1024);
+    assert_eq!(
+        f.dev
+            .with_device(|d| d.metrics().write_bytes.load(Ordering::Relaxed)),
+        1024
+    );
 }
 
 #[test]
@@ -139,14 +163,34 @@ fn out_of_range_and_unknown_requests() {
     let mut f = fixture("range", 4096 + 100, false); // 8 sectors, the tail ignored
     let cap = f.dev.with_device(|d| d.disk().capacity());
     assert_eq!(cap, 8);
-    assert_eq!(f.request(VIRTIO_BLK_T_IN, 7, &[(DATA, 512, true)]).0, VIRTIO_BLK_S_OK);
-    assert_eq!(f.request(VIRTIO_BLK_T_IN, 7, &[(DATA, 1024, true)]).0, VIRTIO_BLK_S_IOERR);
-    assert_eq!(f.request(VIRTIO_BLK_T_IN, 8, &[(DATA, 512, true)]).0, VIRTIO_BLK_S_IOERR);
-    assert_eq!(f.request(VIRTIO_BLK_T_OUT, u64::MAX, &[(DATA, 512, false)]).0, VIRTIO_BLK_S_IOERR);
-    assert_eq!(f.request(VIRTIO_BLK_T_IN, u64::MAX / 256, &[(DATA, 512, true)]).0, VIRTIO_BLK_S_IOERR);
+    assert_eq!(
+        f.request(VIRTIO_BLK_T_IN, 7, &[(DATA, 512, true)]).0,
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(
+        f.request(VIRTIO_BLK_T_IN, 7, &[(DATA, 1024, true)]).0,
+        VIRTIO_BLK_S_IOERR
+    );
+    assert_eq!(
+        f.request(VIRTIO_BLK_T_IN, 8, &[(DATA, 512, true)]).0,
+        VIRTIO_BLK_S_IOERR
+    );
+    assert_eq!(
+        f.request(VIRTIO_BLK_T_OUT, u64::MAX, &[(DATA, 512, false)])
+            .0,
+        VIRTIO_BLK_S_IOERR
+    );
+    assert_eq!(
+        f.request(VIRTIO_BLK_T_IN, u64::MAX / 256, &[(DATA, 512, true)])
+            .0,
+        VIRTIO_BLK_S_IOERR
+    );
     assert_eq!(f.request(99, 0, &[]).0, VIRTIO_BLK_S_UNSUPP);
     // A data buffer outside guest memory.
-    assert_eq!(f.request(VIRTIO_BLK_T_IN, 0, &[(0x4000_0000, 512, true)]).0, VIRTIO_BLK_S_IOERR);
+    assert_eq!(
+        f.request(VIRTIO_BLK_T_IN, 0, &[(0x4000_0000, 512, true)]).0,
+        VIRTIO_BLK_S_IOERR
+    );
     let file = std::fs::read(f.path()).unwrap();
     assert_eq!(file, pattern(4096 + 100, 1));
 }
@@ -161,8 +205,14 @@ fn readonly_disk_refuses_writes() {
     };
     assert_ne!(u64::from(offered) & features::BLK_RO, 0);
     f.mem.write_slice(&[0xee; 512], GuestAddress(DATA)).unwrap();
-    assert_eq!(f.request(VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, false)]), (VIRTIO_BLK_S_IOERR, 1));
-    assert_eq!(f.request(VIRTIO_BLK_T_IN, 0, &[(DATA, 512, true)]).0, VIRTIO_BLK_S_OK);
+    assert_eq!(
+        f.request(VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, false)]),
+        (VIRTIO_BLK_S_IOERR, 1)
+    );
+    assert_eq!(
+        f.request(VIRTIO_BLK_T_IN, 0, &[(DATA, 512, true)]).0,
+        VIRTIO_BLK_S_OK
+    );
     assert_eq!(std::fs::read(f.path()).unwrap(), pattern(4096, 1));
 }
 
@@ -175,14 +225,26 @@ fn malformed_chains_never_panic() {
     assert_eq!(f.submit(&[(HDR, 16, false)]).1, 0);
     // A short header.
     f.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-    assert_eq!(f.submit(&[(HDR, 8, false), (STATUS, 1, true)]), (VIRTIO_BLK_S_IOERR, 1));
+    assert_eq!(
+        f.submit(&[(HDR, 8, false), (STATUS, 1, true)]),
+        (VIRTIO_BLK_S_IOERR, 1)
+    );
     // Readable after writable.
     assert_eq!(
-        f.submit(&[(HDR, 16, false), (DATA, 512, true), (DATA, 512, false), (STATUS, 1, true)]).0,
+        f.submit(&[
+            (HDR, 16, false),
+            (DATA, 512, true),
+            (DATA, 512, false),
+            (STATUS, 1, true)
+        ])
+        .0,
         VIRTIO_BLK_S_IOERR
     );
     // The header outside guest memory.
-    assert_eq!(f.submit(&[(0x4000_0000, 16, false), (STATUS, 1, true)]).0, VIRTIO_BLK_S_IOERR);
+    assert_eq!(
+        f.submit(&[(0x4000_0000, 16, false), (STATUS, 1, true)]).0,
+        VIRTIO_BLK_S_IOERR
+    );
     // A descriptor whose `next` points past the table: the chain ends there,
     // without a status descriptor.
     let head = 15u16;
@@ -193,8 +255,15 @@ fn malformed_chains_never_panic() {
     assert!(wait_used(&f.mem, &f.q, n, &f.irq, T));
     assert_eq!(f.q.used_elem(&f.mem, n - 1), (15, 0));
     // And the device still works.
-    assert_eq!(f.request(VIRTIO_BLK_T_IN, 0, &[(DATA, 512, true)]).0, VIRTIO_BLK_S_OK);
-    assert!(f.dev.with_device(|d| d.metrics().malformed.load(Ordering::Relaxed)) >= 2);
+    assert_eq!(
+        f.request(VIRTIO_BLK_T_IN, 0, &[(DATA, 512, true)]).0,
+        VIRTIO_BLK_S_OK
+    );
+    assert!(
+        f.dev
+            .with_device(|d| d.metrics().malformed.load(Ordering::Relaxed))
+            >= 2
+    );
 }
 
 #[test]
@@ -203,7 +272,10 @@ fn paused_device_serves_nothing_until_resumed() {
     f.dev.pause(T).unwrap();
     f.mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(HDR)).unwrap();
     f.mem.write_obj(0u64, GuestAddress(HDR + 8)).unwrap();
-    f.q.add_chain(&f.mem, &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
+    f.q.add_chain(
+        &f.mem,
+        &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+    );
     w32(&mut *f.transport.lock().unwrap(), regs::QUEUE_NOTIFY, 0);
     // A negative check: no completion may come while paused.
     assert!(!wait_evt(&f.irq, Duration::from_millis(200)));
@@ -218,7 +290,10 @@ fn paused_device_serves_nothing_until_resumed() {
 #[test]
 fn state_round_trip_and_restore_goes_on() {
     let mut f = fixture("state", 4096, false);
-    assert_eq!(f.request(VIRTIO_BLK_T_IN, 1, &[(DATA, 512, true)]).0, VIRTIO_BLK_S_OK);
+    assert_eq!(
+        f.request(VIRTIO_BLK_T_IN, 1, &[(DATA, 512, true)]).0,
+        VIRTIO_BLK_S_OK
+    );
     f.dev.pause(T).unwrap();
     let saved = f.dev.save();
     assert!(saved.mmio.activated);
@@ -228,30 +303,59 @@ fn state_round_trip_and_restore_goes_on() {
     let replica = f.dir.join("replica.img");
     std::fs::copy(f.path(), &replica).unwrap();
     let irq2 = EventFd::new(EFD_NONBLOCK).unwrap();
-    let dev2 = VirtioMmioDevice::new(Block::new(Disk::open(&replica, false).unwrap()), f.mem.clone(), irq2.try_clone().unwrap()).unwrap();
+    let dev2 = VirtioMmioDevice::new(
+        Block::new(Disk::open(&replica, false).unwrap()),
+        f.mem.clone(),
+        irq2.try_clone().unwrap(),
+    )
+    .unwrap();
     dev2.restore(&decoded).unwrap();
     let again = dev2.save();
     assert_eq!(again.mmio, saved.mmio);
     assert_eq!(again.disk_id, saved.disk_id);
     // The restored device serves the next request on the same rings.
     f.mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(HDR)).unwrap();
-    f.q.add_chain(&f.mem, &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
-    w32(&mut *dev2.transport().lock().unwrap(), regs::QUEUE_NOTIFY, 0);
+    f.q.add_chain(
+        &f.mem,
+        &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+    );
+    w32(
+        &mut *dev2.transport().lock().unwrap(),
+        regs::QUEUE_NOTIFY,
+        0,
+    );
     assert!(wait_used(&f.mem, &f.q, 2, &irq2, T));
     // Validation: a different capacity, a bad queue.
     let small = f.dir.join("small.img");
     std::fs::write(&small, [0u8; 512]).unwrap();
-    let dev3 = VirtioMmioDevice::new(Block::new(Disk::open(&small, false).unwrap()), f.mem.clone(), EventFd::new(0).unwrap()).unwrap();
-    assert!(matches!(dev3.restore(&decoded), Err(VirtioStateError::Mismatch { .. })));
+    let dev3 = VirtioMmioDevice::new(
+        Block::new(Disk::open(&small, false).unwrap()),
+        f.mem.clone(),
+        EventFd::new(0).unwrap(),
+    )
+    .unwrap();
+    assert!(matches!(
+        dev3.restore(&decoded),
+        Err(VirtioStateError::Mismatch { .. })
+    ));
     let mut bad = decoded.clone();
     bad.mmio.queues[0].size = 3;
-    assert!(matches!(dev2.restore(&bad), Err(VirtioStateError::Queue { .. })));
+    assert!(matches!(
+        dev2.restore(&bad),
+        Err(VirtioStateError::Queue { .. })
+    ));
     let mut bad = decoded.clone();
     bad.mmio.queues[0].used_ring = 0x7fff_f000;
-    assert!(matches!(dev2.restore(&bad), Err(VirtioStateError::Queue { .. })));
+    assert!(matches!(
+        dev2.restore(&bad),
+        Err(VirtioStateError::Queue { .. })
+    ));
     let mut bad = decoded;
     bad.mmio.queues.pop();
-    assert!(matches!(dev2.restore(&bad), Err(VirtioStateError::QueueCount { .. })));
+    assert!(matches!(
+        dev2.restore(&bad),
+        Err(VirtioStateError::QueueCount { .. })
+    ));
 }
 
 #[test]
@@ -261,9 +365,17 @@ fn empty_disk_is_refused() {
     let p = dir.join("e.img");
     std::fs::write(&p, b"").unwrap();
     let e = Disk::open(&p, false).unwrap_err().to_string();
-    assert!(e.contains("e.img") && e.contains("at least one 512-byte sector"), "{e}");
-    let e = Disk::open(&dir.join("missing.img"), false).unwrap_err().to_string();
-    assert!(e.contains("cannot open disk") && e.contains("missing.img"), "{e}");
+    assert!(
+        e.contains("e.img") && e.contains("at least one 512-byte sector"),
+        "{e}"
+    );
+    let e = Disk::open(&dir.join("missing.img"), false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cannot open disk") && e.contains("missing.img"),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -286,6 +398,9 @@ fn transport_identity_and_reset() {
     let q = TestQueue::new(0x1000, 16);
     let st = activate(&mut *t, features::BLK_FLUSH, &[&q]);
     assert_eq!(st & status::FEATURES_OK, 0);
-    assert_eq!(st & status::DRIVER_OK & !status::DEVICE_NEEDS_RESET, status::DRIVER_OK);
+    assert_eq!(
+        st & status::DRIVER_OK & !status::DEVICE_NEEDS_RESET,
+        status::DRIVER_OK
+    );
     assert_ne!(st & status::DEVICE_NEEDS_RESET, 0);
 }

@@ -77,7 +77,11 @@ impl FrameSink for TapSink {
     fn send(&mut self, frame: &[u8]) {
         if let Err(e) = self.tap.write_frame(frame) {
             self.metrics.tx_dropped.fetch_add(1, Ordering::Relaxed);
-            log::debug!("tap '{}': frame of {} bytes dropped: {e}", self.tap.name(), frame.len());
+            log::debug!(
+                "tap '{}': frame of {} bytes dropped: {e}",
+                self.tap.name(),
+                frame.len()
+            );
         }
     }
 }
@@ -156,7 +160,11 @@ impl Net {
     /// Copies the pending frame, behind a fresh header, into one receive
     /// chain through vm-memory. Returns the used length, or None if the
     /// chain cannot hold it or is not all writable.
-    fn write_rx_chain(&mut self, chain: virtio_queue::DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> Option<u32> {
+    fn write_rx_chain(
+        &mut self,
+        chain: virtio_queue::DescriptorChain<&GuestMemory>,
+        mem: &GuestMemory,
+    ) -> Option<u32> {
         // The tap's header (all zeros: no offloads) is replaced in place.
         self.rx_buf[..VNET_HDR_LEN].fill(0);
         self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes()); // num_buffers
@@ -218,7 +226,11 @@ impl Net {
                 }
                 None => {
                     self.metrics.rx_dropped.fetch_add(1, Ordering::Relaxed);
-                    log::debug!("tap '{}': frame of {} bytes does not fit the receive buffer", self.tap.name(), self.rx_len);
+                    log::debug!(
+                        "tap '{}': frame of {} bytes does not fit the receive buffer",
+                        self.tap.name(),
+                        self.rx_len
+                    );
                     0
                 }
             };
@@ -257,11 +269,16 @@ impl Net {
             if ok && self.tx_buf.len() > VNET_HDR_LEN {
                 let frame = &self.tx_buf[VNET_HDR_LEN..];
                 self.metrics.tx_frames.fetch_add(1, Ordering::Relaxed);
-                self.metrics.tx_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                self.metrics
+                    .tx_bytes
+                    .fetch_add(frame.len() as u64, Ordering::Relaxed);
                 self.sink.send(frame);
             } else {
                 self.metrics.tx_malformed.fetch_add(1, Ordering::Relaxed);
-                log::debug!("tap '{}': malformed transmit chain {head} dropped", self.tap.name());
+                log::debug!(
+                    "tap '{}': malformed transmit chain {head} dropped",
+                    self.tap.name()
+                );
             }
             if let Err(e) = q.add_used(mem, head, 0) {
                 log::warn!("tap '{}': add_used failed: {e:?}", self.tap.name());
@@ -296,7 +313,13 @@ impl VirtioDevice for Net {
         read_config_bytes(&cfg, offset, data);
     }
 
-    fn process_queue(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemory, stop: &AtomicBool) -> bool {
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemory,
+        stop: &AtomicBool,
+    ) -> bool {
         match index {
             RX_QUEUE => {
                 self.rx_blocked = false;
@@ -311,7 +334,12 @@ impl VirtioDevice for Net {
         (!self.rx_blocked && !self.tap_broken).then(|| self.tap.as_raw_fd())
     }
 
-    fn process_backend(&mut self, queues: &mut [Queue], mem: &GuestMemory, stop: &AtomicBool) -> bool {
+    fn process_backend(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestMemory,
+        stop: &AtomicBool,
+    ) -> bool {
         if self.rx_blocked || self.tap_broken {
             return false;
         }
@@ -327,7 +355,9 @@ impl VirtioDevice for Net {
 /// Copies `data.len()` bytes of `cfg` from `offset`, zeros past its end.
 pub(crate) fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);
-    let Ok(off) = usize::try_from(offset) else { return };
+    let Ok(off) = usize::try_from(offset) else {
+        return;
+    };
     if off < cfg.len() {
         let n = data.len().min(cfg.len() - off);
         data[..n].copy_from_slice(&cfg[off..off + n]);

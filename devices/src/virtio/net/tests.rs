@@ -19,7 +19,14 @@ const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x42];
 fn fake_tap() -> (Tap, std::fs::File) {
     let mut fds = [0; 2];
     // SAFETY: socketpair writes two fds into the array.
-    let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK, 0, fds.as_mut_ptr()) };
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
     assert_eq!(r, 0);
     // SAFETY: both fds were just created and are owned by nobody else.
     let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
@@ -40,7 +47,12 @@ fn fixture(sink: Option<Box<dyn FrameSink>>) -> Fixture {
     let (tap, peer) = fake_tap();
     let mem = test_mem(1 << 20);
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-    let dev = VirtioMmioDevice::new(Net::new(tap, MAC, sink).unwrap(), mem.clone(), irq.try_clone().unwrap()).unwrap();
+    let dev = VirtioMmioDevice::new(
+        Net::new(tap, MAC, sink).unwrap(),
+        mem.clone(),
+        irq.try_clone().unwrap(),
+    )
+    .unwrap();
     let transport = dev.transport();
     let rx = TestQueue::new(0x1000, 16);
     let tx = TestQueue::new(0x3000, 16);
@@ -110,8 +122,12 @@ fn rx_delivers_frames_into_guest_memory_and_marks_them_dirty() {
     let (_, len) = f.rx.used_elem(&f.mem, 0);
     assert_eq!(len as usize, VNET_HDR_LEN + fr.len());
     let mut hdr = [0u8; 12];
-    f.mem.read_slice(&mut hdr[..6], GuestAddress(0x20000)).unwrap();
-    f.mem.read_slice(&mut hdr[6..], GuestAddress(0x24000)).unwrap();
+    f.mem
+        .read_slice(&mut hdr[..6], GuestAddress(0x20000))
+        .unwrap();
+    f.mem
+        .read_slice(&mut hdr[6..], GuestAddress(0x24000))
+        .unwrap();
     assert_eq!(&hdr[..10], &[0; 10]);
     assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 1);
     let mut got = vec![0u8; fr.len()];
@@ -130,7 +146,9 @@ fn rx_delivers_frames_into_guest_memory_and_marks_them_dirty() {
     peer_send(&f.peer, &fr2);
     assert!(wait_used(&f.mem, &f.rx, 2, &f.irq, T));
     let mut got = vec![0u8; fr2.len()];
-    f.mem.read_slice(&mut got, GuestAddress(0x28000 + 12)).unwrap();
+    f.mem
+        .read_slice(&mut got, GuestAddress(0x28000 + 12))
+        .unwrap();
     assert_eq!(got, fr2);
     // A frame bigger than the buffer is dropped, the buffer returned empty.
     f.rx.add_chain(&f.mem, &[(0x2c000, 64, true)]);
@@ -148,7 +166,9 @@ fn tx_goes_to_the_tap_with_a_header() {
     use std::io::Read;
     let mut f = fixture(None);
     let fr = frame(60, 0x33);
-    f.mem.write_slice(&[0u8; 12], GuestAddress(0x40000)).unwrap();
+    f.mem
+        .write_slice(&[0u8; 12], GuestAddress(0x40000))
+        .unwrap();
     f.mem.write_slice(&fr, GuestAddress(0x41000)).unwrap();
     f.tx.add_chain(&f.mem, &[(0x40000, 12, false), (0x41000, 60, false)]);
     notify(&f, 1);
@@ -186,7 +206,13 @@ fn every_tx_frame_goes_through_the_sink_in_order() {
     for (i, fr) in got.iter().enumerate() {
         assert_eq!(fr, &frame(64 + i, i as u8));
     }
-    assert_eq!(f.dev.with_device(|d| d.metrics()).tx_malformed.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        f.dev
+            .with_device(|d| d.metrics())
+            .tx_malformed
+            .load(Ordering::Relaxed),
+        1
+    );
 }
 
 #[test]
@@ -219,7 +245,12 @@ fn state_round_trip_and_restore_on_another_tap() {
     // The "standby": its own tap, another default MAC; the state wins.
     let (tap2, peer2) = fake_tap();
     let irq2 = EventFd::new(EFD_NONBLOCK).unwrap();
-    let dev2 = VirtioMmioDevice::new(Net::new(tap2, default_mac("x"), None).unwrap(), f.mem.clone(), irq2.try_clone().unwrap()).unwrap();
+    let dev2 = VirtioMmioDevice::new(
+        Net::new(tap2, default_mac("x"), None).unwrap(),
+        f.mem.clone(),
+        irq2.try_clone().unwrap(),
+    )
+    .unwrap();
     dev2.restore(&decoded).unwrap();
     let again = dev2.save();
     assert_eq!(again.mmio, saved.mmio);
