@@ -241,6 +241,19 @@ fn guest_heartbeats_echo_and_disk_records() {
     let hb = net
         .udp_socket(&format!("{HOST_IP}:{HB_PORT}"))
         .unwrap_or_else(|e| panic!("heartbeat socket: {e}"));
+    // Room for every heartbeat even if this thread falls behind (root may
+    // exceed rmem_max with SO_RCVBUFFORCE).
+    let size: libc::c_int = 4 << 20;
+    // SAFETY: setsockopt reads one c_int from the pointer given with its size.
+    unsafe {
+        libc::setsockopt(
+            hb.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
     let echo = net
         .udp_socket(&format!("{HOST_IP}:0"))
         .unwrap_or_else(|e| panic!("echo socket: {e}"));
