@@ -157,13 +157,11 @@ impl Disk {
             Err(e) => return error_line(n, e),
         };
         match self.wait(Op::Read, token, n, &mut net) {
-            Some(Ok(())) => {
-                if self.read.data[..] != self.write.data[..] {
-                    error_line(n, "readback mismatch");
-                }
+            Some(Ok(())) if self.read.data[..] != self.write.data[..] => {
+                error_line(n, "readback mismatch")
             }
+            Some(Ok(())) | None => {}
             Some(Err(e)) => error_line(n, e),
-            None => {}
         }
     }
 
