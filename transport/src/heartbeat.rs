@@ -27,7 +27,7 @@ use std::fmt;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -205,6 +205,13 @@ pub struct FailureDetector {
     peer_epoch: AtomicU64,
     received: AtomicU64,
     failure: OnceLock<PeerLost>,
+    /// Highest newer generation seen in a heartbeat (0: none), and the epoch
+    /// it carried: a takeover notice, recorded even when another loss was
+    /// declared first.
+    fenced_by: AtomicU64,
+    fence_epoch: AtomicU64,
+    /// The receiver has read everything it will ever read.
+    rx_done: AtomicBool,
     lock: Mutex<()>,
     cond: Condvar,
     event: EventFd,
@@ -235,6 +242,9 @@ impl FailureDetector {
             peer_epoch: AtomicU64::new(0),
             received: AtomicU64::new(0),
             failure: OnceLock::new(),
+            fenced_by: AtomicU64::new(0),
+            fence_epoch: AtomicU64::new(0),
+            rx_done: AtomicBool::new(false),
             lock: Mutex::new(()),
             cond: Condvar::new(),
             event,
@@ -302,6 +312,10 @@ impl FailureDetector {
     /// generation is not liveness: it returns the fencing verdict (which the
     /// caller declares).
     pub fn observe(&self, msg: &HeartbeatMsg, now: Instant) -> Result<(), PeerLost> {
+        if msg.generation > self.generation {
+            self.fence_epoch.store(msg.epoch, Ordering::Release);
+            self.fenced_by.fetch_max(msg.generation, Ordering::AcqRel);
+        }
         if msg.generation != self.generation {
             return Err(PeerLost::GenerationMismatch {
                 ours: self.generation,
@@ -313,6 +327,29 @@ impl FailureDetector {
         self.peer_epoch.store(msg.epoch, Ordering::Release);
         self.received.fetch_add(1, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// The newer generation (and the epoch it announced) of a takeover
+    /// notice the peer sent, if one arrived — whatever loss was declared
+    /// first. A primary that finds one is fenced (DESIGN I5).
+    pub fn fenced_by(&self) -> Option<(u64, u64)> {
+        match self.fenced_by.load(Ordering::Acquire) {
+            0 => None,
+            g => Some((g, self.fence_epoch.load(Ordering::Acquire))),
+        }
+    }
+
+    /// Waits at most `timeout` until the receiver has read all the peer
+    /// will ever send (end of stream, silence, or stop); true if it has.
+    pub fn wait_receiver_done(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self.rx_done.load(Ordering::Acquire) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        true
     }
 
     /// When the peer was last heard from (or the detector started).
@@ -389,14 +426,18 @@ impl Heartbeat {
                 source,
             })?;
 
+        let successor = Arc::new(AtomicU64::new(0));
         let sender = {
             let (detector, epoch, stop) = (detector.clone(), epoch.clone(), stop.clone());
+            let successor = successor.clone();
             thread::Builder::new()
                 .name("ft-hb-send".into())
                 .spawn(move || {
-                    send_loop(
-                        tx_stream, peer, interval, generation, &epoch, &detector, &stop,
-                    )
+                    let gens = Generations {
+                        ours: generation,
+                        successor: &successor,
+                    };
+                    send_loop(tx_stream, peer, interval, gens, &epoch, &detector, &stop)
                 })
                 .map_err(|source| TransportError::Spawn {
                     what: "sender",
@@ -424,6 +465,7 @@ impl Heartbeat {
         Ok(HeartbeatHandle {
             detector,
             epoch,
+            successor,
             stop,
             stream: stream.stream,
             peer,
@@ -481,11 +523,17 @@ impl StopFlag {
 /// declared lost it sends one last heartbeat, so a fenced peer reads our
 /// generation before the end of the stream, then shuts the connection down
 /// (the peer learns of the loss at once) and ends.
+/// Our generation, and the one our farewell announces if set.
+struct Generations<'a> {
+    ours: u64,
+    successor: &'a AtomicU64,
+}
+
 fn send_loop(
     stream: TcpStream,
     peer: SocketAddr,
     interval: Duration,
-    generation: u64,
+    gens: Generations<'_>,
     epoch: &AtomicU64,
     detector: &FailureDetector,
     stop: &StopFlag,
@@ -497,6 +545,12 @@ fn send_loop(
             return;
         }
         let farewell = detector.failure().is_some();
+        let successor = gens.successor.load(Ordering::Acquire);
+        let generation = if farewell && successor != 0 {
+            successor
+        } else {
+            gens.ours
+        };
         let msg = HeartbeatMsg {
             generation,
             epoch: epoch.load(Ordering::Acquire),
@@ -527,9 +581,15 @@ fn send_loop(
                 }
             }
         }
-        if farewell || detector.failure().is_some() {
-            let _ = stream.shutdown(Shutdown::Both);
+        if farewell {
+            // Only our direction: the receiver still reads what the peer
+            // sent before it went, which may be its takeover notice.
+            let _ = stream.shutdown(Shutdown::Write);
             return;
+        }
+        if detector.failure().is_some() {
+            // Lost while this heartbeat went out: say goodbye now.
+            continue;
         }
         next += interval;
         let now = Instant::now();
@@ -542,7 +602,17 @@ fn send_loop(
     }
 }
 
+/// Marks the receiver done however it ends.
+struct RxDone<'a>(&'a FailureDetector);
+
+impl Drop for RxDone<'_> {
+    fn drop(&mut self) {
+        self.0.rx_done.store(true, Ordering::Release);
+    }
+}
+
 fn recv_loop(stream: TcpStream, peer: SocketAddr, detector: &FailureDetector, stop: &StopFlag) {
+    let _done = RxDone(detector);
     let fd = stream.as_raw_fd();
     let mut buf = [0u8; HEARTBEAT_LEN];
     let mut got = 0;
@@ -551,11 +621,18 @@ fn recv_loop(stream: TcpStream, peer: SocketAddr, detector: &FailureDetector, st
             return;
         }
         let now = Instant::now();
-        if let Some(silence) = detector.check_silence(now) {
-            break silence;
-        }
+        let deadline = match detector.check_silence(now) {
+            // Past the deadline. Our own stall (descheduled, stopped, a
+            // debugger) looks just like the peer's silence: judge only after
+            // reading what already arrived, which may be a fencing notice.
+            Some(silence) => match poll_fd(fd, libc::POLLIN, Some(now)) {
+                Ok(true) => now,
+                _ => break silence,
+            },
+            None => detector.silence_deadline(),
+        };
         // Wait for data or the silence deadline (ppoll: microsecond-precise).
-        match poll_fd(fd, libc::POLLIN, Some(detector.silence_deadline())) {
+        match poll_fd(fd, libc::POLLIN, Some(deadline)) {
             Ok(true) => {}
             Ok(false) => continue,
             Err(e) => {
@@ -608,6 +685,8 @@ fn recv_loop(stream: TcpStream, peer: SocketAddr, detector: &FailureDetector, st
 pub struct HeartbeatHandle {
     detector: Arc<FailureDetector>,
     epoch: Arc<AtomicU64>,
+    /// Generation the farewell heartbeat announces (0: our own).
+    successor: Arc<AtomicU64>,
     stop: Arc<StopFlag>,
     stream: TcpStream,
     peer: SocketAddr,
@@ -668,6 +747,42 @@ impl HeartbeatHandle {
     /// Stops both threads, shuts the connection down and joins them.
     pub fn stop(mut self) {
         self.stop_inner();
+    }
+
+    /// Sets the generation that this side's farewell heartbeat (sent once
+    /// the peer is declared lost) announces instead of its own. A standby
+    /// sets it to generation + 1 once it holds a committed checkpoint: from
+    /// then on, losing the primary means taking over, and the farewell is
+    /// the fencing notice an old primary that is still alive reads before
+    /// the end of the stream (DESIGN I5).
+    pub fn set_successor_generation(&self, generation: u64) {
+        self.successor.store(generation, Ordering::Release);
+    }
+
+    /// Ends heartbeating with the fencing notice: the farewell carries
+    /// `new_generation` (see [`HeartbeatHandle::set_successor_generation`]);
+    /// returns once it was sent (or the connection was already gone) and both
+    /// threads are joined.
+    pub fn announce_takeover(mut self, new_generation: u64) {
+        self.set_successor_generation(new_generation);
+        if self.detector.declare(PeerLost::ConnectionClosed) {
+            log::debug!(
+                "heartbeat to {}: taking over as generation {new_generation}",
+                self.peer
+            );
+        }
+        self.stop.poke();
+        if let Some((sender, receiver)) = self.threads.take() {
+            // The sender says goodbye with the new generation and ends.
+            if sender.join().is_err() {
+                log::error!("heartbeat sender thread for {} panicked", self.peer);
+            }
+            self.stop.raise();
+            let _ = self.stream.shutdown(Shutdown::Both);
+            if receiver.join().is_err() {
+                log::error!("heartbeat receiver thread for {} panicked", self.peer);
+            }
+        }
     }
 
     fn stop_inner(&mut self) {

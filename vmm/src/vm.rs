@@ -18,8 +18,8 @@ use ftvmm_devices::EventFdTrigger;
 
 use crate::arch::x86_64::{cpuid, layout, mptable, regs};
 use crate::boot::{self, BootError};
-use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::config::{SerialConfig, VmConfig};
+use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::persist::{
     self, DevicesState, MachineState, PersistError, VcpuCapture, VcpuState, VmState,

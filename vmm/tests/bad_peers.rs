@@ -11,7 +11,8 @@ use std::time::Duration;
 use common::*;
 use ftvmm_checkpoint::wire::{encode_message, Limits, Message};
 use ftvmm_checkpoint::{
-    DevicesSummary, Frame, FrameReader, GuestShape, Hello, Role, Staging, StagingConfig, WIRE_VERSION,
+    DevicesSummary, Frame, FrameReader, GuestShape, Hello, Role, Staging, StagingConfig,
+    WIRE_VERSION,
 };
 use ftvmm_transport::{connect_pair, Channel};
 
@@ -29,7 +30,10 @@ fn start_standby(dir: &TempDir, port: u16) -> Proc {
             format!("file:{}", dir.path("standby.console").display()),
         ],
     );
-    assert!(wait_until(Duration::from_secs(10), || read(&dir.path("standby.stderr")).contains("listening")));
+    assert!(wait_until(Duration::from_secs(10), || read(
+        &dir.path("standby.stderr")
+    )
+    .contains("listening")));
     p
 }
 
@@ -50,18 +54,23 @@ fn good_hello(generation: u64) -> Hello {
 
 /// Sends `hello` as a primary would and returns the standby's answer.
 fn handshake(port: u16, hello: Hello) -> Message {
-    let (mut chan, _hb) = connect_pair(format!("127.0.0.1:{port}").as_str(), Duration::from_secs(5)).unwrap();
+    let (mut chan, _hb) =
+        connect_pair(format!("127.0.0.1:{port}").as_str(), Duration::from_secs(5)).unwrap();
     let mut buf = Vec::new();
     encode_message(&Message::Hello(hello), &mut buf).unwrap();
     chan.send_all(&buf).unwrap();
-    chan.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    chan.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let limits = Limits::handshake();
     let mut staging = Staging::new(StagingConfig {
         max_pages: 0,
         ..limits.staging_config()
     })
     .unwrap();
-    match FrameReader::new(limits).read_frame(&mut chan, &mut staging).unwrap() {
+    match FrameReader::new(limits)
+        .read_frame(&mut chan, &mut staging)
+        .unwrap()
+    {
         Frame::Message(m) => m,
         Frame::Checkpoint(_) => panic!("a standby answered a Hello with a checkpoint"),
     }
@@ -94,8 +103,14 @@ fn good_primary_completes(dir: &TempDir, port: u16, generation: u64) {
             format!("file:{}", dir.path("primary.console").display()),
         ],
     );
-    let st = p.wait(Duration::from_secs(60)).expect("good primary did not finish");
-    assert!(st.success(), "good primary failed: {}", read(&dir.path("primary.stderr")));
+    let st = p
+        .wait(Duration::from_secs(60))
+        .expect("good primary did not finish");
+    assert!(
+        st.success(),
+        "good primary failed: {}",
+        read(&dir.path("primary.stderr"))
+    );
     assert_eq!(
         complete_lines(&read(&dir.path("primary.console")), hb_line),
         (1..=20).collect::<Vec<_>>()
@@ -146,7 +161,9 @@ fn wrong_version_wrong_shape_and_garbage_are_refused() {
     assert!(standby.running(), "a bad peer killed the standby");
     assert_eq!(read(&dir.path("standby.console")), "");
     good_primary_completes(&dir, port, 1);
-    let st = standby.wait(Duration::from_secs(10)).expect("standby did not end after the primary's goodbye");
+    let st = standby
+        .wait(Duration::from_secs(10))
+        .expect("standby did not end after the primary's goodbye");
     assert!(st.success());
 }
 
@@ -175,13 +192,18 @@ fn stale_generation_is_fenced() {
         ],
     );
     assert!(p5.wait(Duration::from_secs(30)).is_some());
-    assert!(wait_until(Duration::from_secs(10), || read(&dir.path("standby.stderr")).contains("nothing to run")));
+    assert!(wait_until(Duration::from_secs(10), || read(
+        &dir.path("standby.stderr")
+    )
+    .contains("nothing to run")));
 
     let r = refused(handshake(port, good_hello(3)));
     assert!(r.contains("generation 3 is older than generation 5"), "{r}");
     assert!(standby.running());
     good_primary_completes(&dir, port, 6);
-    assert!(standby.wait(Duration::from_secs(10)).is_some_and(|s| s.success()));
+    assert!(standby
+        .wait(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
 }
 
 #[test]
@@ -208,7 +230,12 @@ fn second_primary_is_refused_and_the_first_stays_protected() {
             dir.path("metrics.jsonl").display().to_string(),
         ],
     );
-    assert!(wait_until(Duration::from_secs(30), || read(&dir.path("metrics.jsonl")).lines().count() >= 5));
+    assert!(wait_until(Duration::from_secs(30), || read(
+        &dir.path("metrics.jsonl")
+    )
+    .lines()
+    .count()
+        >= 5));
     let r = refused(handshake(port, good_hello(1)));
     assert!(r.contains("already paired"), "{r}");
     let r = refused(handshake(port, good_hello(7)));
@@ -216,12 +243,21 @@ fn second_primary_is_refused_and_the_first_stays_protected() {
     // The first primary is still protected: its epochs go on, and a
     // failover still works from its state.
     let n = read(&dir.path("metrics.jsonl")).lines().count();
-    assert!(wait_until(Duration::from_secs(10), || read(&dir.path("metrics.jsonl")).lines().count() > n + 5));
+    assert!(wait_until(Duration::from_secs(10), || read(
+        &dir.path("metrics.jsonl")
+    )
+    .lines()
+    .count()
+        > n + 5));
     first.kill();
     assert!(wait_until(Duration::from_secs(30), || {
         complete_lines(&read(&dir.path("standby.console")), hb_line).len() >= 5
     }));
-    check_exactly_once(&read(&dir.path("primary.console")), &read(&dir.path("standby.console")), hb_line);
+    check_exactly_once(
+        &read(&dir.path("primary.console")),
+        &read(&dir.path("standby.console")),
+        hb_line,
+    );
     // Once it runs the guest, the standby refuses every primary.
     let r = refused(handshake(port, good_hello(9)));
     assert!(r.contains("took over"), "{r}");

@@ -393,3 +393,42 @@ fn guest_poweroff_under_protection_ends_both_sides_cleanly() {
         "the standby must not run the guest after a clean end"
     );
 }
+
+/// A primary that stalls (SIGSTOP) looks dead to its standby, which takes
+/// over. When the old primary wakes up it must not release anything the
+/// standby did not commit: it reads the takeover notice, stops its guest and
+/// exits with an error (I5, no split brain).
+#[test]
+fn a_stalled_primary_is_fenced_after_the_takeover() {
+    let mut pair = Pair::start("fenced", &["--heartbeat-ms", "20"], &[]);
+    pair.wait_epochs(20);
+    let pid = pair.primary.as_ref().unwrap().child.id() as libc::pid_t;
+    // SAFETY: signalling our own child, which is alive (reaped only on drop).
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    pair.wait_takeover(10);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let status = pair
+        .primary
+        .as_mut()
+        .unwrap()
+        .wait(Duration::from_secs(20))
+        .unwrap_or_else(|| {
+            panic!(
+                "the fenced primary did not stop:\n{}\nstandby:\n{}",
+                pair.file("primary.stderr"),
+                pair.file("standby.stderr")
+            )
+        });
+    let stderr = pair.file("primary.stderr");
+    assert!(!status.success(), "a fenced primary must fail: {stderr}");
+    assert!(stderr.contains("fenced"), "{stderr}");
+    // Let the standby print a little more, then the property must hold.
+    let n = pair.standby_hbs();
+    pair.wait_takeover(n + 5);
+    check_exactly_once(
+        &pair.file("primary.console"),
+        &pair.file("standby.console"),
+        hb_line,
+    );
+}

@@ -155,6 +155,16 @@ pub enum FtError {
         /// Its reason.
         reason: String,
     },
+    /// The standby took over: this primary is fenced (I5) and stopped.
+    #[error("fenced: standby {peer} took over from checkpoint {epoch} as generation {generation}; this primary stopped its guest and released nothing after that checkpoint")]
+    Fenced {
+        /// The standby.
+        peer: String,
+        /// The checkpoint it runs from.
+        epoch: u64,
+        /// Its new generation.
+        generation: u64,
+    },
     /// The peer sent something out of protocol.
     #[error("protocol error with {peer}: {what}")]
     Protocol {

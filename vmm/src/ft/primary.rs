@@ -402,7 +402,7 @@ pub fn run_primary(config: &VmConfig, ft: &FtOptions) -> Result<VmExit, FtError>
 
     if let Some(s) = session.as_mut() {
         if let Err(e) = precopy(&vm, &mut engine, s, ft) {
-            lose_standby(&mut session, &console, &vm, &e.to_string());
+            lose_standby(&mut session, &console, &vm, &e.to_string())?;
         }
     }
 
@@ -420,7 +420,7 @@ pub fn run_primary(config: &VmConfig, ft: &FtOptions) -> Result<VmExit, FtError>
             continue;
         }
         if let Some(lost) = session.as_ref().and_then(|s| s.hb.failure()) {
-            lose_standby(&mut session, &console, &vm, &lost.to_string());
+            lose_standby(&mut session, &console, &vm, &lost.to_string())?;
             continue;
         }
         epoch += 1;
@@ -435,12 +435,12 @@ pub fn run_primary(config: &VmConfig, ft: &FtOptions) -> Result<VmExit, FtError>
             &mut metrics,
         ) {
             Ok(EpochResult::Committed) => {}
-            Ok(EpochResult::StandbyLost(why)) => lose_standby(&mut session, &console, &vm, &why),
+            Ok(EpochResult::StandbyLost(why)) => lose_standby(&mut session, &console, &vm, &why)?,
             Err(e) => {
                 // A local failure (pause timeout, memory read) is not the
                 // standby's fault, but the checkpoint stream cannot go on.
                 vm.resume();
-                lose_standby(&mut session, &console, &vm, &e.to_string());
+                lose_standby(&mut session, &console, &vm, &e.to_string())?;
             }
         }
         if final_epoch {
@@ -500,18 +500,49 @@ fn wait_boundary(vm: &Vm, session: Option<&Session>, deadline: Instant) -> Optio
     }
 }
 
-fn lose_standby(session: &mut Option<Session>, console: &HeldOutput, vm: &Vm, why: &str) {
+/// The standby stopped answering. Before releasing anything, let the
+/// heartbeat channel settle why: a standby that took over announces its new
+/// generation there before closing (I5), and then this primary is fenced: it
+/// releases only what the standby committed, drops the rest, and stops its
+/// guest. Otherwise the standby is gone: release everything held and run on
+/// unprotected.
+fn lose_standby(
+    session: &mut Option<Session>,
+    console: &HeldOutput,
+    vm: &Vm,
+    why: &str,
+) -> Result<(), FtError> {
     if let Some(s) = session.take() {
-        log::warn!(
-            "standby {} lost ({why}): releasing held output, running unprotected",
-            s.peer
-        );
+        // Read everything the standby sent before it went (its heartbeat
+        // stream ends with a takeover notice if it took over), bounded by
+        // the silence timeout for a standby whose host vanished.
+        let detector = s.hb.detector().clone();
+        let settle = detector.timeout() + Duration::from_millis(100);
+        if !detector.wait_receiver_done(settle) {
+            log::warn!(
+                "heartbeat channel of {} did not settle within {settle:?}",
+                s.peer
+            );
+        }
+        let peer = s.peer.clone();
         s.close();
+        if let Some((generation, epoch)) = detector.fenced_by() {
+            // Release exactly what the standby committed; drop the rest.
+            console.release_upto(epoch);
+            console.discard_after(epoch);
+            return Err(FtError::Fenced {
+                peer,
+                epoch,
+                generation,
+            });
+        }
+        log::warn!("standby {peer} lost ({why}): releasing held output, running unprotected");
     }
     console.release_all();
     if let Err(e) = memory::register_slots(&vm.fd, &vm.memory, false) {
         log::warn!("cannot turn dirty logging off: {e}");
     }
+    Ok(())
 }
 
 /// One epoch: pause, capture, resume, stream, await the ack, release.

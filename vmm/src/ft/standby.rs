@@ -154,7 +154,7 @@ pub fn run_standby(opts: &StandbyOptions) -> Result<Option<VmExit>, FtError> {
             } => {
                 set_busy(Some(format!(
                     "this standby took over the guest (generation {}) and runs it",
-                    fencing.max_generation + 1
+                    fencing.max_generation
                 )));
                 return take_over(*vm, &state, epoch, &why, lost_at).map(Some);
             }
@@ -408,6 +408,11 @@ fn serve(
                     Err(e) => break format!("applying checkpoint {epoch}: {e}"),
                 }
                 fence.commit(epoch);
+                if !have_commit {
+                    // From now on losing the primary means taking over: our
+                    // farewell heartbeat fences it (I5).
+                    hb.set_successor_generation(generation + 1);
+                }
                 have_commit = true;
                 if opts.hash_epoch == Some(epoch) {
                     eprintln!(
@@ -438,12 +443,29 @@ fn serve(
         None => end,
     };
     stop.store(true, Ordering::Release);
-    // Fence the old primary: it never hears from this standby again.
-    let _ = chan.shutdown();
-    hb.stop();
     if !have_commit {
+        let _ = chan.shutdown();
+        hb.stop();
         return SessionEnd::LostEmpty(why);
     }
+    // Fence the old primary before anything else (I5): if it is alive after
+    // all (silence, not death), the notice tells it that generation + 1 now
+    // runs the guest, so it must release nothing more; then it never hears
+    // from this standby again.
+    let committed_epoch = fence.last_applied().unwrap_or(0);
+    hb.set_epoch(committed_epoch);
+    hb.announce_takeover(generation + 1);
+    fencing.max_generation = generation + 1;
+    let _ = send_message(
+        &mut chan,
+        &Message::Refuse(Refuse {
+            reason: format!(
+                "the standby took over from checkpoint {committed_epoch} as generation {}",
+                generation + 1
+            ),
+        }),
+    );
+    let _ = chan.shutdown();
     SessionEnd::Takeover {
         vm: Box::new(vm),
         state: committed,
