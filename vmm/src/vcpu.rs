@@ -354,6 +354,14 @@ impl Vcpu {
         }
     }
 
+    /// Captures the state of this vCPU, whose thread has not started, into
+    /// `slot`.
+    pub fn save_now(&mut self, slot: &mut VcpuState) -> Result<(), VcpuError> {
+        let id = self.id;
+        self.save_into(slot)
+            .map_err(|reason| VcpuError::Save { id, reason })
+    }
+
     /// Captures this vCPU's state into `slot`, after letting KVM complete an
     /// I/O instruction whose exit we handled but which it has not retired
     /// yet (its effects would otherwise be half in the state).

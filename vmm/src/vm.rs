@@ -374,13 +374,17 @@ impl Vm {
         for v in &self.vcpus {
             v.wait_parked(deadline, timeout)?;
         }
-        if self.states.len() != self.vcpus.len() {
-            self.states = (0..self.vcpus.len())
-                .map(|_| crate::vcpu::empty_state())
-                .collect();
+        let count = self.vcpus.len() + self.pending.len();
+        if self.states.len() != count {
+            self.states = (0..count).map(|_| crate::vcpu::empty_state()).collect();
         }
         for (v, slot) in self.vcpus.iter().zip(self.states.iter_mut()) {
             v.take_saved(slot)?;
+        }
+        // vCPUs not started yet (a VM just built or restored) are captured
+        // directly.
+        for (v, slot) in self.pending.iter_mut().zip(self.states.iter_mut()) {
+            v.save_now(slot)?;
         }
         self.devices.pause_devices(timeout)?;
         let vm = persist::capture_vm(&self.fd).map_err(|source| VmError::Persist { source })?;
