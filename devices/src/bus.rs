@@ -64,7 +64,9 @@ impl Bus {
         if len == 0 {
             return Err(BusError::ZeroLength(base));
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         if let Some((b, e)) = self.ranges.range(..end).next_back() {
             if b + e.len > base {
                 return Err(BusError::Overlap { base, len });
@@ -126,14 +128,23 @@ mod tests {
         bus.insert(dev.clone(), 0x3f8, 8).unwrap();
         assert_eq!(
             bus.insert(dev.clone(), 0x3f0, 9),
-            Err(BusError::Overlap { base: 0x3f0, len: 9 })
+            Err(BusError::Overlap {
+                base: 0x3f0,
+                len: 9
+            })
         );
         assert_eq!(
             bus.insert(dev.clone(), 0x3ff, 1),
-            Err(BusError::Overlap { base: 0x3ff, len: 1 })
+            Err(BusError::Overlap {
+                base: 0x3ff,
+                len: 1
+            })
         );
         bus.insert(dev.clone(), 0x400, 1).unwrap();
-        assert_eq!(bus.insert(dev.clone(), 0x500, 0), Err(BusError::ZeroLength(0x500)));
+        assert_eq!(
+            bus.insert(dev.clone(), 0x500, 0),
+            Err(BusError::ZeroLength(0x500))
+        );
         let mut b = [0u8; 1];
         assert!(bus.read(0x3fd, &mut b));
         assert_eq!(b[0], 5);

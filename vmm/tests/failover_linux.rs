@@ -10,11 +10,20 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn parse_n(line: &str) -> Option<u64> {
-    line.strip_prefix("ftlinux n=")?.split(' ').next()?.parse().ok()
+    line.strip_prefix("ftlinux n=")?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn parse_up(line: &str) -> Option<f64> {
-    line.strip_prefix("ftlinux n=")?.split(" up=").nth(1)?.trim().parse().ok()
+    line.strip_prefix("ftlinux n=")?
+        .split(" up=")
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()
 }
 
 #[test]
@@ -35,7 +44,10 @@ fn tiny_linux_survives_failover() {
             format!("file:{}", dir.path("standby.console").display()),
         ],
     );
-    assert!(wait_until(Duration::from_secs(10), || read(&dir.path("standby.stderr")).contains("listening")));
+    assert!(wait_until(Duration::from_secs(10), || read(
+        &dir.path("standby.stderr")
+    )
+    .contains("listening")));
     let started = Instant::now();
     let mut primary = spawn(
         "primary",
@@ -64,7 +76,8 @@ fn tiny_linux_survives_failover() {
     );
     let counted = |f: &str| complete_lines(&read(&dir.path(f)), parse_n).len();
     assert!(
-        wait_until(Duration::from_secs(240), || counted("primary.console") >= 10),
+        wait_until(Duration::from_secs(240), || counted("primary.console")
+            >= 10),
         "Linux did not reach its counting loop under protection:\n{}\n{}",
         read(&dir.path("primary.console")),
         read(&dir.path("primary.stderr"))
@@ -85,8 +98,14 @@ fn tiny_linux_survives_failover() {
     // Its uptime continues: no reboot, and no second ready marker.
     let up_p = complete_lines(&p, parse_up);
     let up_s = complete_lines(&s, parse_up);
-    assert!(up_s[0] > *up_p.last().unwrap(), "uptime went back: {up_p:?} then {up_s:?}");
-    assert!(!s.contains("ftlinux ready") && !s.contains("Linux version"), "the guest rebooted:\n{s}");
+    assert!(
+        up_s[0] > *up_p.last().unwrap(),
+        "uptime went back: {up_p:?} then {up_s:?}"
+    );
+    assert!(
+        !s.contains("ftlinux ready") && !s.contains("Linux version"),
+        "the guest rebooted:\n{s}"
+    );
     println!(
         "tiny Linux under protection: counting after {boot:.1?} ({epochs} epochs); primary released n={last_p}, \
          standby went on from n={first_s} ({gap} lost with the in-flight epoch); uptime {:.2} → {:.2}",

@@ -43,8 +43,13 @@ impl SerialConsole {
     /// line and the output sink.
     pub fn restore(&mut self, state: &SerialDeviceState) -> std::io::Result<()> {
         let out = std::mem::replace(self.serial.writer_mut(), Box::new(std::io::sink()));
-        let serial = Serial::from_state(&state.to_superio(), self.interrupt.try_clone()?, NoEvents, out)
-            .map_err(|e| std::io::Error::other(format!("cannot restore serial state: {e:?}")))?;
+        let serial = Serial::from_state(
+            &state.to_superio(),
+            self.interrupt.try_clone()?,
+            NoEvents,
+            out,
+        )
+        .map_err(|e| std::io::Error::other(format!("cannot restore serial state: {e:?}")))?;
         self.serial = serial;
         Ok(())
     }
