@@ -186,8 +186,24 @@ fn send_half_and_die(frame: &CheckpointFrame<'_>, chan: &mut TcpChannel, what: &
     die_now(what)
 }
 
+/// What one checkpoint capture cost and produced.
+#[derive(Debug, Clone, Copy)]
+pub struct Capture {
+    /// The guest was paused this long (pause → resume).
+    pub pause: Duration,
+    /// Of which: reading and clearing KVM's dirty log and merging it with the
+    /// VMM's bitmap.
+    pub harvest: Duration,
+    /// Dirty pages, by source.
+    pub counts: DirtyCounts,
+    /// What was staged.
+    pub stats: ftvmm_checkpoint::EpochStats,
+    /// Console bytes sealed for this epoch.
+    pub held: usize,
+}
+
 /// The epoch machinery of the primary: dirty log, harvest buffers, staging.
-struct Engine {
+pub struct Engine {
     log: DirtyLog,
     harvests: Vec<HarvestBuffer>,
     staging: Staging,
@@ -196,7 +212,9 @@ struct Engine {
 }
 
 impl Engine {
-    fn new(vm: &Vm) -> Result<Self, FtError> {
+    /// Turns on dirty logging for `vm` (manual protect) and allocates the
+    /// harvest buffers and the staging.
+    pub fn new(vm: &Vm) -> Result<Self, FtError> {
         let log = DirtyLog::new(&vm.fd, &vm.memory)?;
         memory::register_slots(&vm.fd, &vm.memory, true).map_err(crate::vm::VmError::from)?;
         let harvests = vm
@@ -228,6 +246,66 @@ impl Engine {
                 .add(self.harvests[i].harvest(&self.log.slots[i].bitmap, region.deref().bitmap())?);
         }
         Ok(counts)
+    }
+
+    /// Steps 1–5 of an epoch: pause the vCPUs and devices, capture the
+    /// machine state and the dirty pages into the staging, seal the
+    /// console's output, resume. The checkpoint is then in
+    /// [`Engine::staging`], ready to stream.
+    pub fn capture(
+        &mut self,
+        vm: &mut Vm,
+        console: Option<&HeldOutput>,
+        epoch: u64,
+        hash: bool,
+    ) -> Result<Capture, FtError> {
+        let t_pause = Instant::now();
+        let state = vm.pause_and_save(PAUSE_TIMEOUT)?;
+        encode_state(&state, &mut self.state_buf)?;
+        let t_harvest = Instant::now();
+        let counts = self.harvest(vm)?;
+        let harvest = t_harvest.elapsed();
+        let stats = stage(
+            vm,
+            &self.harvests,
+            &self.region_bases,
+            &mut self.staging,
+            Some(&self.state_buf),
+        )?;
+        let held = console.map(|c| c.seal(epoch)).unwrap_or(0);
+        if hash {
+            eprintln!(
+                "ftvmm: memory crc at epoch {epoch}: {:08x}",
+                super::memory_crc(&vm.memory)
+            );
+        }
+        vm.resume();
+        Ok(Capture {
+            pause: t_pause.elapsed(),
+            harvest,
+            counts,
+            stats,
+            held,
+        })
+    }
+
+    /// The staged checkpoint.
+    pub fn staging(&self) -> &Staging {
+        &self.staging
+    }
+
+    /// Guest-physical addresses of the pages of the last capture.
+    pub fn dirty_gpas(&self) -> impl Iterator<Item = u64> + '_ {
+        self.harvests
+            .iter()
+            .zip(&self.region_bases)
+            .flat_map(|(h, base)| h.pages().map(move |p| base + p as u64 * PAGE_SIZE as u64))
+    }
+
+    /// Lets the staging give back slabs a smaller checkpoint no longer needs
+    /// (after the checkpoint was sent).
+    pub fn trim(&mut self) {
+        self.staging.trim();
     }
 }
 
@@ -555,26 +633,13 @@ fn run_epoch(
     epoch: u64,
     metrics: &mut MetricsLog,
 ) -> Result<EpochResult, FtError> {
-    let t_pause = Instant::now();
-    let state = vm.pause_and_save(PAUSE_TIMEOUT)?;
-    encode_state(&state, &mut engine.state_buf)?;
-    let counts = engine.harvest(vm)?;
-    let stats = stage(
-        vm,
-        &engine.harvests,
-        &engine.region_bases,
-        &mut engine.staging,
-        Some(&engine.state_buf),
-    )?;
-    let held = console.seal(epoch);
-    if ft.hash_epoch == Some(epoch) {
-        eprintln!(
-            "ftvmm: memory crc at epoch {epoch}: {:08x}",
-            super::memory_crc(&vm.memory)
-        );
-    }
-    vm.resume();
-    let pause = t_pause.elapsed();
+    let Capture {
+        pause,
+        counts,
+        stats,
+        held,
+        ..
+    } = engine.capture(vm, Some(console), epoch, ft.hash_epoch == Some(epoch))?;
 
     let frame = CheckpointFrame::new(&engine.staging, epoch, ft.generation);
     if Fault::hits(ft.fault, FaultPoint::MidCheckpoint, epoch) {
@@ -633,7 +698,7 @@ fn run_epoch(
         die_now("during release");
     }
     console.release_upto(epoch);
-    engine.staging.trim();
+    engine.trim();
     metrics.record(&EpochMetrics {
         epoch,
         pause_us: pause.as_micros() as u64,
