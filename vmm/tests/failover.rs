@@ -318,7 +318,7 @@ fn standby_death_releases_output_and_the_primary_runs_on() {
             "--mem-mib".into(),
             "64".into(),
             "--cmdline".into(),
-            format!("{GUEST} stop=150"),
+            format!("{GUEST} stop=600"),
             "--ft-peer".into(),
             format!("127.0.0.1:{port}"),
             "--ft-interval-ms".into(),
@@ -347,7 +347,7 @@ fn standby_death_releases_output_and_the_primary_runs_on() {
     let console = read(&dir.path("primary.console"));
     assert_eq!(
         complete_lines(&console, hb_line),
-        (1..=150).collect::<Vec<_>>()
+        (1..=600).collect::<Vec<_>>()
     );
     assert!(console.contains("ftguest done"));
 }
