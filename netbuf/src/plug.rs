@@ -1,0 +1,257 @@
+//! The `plug` backend: the kernel holds the frames, as Remus and the QEMU
+//! MC spec do it.
+//!
+//! Set-up, per NIC (all undone on drop or on a failed start):
+//! 1. an IFB device `ftapifb<pid><n>`, brought up;
+//! 2. an `sch_plug` qdisc as its root (`1:`, byte limit = the netbuf
+//!    limit) — created first, so a kernel without `sch_plug` is found
+//!    before the tap is touched;
+//! 3. the `ingress` qdisc on the tap, and a u32 match-all filter on it whose
+//!    `mirred` action redirects every frame the guest sends (the tap's
+//!    ingress) to the IFB's egress, where the plug holds it; what the plug
+//!    lets out the IFB hands back to the stack as if received on the tap.
+//!
+//! Epochs (two plugs in flight, as the MC spec's steps): [`OutputCommit::hold`]
+//! inserts the first plug; each [`OutputCommit::seal`] inserts a plug
+//! (`TCQ_PLUG_BUFFER`), closing the epoch behind it; each ack releases the
+//! oldest closed epoch (`TCQ_PLUG_RELEASE_ONE`); losing the standby unplugs
+//! for good (`TCQ_PLUG_RELEASE_INDEFINITE`). `sch_plug` counts only the
+//! last closed epoch and the open one, which is exactly what the epoch
+//! driver keeps in flight (epoch n is released before n + 1 is sealed).
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::netlink::{self, PlugAction, Socket};
+use crate::{Backend, Held, NetbufError, NetbufReport, OutputCommit};
+
+/// Time given to the kernel to send what a last release let out before a
+/// fenced primary tears the plug (and what it still holds) down.
+const DRAIN_BEFORE_DISCARD: Duration = Duration::from_millis(20);
+
+#[derive(Debug)]
+struct Link {
+    tap: String,
+    tap_index: i32,
+    ifb: String,
+    ifb_index: i32,
+    /// Set-up steps done, for the teardown.
+    ingress: bool,
+}
+
+#[derive(Debug)]
+struct State {
+    sock: Socket,
+    links: Vec<Link>,
+    /// Sealed epochs not yet released, oldest first.
+    sealed: VecDeque<u64>,
+    /// Torn down (fenced) or unplugged for good.
+    done: bool,
+    report: NetbufReport,
+}
+
+/// The plug backend.
+#[derive(Debug)]
+pub struct PlugBuffer {
+    state: Mutex<State>,
+}
+
+/// The IFB name for NIC `nic` of this process (≤ 15 bytes).
+pub fn ifb_name(nic: usize) -> String {
+    format!("ftapifb{}{nic}", std::process::id() % 100_000)
+}
+
+impl State {
+    fn command(&mut self, action: PlugAction) {
+        for i in 0..self.links.len() {
+            let idx = self.links[i].ifb_index;
+            if let Err(e) = self.sock.request(netlink::plug_command(idx, action)) {
+                log::error!(
+                    "netbuf plug: {action:?} on '{}' failed: {e}",
+                    self.links[i].ifb
+                );
+            }
+        }
+    }
+
+    fn teardown(&mut self) {
+        for l in self.links.drain(..) {
+            if l.ingress {
+                if let Err(e) = self.sock.request(netlink::del_ingress(l.tap_index)) {
+                    log::warn!(
+                        "netbuf plug: removing the ingress qdisc of '{}': {e}",
+                        l.tap
+                    );
+                }
+            }
+            if let Err(e) = self.sock.request(netlink::del_link(l.ifb_index)) {
+                log::warn!("netbuf plug: removing '{}': {e}", l.ifb);
+            }
+        }
+    }
+}
+
+impl PlugBuffer {
+    /// Sets up the IFB, plug qdisc and redirect for each tap in `taps`.
+    /// Fails (and undoes what it did) with [`NetbufError::NoSchPlug`] on a
+    /// kernel without `sch_plug`.
+    pub fn start(taps: &[String], limit: usize) -> Result<PlugBuffer, NetbufError> {
+        let nl = |what: String| move |source| NetbufError::Netlink { what, source };
+        let sock = Socket::open().map_err(nl("opening a NETLINK_ROUTE socket".into()))?;
+        let mut st = State {
+            sock,
+            links: Vec::new(),
+            sealed: VecDeque::new(),
+            done: false,
+            report: NetbufReport {
+                limit_bytes: limit as u64,
+                ..NetbufReport::default()
+            },
+        };
+        let r = (|| {
+            for (n, tap) in taps.iter().enumerate() {
+                let tap_index =
+                    netlink::ifindex(tap).map_err(nl(format!("finding tap '{tap}'")))?;
+                let ifb = ifb_name(n);
+                // A leftover of a killed process with the same pid.
+                if let Ok(old) = netlink::ifindex(&ifb) {
+                    let _ = st.sock.request(netlink::del_link(old));
+                }
+                st.sock
+                    .request(netlink::new_ifb(&ifb))
+                    .map_err(|source| NetbufError::NoIfb {
+                        ifb: ifb.clone(),
+                        source,
+                    })?;
+                let ifb_index = netlink::ifindex(&ifb).map_err(nl(format!("finding '{ifb}'")))?;
+                st.links.push(Link {
+                    tap: tap.clone(),
+                    tap_index,
+                    ifb: ifb.clone(),
+                    ifb_index,
+                    ingress: false,
+                });
+                st.sock
+                    .request(netlink::set_up(ifb_index))
+                    .map_err(nl(format!("bringing '{ifb}' up")))?;
+                let limit = u32::try_from(limit).unwrap_or(u32::MAX);
+                st.sock
+                    .request(netlink::new_plug(ifb_index, limit))
+                    .map_err(|source| match source.errno() {
+                        Some(libc::ENOENT) | Some(libc::EOPNOTSUPP) => NetbufError::NoSchPlug {
+                            ifb: ifb.clone(),
+                            source,
+                        },
+                        _ => NetbufError::Netlink {
+                            what: format!("adding the plug qdisc to '{ifb}'"),
+                            source,
+                        },
+                    })?;
+                // Pass everything until protection begins.
+                st.sock
+                    .request(netlink::plug_command(
+                        ifb_index,
+                        PlugAction::ReleaseIndefinite,
+                    ))
+                    .map_err(nl(format!("unplugging '{ifb}'")))?;
+                st.sock
+                    .request(netlink::new_ingress(tap_index))
+                    .map_err(nl(format!("adding the ingress qdisc to '{tap}'")))?;
+                st.links.last_mut().expect("pushed").ingress = true;
+                st.sock
+                    .request(netlink::new_redirect(tap_index, ifb_index))
+                    .map_err(nl(format!("redirecting '{tap}' to '{ifb}'")))?;
+                log::info!("netbuf plug: '{tap}' → '{ifb}' (sch_plug, limit {limit} bytes)");
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            st.teardown();
+            return Err(e);
+        }
+        Ok(PlugBuffer {
+            state: Mutex::new(st),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl OutputCommit for PlugBuffer {
+    fn backend(&self) -> Backend {
+        Backend::Plug
+    }
+
+    fn hold(&self) {
+        let mut s = self.lock();
+        if !s.done {
+            s.command(PlugAction::Buffer);
+        }
+    }
+
+    fn seal(&self, epoch: u64) -> Held {
+        let mut s = self.lock();
+        if !s.done {
+            s.command(PlugAction::Buffer);
+            s.sealed.push_back(epoch);
+        }
+        Held::default()
+    }
+
+    fn release_upto(&self, epoch: u64) -> Held {
+        let mut s = self.lock();
+        while !s.done && s.sealed.front().is_some_and(|&e| e <= epoch) {
+            s.sealed.pop_front();
+            s.command(PlugAction::ReleaseOne);
+        }
+        Held::default()
+    }
+
+    fn discard_after(&self, _epoch: u64) {
+        // What was released is on its way; the rest goes with the qdisc.
+        std::thread::sleep(DRAIN_BEFORE_DISCARD);
+        let mut s = self.lock();
+        s.sealed.clear();
+        s.teardown();
+        s.done = true;
+    }
+
+    fn release_all(&self) {
+        let mut s = self.lock();
+        if !s.done {
+            s.command(PlugAction::ReleaseIndefinite);
+            s.sealed.clear();
+            s.done = true;
+        }
+    }
+
+    fn cut_event(&self) -> Option<&EventFd> {
+        None
+    }
+
+    fn report(&self) -> NetbufReport {
+        self.lock().report
+    }
+}
+
+impl Drop for PlugBuffer {
+    fn drop(&mut self) {
+        self.lock().teardown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ifb_names_fit_an_interface_name() {
+        assert!(ifb_name(8).len() <= 15);
+        assert!(ifb_name(0).starts_with("ftapifb"));
+    }
+}
