@@ -393,6 +393,10 @@ impl OutputCommit for HeldFrames {
     fn release_all(&self) {
         self.release_upto(u64::MAX);
         let mut i = self.lock();
+        if i.cut_raised {
+            i.cut_raised = false;
+            let _ = self.cut.read();
+        }
         let open = std::mem::take(&mut i.open);
         i.release_buf(open, Instant::now());
         i.mode = Mode::PassThrough;

@@ -87,9 +87,17 @@ struct FtArgs {
     /// Epoch length in milliseconds.
     #[arg(long, value_name = "N", default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     ft_interval_ms: u64,
-    /// Network output commit backend.
+    /// Network output commit backend: vmm (frames held in the VMM per
+    /// epoch), plug (held by the kernel's sch_plug qdisc on an IFB; needs
+    /// CONFIG_NET_SCH_PLUG) or none (nothing held: tests only).
     #[arg(long, value_enum, default_value_t = NetbufArg::Vmm)]
     netbuf: NetbufArg,
+    /// Most output the netbuf holds, in MiB; near it the epoch is cut early.
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    netbuf_limit_mib: u64,
+    /// The same limit in KiB, overriding --netbuf-limit-mib (tests).
+    #[arg(long, value_name = "N", hide = true, value_parser = clap::value_parser!(u64).range(1..=4_194_304))]
+    netbuf_limit_kib: Option<u64>,
     /// Checkpoint transport.
     #[arg(long, value_enum, default_value_t = TransportArg::Tcp)]
     transport: TransportArg,
@@ -127,6 +135,9 @@ struct StandbyArgs {
     /// Print a CRC of guest memory after applying this epoch (tests).
     #[arg(long, value_name = "N", hide = true)]
     ft_hash_epoch: Option<u64>,
+    /// Delay each ack by N ms (tests: output commit must wait for it).
+    #[arg(long, value_name = "N", hide = true)]
+    ft_ack_delay_ms: Option<u64>,
 }
 
 impl VmArgs {
@@ -166,14 +177,15 @@ fn run(args: RunArgs) -> Result<(), String> {
     let config = args.vm.into_config()?;
     let reason = match args.ft.ft_peer {
         Some(peer) => {
-            match args.ft.netbuf {
-                NetbufArg::Vmm | NetbufArg::None => {}
-                NetbufArg::Plug => {
-                    return Err(
-                        "--netbuf plug is not available in this build yet; use --netbuf vmm".into(),
-                    )
-                }
-            }
+            let backend = match args.ft.netbuf {
+                NetbufArg::Vmm => ftvmm_netbuf::Backend::Vmm,
+                NetbufArg::Plug => ftvmm_netbuf::Backend::Plug,
+                NetbufArg::None => ftvmm_netbuf::Backend::None,
+            };
+            let limit_kib = args
+                .ft
+                .netbuf_limit_kib
+                .unwrap_or(args.ft.netbuf_limit_mib << 10);
             if args.ft.transport == TransportArg::Rdma {
                 return Err(
                     "--transport rdma is not available in this build; use --transport tcp".into(),
@@ -187,6 +199,10 @@ fn run(args: RunArgs) -> Result<(), String> {
                 metrics_path: args.ft.ft_metrics,
                 fault: args.ft.ft_fault,
                 hash_epoch: args.ft.ft_hash_epoch,
+                netbuf: ftvmm_netbuf::NetbufConfig {
+                    backend,
+                    limit_bytes: (limit_kib << 10) as usize,
+                },
             };
             ftvmm::ft::primary::run_primary(&config, &ft).map_err(|e| e.to_string())?
         }
@@ -215,6 +231,7 @@ fn standby(args: StandbyArgs) -> Result<(), String> {
         net: args.net,
         disks: args.disk,
         hash_epoch: args.ft_hash_epoch,
+        ack_delay: args.ft_ack_delay_ms.map(Duration::from_millis),
     };
     match run_standby(&opts).map_err(|e| e.to_string())? {
         None => Ok(()),

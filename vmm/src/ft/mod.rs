@@ -37,6 +37,8 @@ pub struct FtOptions {
     pub fault: Option<Fault>,
     /// Print a checksum of all guest memory at this epoch's cut (tests).
     pub hash_epoch: Option<u64>,
+    /// Network output commit: backend and memory limit.
+    pub netbuf: ftvmm_netbuf::NetbufConfig,
 }
 
 /// CRC-32 of all guest RAM, region by region: the memory-equality tests
@@ -141,6 +143,9 @@ pub enum FtError {
     /// Building or running the VM.
     #[error(transparent)]
     Vm(#[from] crate::vm::VmError),
+    /// The network output commit.
+    #[error(transparent)]
+    Netbuf(#[from] ftvmm_netbuf::NetbufError),
     /// The checkpoint transport.
     #[error(transparent)]
     Transport(#[from] ftvmm_transport::TransportError),

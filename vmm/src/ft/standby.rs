@@ -37,6 +37,8 @@ pub struct StandbyOptions {
     pub disks: Vec<DiskConfig>,
     /// Print a checksum of all guest memory after applying this epoch (tests).
     pub hash_epoch: Option<u64>,
+    /// Delay each ack by this much (tests of output commit).
+    pub ack_delay: Option<Duration>,
 }
 
 /// How long a connected primary gets to send its Hello.
@@ -174,12 +176,42 @@ fn take_over(
     vm.restore(&machine)?;
     // Pages written by the apply are not "dirty" for this VM's own future.
     reset_vmm_bitmap(&vm);
+    let announce = announce_nics(&vm);
     vm.start()?;
+    ftvmm_netbuf::announce::spawn_announcer(announce);
     eprintln!(
         "ftvmm: standby took over from checkpoint {epoch} ({why}); guest running {:.1} ms after the primary was lost",
         lost_at.elapsed().as_secs_f64() * 1e3
     );
     Ok(vm.wait_exit(None).expect("waits until the guest ends"))
+}
+
+/// Takeover announce (DESIGN "Standby and failover"): each NIC's transmit
+/// sink learns the guest's IPv4 addresses from its traffic, for the
+/// gratuitous ARPs that go out, with a RARP per MAC, once the guest runs.
+fn announce_nics(vm: &Vm) -> Vec<ftvmm_netbuf::announce::AnnounceNic> {
+    use ftvmm_netbuf::announce::{AnnounceNic, LearningSink};
+    let mut nics = Vec::new();
+    for (i, dev) in vm.devices.net().iter().enumerate() {
+        let mac = dev.with_device(|d| d.mac());
+        let taps = vm
+            .devices
+            .net_tap(i)
+            .and_then(Result::ok)
+            .zip(vm.devices.net_tap(i).and_then(Result::ok));
+        let Some((for_sink, for_announce)) = taps else {
+            log::warn!("NIC {i}: no second tap handle; no takeover announce");
+            continue;
+        };
+        let (sink, learnt) = LearningSink::new(Box::new(for_sink), mac);
+        vm.devices.set_net_sink(i, Box::new(sink));
+        nics.push(AnnounceNic {
+            wire: Box::new(for_announce),
+            mac,
+            learnt,
+        });
+    }
+    nics
 }
 
 fn reset_vmm_bitmap(vm: &Vm) {
@@ -421,6 +453,9 @@ fn serve(
                     );
                 }
                 hb.set_epoch(epoch);
+                if let Some(d) = opts.ack_delay {
+                    std::thread::sleep(d);
+                }
                 if let Err(e) = send_message(&mut chan, &Message::Ack(Ack { epoch, generation })) {
                     break format!("sending ack {epoch}: {e}");
                 }
