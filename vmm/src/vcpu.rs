@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -254,6 +254,9 @@ pub struct Vcpu {
     capture: VcpuCapture,
     /// The last exit was port I/O or MMIO, completed by the next KVM_RUN.
     io_pending: bool,
+    /// The kvm_run sync area holds the current registers: a KVM_RUN
+    /// returned since the last time we changed them.
+    synced: bool,
 }
 
 impl Vcpu {
@@ -261,15 +264,24 @@ impl Vcpu {
     /// that capture works on this host and sizes the reusable buffers.
     pub fn new(
         id: u8,
-        fd: VcpuFd,
+        mut fd: VcpuFd,
         buses: (Arc<Bus>, Arc<Bus>),
         mem: GuestMemory,
         exit: Arc<ExitSignal>,
         mut capture: VcpuCapture,
     ) -> Result<Self, VcpuError> {
+        if capture.sync_regs() {
+            for reg in [
+                SyncReg::Register,
+                SyncReg::SystemRegister,
+                SyncReg::VcpuEvents,
+            ] {
+                fd.set_sync_valid_reg(reg);
+            }
+        }
         let mut initial = None;
         capture
-            .capture(id, &fd, &mut initial)
+            .capture(id, &fd, None, &mut initial)
             .map_err(|source| VcpuError::Capture { id, source })?;
         let initial = initial.expect("capture fills the state");
         Ok(Vcpu {
@@ -282,6 +294,7 @@ impl Vcpu {
             shared: Arc::new(VcpuShared::new(initial)),
             capture,
             io_pending: false,
+            synced: false,
         })
     }
 
@@ -376,9 +389,13 @@ impl Vcpu {
                 Err(e) => return Err(format!("completing pending I/O: KVM_RUN failed: errno {e}")),
             }
             self.io_pending = false;
+            self.synced = true;
         }
         let mut tmp = Some(std::mem::replace(slot, empty_state()));
-        let r = self.capture.capture(self.id, &self.fd, &mut tmp);
+        let sync = (self.capture.sync_regs() && self.synced).then(|| self.fd.sync_regs());
+        let r = self
+            .capture
+            .capture(self.id, &self.fd, sync.as_ref(), &mut tmp);
         *slot = tmp.expect("capture keeps the state");
         r.map_err(|e| e.to_string())
     }
@@ -388,6 +405,8 @@ impl Vcpu {
         let id = self.id;
         self.io_pending = false;
         let result = self.fd.run();
+        self.synced = matches!(&result, Ok(_))
+            || matches!(&result, Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN);
         if matches!(
             result,
             Ok(VcpuExit::IoIn(..)
@@ -429,7 +448,13 @@ impl Vcpu {
                     // one means the guest halted for good.
                     Err(VmExit::Error(format!("vCPU {id} halted (KVM_EXIT_HLT)")))
                 }
-                VcpuExit::InternalError => quirks::handle_internal_error(&mut self.fd, &self.mem, id),
+                VcpuExit::InternalError => {
+                    // The quirk handlers change registers behind the sync
+                    // area's back; the next KVM_RUN (forced before a save)
+                    // refreshes it.
+                    self.io_pending = true;
+                    quirks::handle_internal_error(&mut self.fd, &self.mem, id)
+                }
                 VcpuExit::FailEntry(reason, cpu) => Err(VmExit::Error(format!(
                     "vCPU {id}: KVM_EXIT_FAIL_ENTRY, hardware entry failure reason {reason:#x} on host CPU {cpu}"
                 ))),

@@ -266,6 +266,8 @@ impl Vm {
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let has_xsave = kvm.check_extension(Cap::Xsave);
         let has_xcrs = kvm.check_extension(Cap::Xcrs);
+        // REGS | SREGS | EVENTS.
+        let sync_regs = fd.check_extension_int(Cap::SyncRegs) & 0x7 == 0x7;
         let mut pending = Vec::with_capacity(vcpu_count as usize);
         let mut msr_indices = None;
         for id in 0..vcpu_count {
@@ -281,8 +283,12 @@ impl Vm {
                         .map_err(|source| VmError::Persist { source })?,
                 );
             }
-            let capture =
-                VcpuCapture::new(msr_indices.as_deref().unwrap_or(&[]), has_xsave, has_xcrs);
+            let capture = VcpuCapture::new(
+                msr_indices.as_deref().unwrap_or(&[]),
+                has_xsave,
+                has_xcrs,
+                sync_regs,
+            );
             pending.push(Vcpu::new(
                 id,
                 vfd,

@@ -192,9 +192,15 @@ fn send_half_and_die(frame: &CheckpointFrame<'_>, chan: &mut TcpChannel, what: &
 pub struct Capture {
     /// The guest was paused this long (pause → resume).
     pub pause: Duration,
+    /// Of which: stopping the vCPUs and devices and capturing their state.
+    pub save: Duration,
+    /// Of which: encoding the machine state.
+    pub encode: Duration,
     /// Of which: reading and clearing KVM's dirty log and merging it with the
     /// VMM's bitmap.
     pub harvest: Duration,
+    /// Of which: copying the pages and the state into the staging.
+    pub stage: Duration,
     /// Dirty pages, by source.
     pub counts: DirtyCounts,
     /// What was staged.
@@ -267,16 +273,18 @@ impl Engine {
     ) -> Result<Capture, FtError> {
         let t_pause = Instant::now();
         let state = vm.pause_and_save(PAUSE_TIMEOUT)?;
+        let t_encode = Instant::now();
         encode_state(&state, &mut self.state_buf)?;
         let t_harvest = Instant::now();
         let counts = self.harvest(vm)?;
-        let harvest = t_harvest.elapsed();
+        let t_stage = Instant::now();
         let stats = stage(
             vm,
             &self.harvests,
             &self.region_bases,
             &mut self.staging,
             Some(&self.state_buf),
+            Copy::Paused,
         )?;
         let held = console.map(|c| c.seal(epoch)).unwrap_or(0);
         let net_held = self
@@ -290,10 +298,14 @@ impl Engine {
                 super::memory_crc(&vm.memory)
             );
         }
+        let t_done = Instant::now();
         vm.resume();
         Ok(Capture {
             pause: t_pause.elapsed(),
-            harvest,
+            save: t_encode - t_pause,
+            encode: t_harvest - t_encode,
+            harvest: t_stage - t_harvest,
+            stage: t_done - t_stage,
             counts,
             stats,
             held,
@@ -321,6 +333,17 @@ impl Engine {
     }
 }
 
+/// How the pages are read from guest memory while staging.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Copy {
+    /// The guest runs (pre-copy): volatile reads through vm-memory.
+    Live,
+    /// vCPUs and devices are paused: nothing writes guest memory, so each
+    /// page is one plain memcpy (vm-memory's volatile copy is ≈1.5× slower,
+    /// measured by the `ft` benchmark).
+    Paused,
+}
+
 /// Copies the harvested pages (and `state`, if any) into `staging`.
 fn stage(
     vm: &Vm,
@@ -328,18 +351,44 @@ fn stage(
     region_bases: &[u64],
     staging: &mut Staging,
     state: Option<&[u8]>,
+    copy: Copy,
 ) -> Result<ftvmm_checkpoint::EpochStats, FtError> {
     let mut w = staging.begin_epoch();
     for (h, base) in harvests.iter().zip(region_bases) {
+        let host = vm
+            .memory
+            .get_host_address(GuestAddress(*base))
+            .map_err(|e| FtError::GuestMemory {
+                gpa: *base,
+                reason: e.to_string(),
+            })?;
         for page in h.pages() {
             let gpa = base + page as u64 * PAGE_SIZE as u64;
             let slot = w.page_slot(gpa)?;
-            vm.memory
-                .read_slice(&mut slot[..], GuestAddress(gpa))
-                .map_err(|e| FtError::GuestMemory {
-                    gpa,
-                    reason: e.to_string(),
-                })?;
+            match copy {
+                Copy::Paused => {
+                    // SAFETY: `page` is a page of the region that starts at
+                    // `base` (the harvest buffer is sized to it), so the 4 KiB
+                    // at host + page × 4096 are mapped for the region's
+                    // lifetime; nothing writes them concurrently because every
+                    // vCPU and device is paused; the slot is a distinct
+                    // staging buffer.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            host.add(page * PAGE_SIZE),
+                            slot.as_mut_ptr(),
+                            PAGE_SIZE,
+                        )
+                    }
+                }
+                Copy::Live => vm
+                    .memory
+                    .read_slice(&mut slot[..], GuestAddress(gpa))
+                    .map_err(|e| FtError::GuestMemory {
+                        gpa,
+                        reason: e.to_string(),
+                    })?,
+            }
         }
     }
     if let Some(s) = state {
@@ -396,6 +445,7 @@ fn precopy(
             &engine.region_bases,
             &mut engine.staging,
             None,
+            Copy::Live,
         )?;
         CheckpointFrame::new(&engine.staging, 0, ft.generation).write_to(&mut session.chan)?;
         sent_pages += counts.total();
