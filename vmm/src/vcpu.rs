@@ -143,6 +143,9 @@ struct Ctl {
     saved: VcpuState,
     /// Why the last capture failed.
     save_error: Option<String>,
+    /// The thread left KVM_RUN for the current pause (it may still be
+    /// saving its state).
+    stopped: bool,
 }
 
 /// State shared between a vCPU thread and its controller.
@@ -163,6 +166,7 @@ impl VcpuShared {
                 parked: false,
                 saved: initial,
                 save_error: None,
+                stopped: false,
             }),
             cv: Condvar::new(),
         }
@@ -257,6 +261,9 @@ pub struct Vcpu {
     /// The kvm_run sync area holds the current registers: a KVM_RUN
     /// returned since the last time we changed them.
     synced: bool,
+    /// Buffer a pause saves into, swapped with the shared slot (no
+    /// allocation per epoch).
+    scratch: VcpuState,
 }
 
 impl Vcpu {
@@ -284,6 +291,7 @@ impl Vcpu {
             .capture(id, &fd, None, &mut initial)
             .map_err(|source| VcpuError::Capture { id, source })?;
         let initial = initial.expect("capture fills the state");
+        let scratch = initial.clone();
         Ok(Vcpu {
             id,
             fd,
@@ -295,6 +303,7 @@ impl Vcpu {
             capture,
             io_pending: false,
             synced: false,
+            scratch,
         })
     }
 
@@ -354,9 +363,21 @@ impl Vcpu {
                 }
                 _ => {
                     if !ctl.parked {
+                        // Out of KVM_RUN: the guest no longer runs on this
+                        // vCPU, which is all the dirty harvest needs.
+                        ctl.stopped = true;
+                        shared.cv.notify_all();
                         if ctl.save {
                             ctl.save = false;
-                            ctl.save_error = self.save_into(&mut ctl.saved).err();
+                            // Save without the lock, so the controller can
+                            // harvest and copy pages meanwhile.
+                            drop(ctl);
+                            let mut scratch = std::mem::replace(&mut self.scratch, empty_state());
+                            let r = self.save_into(&mut scratch);
+                            ctl = shared.lock();
+                            std::mem::swap(&mut ctl.saved, &mut scratch);
+                            self.scratch = scratch;
+                            ctl.save_error = r.err();
                         }
                         ctl.parked = true;
                         shared.cv.notify_all();
@@ -506,6 +527,7 @@ impl VcpuHandle {
             self.shared.pending.store(false, Ordering::Release);
         } else {
             ctl.parked = false;
+            ctl.stopped = false;
             self.shared.pending.store(true, Ordering::Release);
         }
         self.shared.cv.notify_all();
@@ -539,6 +561,28 @@ impl VcpuHandle {
     pub fn wait_parked(&self, deadline: Instant, timeout: Duration) -> Result<(), VcpuError> {
         let mut ctl = self.shared.lock();
         while !ctl.parked {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VcpuError::PauseTimeout {
+                    id: self.id,
+                    timeout,
+                });
+            }
+            ctl = self
+                .shared
+                .cv
+                .wait_timeout(ctl, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    /// Waits until the vCPU left `KVM_RUN` for the pause asked for (it may
+    /// still be saving its state).
+    pub fn wait_stopped(&self, deadline: Instant, timeout: Duration) -> Result<(), VcpuError> {
+        let mut ctl = self.shared.lock();
+        while !(ctl.stopped || ctl.parked) {
             let now = Instant::now();
             if now >= deadline {
                 return Err(VcpuError::PauseTimeout {

@@ -373,9 +373,28 @@ impl Vm {
     /// `self`'s reusable state buffers; returns it borrowed. The vCPUs stay
     /// paused until [`Vm::resume`].
     pub fn pause_and_save(&mut self, timeout: Duration) -> Result<MachineStateRef<'_>, VmError> {
+        self.begin_save(timeout)?;
+        self.finish_save(timeout)
+    }
+
+    /// First half of [`Vm::pause_and_save`]: every vCPU is out of `KVM_RUN`
+    /// and every device is quiesced when this returns, so guest memory no
+    /// longer changes; the vCPU threads are still saving their registers.
+    pub fn begin_save(&mut self, timeout: Duration) -> Result<(), VmError> {
         for v in &self.vcpus {
             v.request_pause(true);
         }
+        let deadline = Instant::now() + timeout;
+        for v in &self.vcpus {
+            v.wait_stopped(deadline, timeout)?;
+        }
+        self.devices.pause_devices(timeout)?;
+        Ok(())
+    }
+
+    /// Second half of [`Vm::pause_and_save`]: waits for the vCPUs' saved
+    /// state and captures the rest of the machine.
+    pub fn finish_save(&mut self, timeout: Duration) -> Result<MachineStateRef<'_>, VmError> {
         let deadline = Instant::now() + timeout;
         for v in &self.vcpus {
             v.wait_parked(deadline, timeout)?;
@@ -392,7 +411,6 @@ impl Vm {
         for (v, slot) in self.pending.iter_mut().zip(self.states.iter_mut()) {
             v.save_now(slot)?;
         }
-        self.devices.pause_devices(timeout)?;
         let vm = persist::capture_vm(&self.fd).map_err(|source| VmError::Persist { source })?;
         let (net, blk) = self.devices.save();
         let serial = self

@@ -6,7 +6,6 @@ mod common;
 
 use std::time::Duration;
 
-use common::*;
 use ftvmm::config::{SerialConfig, VmConfig};
 use ftvmm::persist::{MachineState, PodBytes};
 use ftvmm::vm::Vm;

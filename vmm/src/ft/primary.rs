@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 
 use ftvmm_checkpoint::wire::{Ack, Limits, Message};
 use ftvmm_checkpoint::{
-    encode_state, CheckpointFrame, DevicesSummary, DirtyCounts, EpochMetrics, Frame, FrameReader,
-    GuestShape, HarvestBuffer, Hello, Role, Staging, StagingConfig, Summary, PAGE_SIZE,
-    WIRE_VERSION,
+    encode_state, CheckpointFrame, DevicesSummary, DirtyCounts, EpochMetrics, EpochWriter, Frame,
+    FrameReader, GuestShape, HarvestBuffer, Hello, Role, Staging, StagingConfig, Summary,
+    PAGE_SIZE, WIRE_VERSION,
 };
 use ftvmm_transport::{connect_pair, Channel, Heartbeat, HeartbeatHandle, TcpChannel};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -192,14 +192,15 @@ fn send_half_and_die(frame: &CheckpointFrame<'_>, chan: &mut TcpChannel, what: &
 pub struct Capture {
     /// The guest was paused this long (pause → resume).
     pub pause: Duration,
-    /// Of which: stopping the vCPUs and devices and capturing their state.
+    /// Of which: stopping the vCPUs and devices, and waiting for whatever
+    /// of their state capture did not overlap the page copy.
     pub save: Duration,
-    /// Of which: encoding the machine state.
+    /// Of which: encoding and staging the machine state (and sealing).
     pub encode: Duration,
     /// Of which: reading and clearing KVM's dirty log and merging it with the
     /// VMM's bitmap.
     pub harvest: Duration,
-    /// Of which: copying the pages and the state into the staging.
+    /// Of which: copying the pages into the staging.
     pub stage: Duration,
     /// Dirty pages, by source.
     pub counts: DirtyCounts,
@@ -272,20 +273,27 @@ impl Engine {
         hash: bool,
     ) -> Result<Capture, FtError> {
         let t_pause = Instant::now();
-        let state = vm.pause_and_save(PAUSE_TIMEOUT)?;
-        let t_encode = Instant::now();
-        encode_state(&state, &mut self.state_buf)?;
+        // Stop the guest; its vCPU threads go on saving their registers
+        // while this thread harvests and copies the dirty pages.
+        vm.begin_save(PAUSE_TIMEOUT)?;
         let t_harvest = Instant::now();
         let counts = self.harvest(vm)?;
         let t_stage = Instant::now();
-        let stats = stage(
-            vm,
-            &self.harvests,
-            &self.region_bases,
-            &mut self.staging,
-            Some(&self.state_buf),
-            Copy::Paused,
-        )?;
+        let Engine {
+            staging,
+            harvests,
+            region_bases,
+            state_buf,
+            ..
+        } = self;
+        let mut w = staging.begin_epoch();
+        stage_pages(vm, harvests, region_bases, &mut w, Copy::Paused)?;
+        let t_save = Instant::now();
+        let state = vm.finish_save(PAUSE_TIMEOUT)?;
+        let t_encode = Instant::now();
+        encode_state(&state, state_buf)?;
+        w.stage_state(state_buf)?;
+        let stats = w.finish();
         let held = console.map(|c| c.seal(epoch)).unwrap_or(0);
         let net_held = self
             .netbuf
@@ -302,10 +310,10 @@ impl Engine {
         vm.resume();
         Ok(Capture {
             pause: t_pause.elapsed(),
-            save: t_encode - t_pause,
-            encode: t_harvest - t_encode,
+            save: (t_harvest - t_pause) + (t_encode - t_save),
+            encode: t_done - t_encode,
             harvest: t_stage - t_harvest,
-            stage: t_done - t_stage,
+            stage: t_save - t_stage,
             counts,
             stats,
             held,
@@ -344,16 +352,14 @@ enum Copy {
     Paused,
 }
 
-/// Copies the harvested pages (and `state`, if any) into `staging`.
-fn stage(
+/// Copies the harvested pages into the epoch being staged.
+fn stage_pages(
     vm: &Vm,
     harvests: &[HarvestBuffer],
     region_bases: &[u64],
-    staging: &mut Staging,
-    state: Option<&[u8]>,
+    w: &mut EpochWriter<'_>,
     copy: Copy,
-) -> Result<ftvmm_checkpoint::EpochStats, FtError> {
-    let mut w = staging.begin_epoch();
+) -> Result<(), FtError> {
     for (h, base) in harvests.iter().zip(region_bases) {
         let host = vm
             .memory
@@ -371,8 +377,8 @@ fn stage(
                     // `base` (the harvest buffer is sized to it), so the 4 KiB
                     // at host + page × 4096 are mapped for the region's
                     // lifetime; nothing writes them concurrently because every
-                    // vCPU and device is paused; the slot is a distinct
-                    // staging buffer.
+                    // vCPU is out of KVM_RUN and every device is paused; the
+                    // slot is a distinct staging buffer.
                     unsafe {
                         std::ptr::copy_nonoverlapping(
                             host.add(page * PAGE_SIZE),
@@ -391,10 +397,7 @@ fn stage(
             }
         }
     }
-    if let Some(s) = state {
-        w.stage_state(s)?;
-    }
-    Ok(w.finish())
+    Ok(())
 }
 
 /// Sends every page of guest memory, in batches, while the guest runs.
@@ -439,14 +442,15 @@ fn precopy(
     // Dirty rounds until the remainder is small.
     for round in 1..=PRECOPY_MAX_ROUNDS {
         let counts = engine.harvest(vm)?;
-        stage(
+        let mut w = engine.staging.begin_epoch();
+        stage_pages(
             vm,
             &engine.harvests,
             &engine.region_bases,
-            &mut engine.staging,
-            None,
+            &mut w,
             Copy::Live,
         )?;
+        w.finish();
         CheckpointFrame::new(&engine.staging, 0, ft.generation).write_to(&mut session.chan)?;
         sent_pages += counts.total();
         log::info!("initial sync round {round}: {} dirty pages", counts.total());
