@@ -68,7 +68,11 @@ fn start_pair(
             Some(port),
             &dir.path("primary.console"),
             guest,
-            &[&["--ft-interval-ms", "20"], primary_extra].concat(),
+            &if primary_extra.contains(&"--ft-interval-ms") {
+                primary_extra.to_vec()
+            } else {
+                [&["--ft-interval-ms", "20"], primary_extra].concat()
+            },
         ),
     );
     (primary, standby)
