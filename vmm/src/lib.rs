@@ -2,6 +2,7 @@
 //! host. This library holds the VMM proper (configuration, KVM VM and vCPUs,
 //! guest memory, boot, device manager); the binary `ftvmm` is a thin CLI.
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod config;
