@@ -6,6 +6,7 @@ pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod config;
+pub mod demo;
 pub mod device_manager;
 pub mod dirty_log;
 pub mod ft;

@@ -28,6 +28,8 @@ enum Command {
     Run(RunArgs),
     /// Wait for a primary, mirror its VM, and take over when it is lost.
     Standby(StandbyArgs),
+    /// A primary and a standby on this machine, a failover, a summary.
+    Demo(ftvmm::demo::DemoArgs),
 }
 
 #[derive(Args, Debug)]
@@ -260,6 +262,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Standby(args) => standby(args),
+        Command::Demo(args) => ftvmm::demo::run(&args).map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
