@@ -19,6 +19,8 @@ use std::time::Duration;
 
 /// Heartbeat intervals of silence after which the peer is declared lost.
 pub const HEARTBEAT_MISSES: u32 = 5;
+/// Epoch length when none is given (a standby that took over).
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(25);
 
 /// Settings of a protected run.
 #[derive(Debug, Clone)]

@@ -89,7 +89,7 @@ fn spawn_failure_watcher(hb: &HeartbeatHandle, chan: &TcpChannel, stop: Arc<Atom
 }
 
 /// The guest's shape, as the standby must mirror it.
-fn shape_of(config: &VmConfig) -> GuestShape {
+pub fn shape_of(config: &VmConfig) -> GuestShape {
     GuestShape {
         mem_bytes: config.mem_mib << 20,
         vcpus: u32::from(config.vcpus),
@@ -105,14 +105,14 @@ fn shape_of(config: &VmConfig) -> GuestShape {
     }
 }
 
-fn handshake(config: &VmConfig, ft: &FtOptions) -> Result<Session, FtError> {
+fn handshake(shape: &GuestShape, ft: &FtOptions) -> Result<Session, FtError> {
     let (mut chan, hb_stream) = connect_pair(ft.peer.as_str(), CONNECT_TIMEOUT)?;
     let hello = Message::Hello(Hello {
         version: WIRE_VERSION,
         generation: ft.generation,
         role: Role::Primary,
         heartbeat_ms: ft.heartbeat.as_millis().clamp(1, u32::MAX as u128) as u32,
-        shape: shape_of(config),
+        shape: shape.clone(),
     });
     let mut buf = Vec::new();
     ftvmm_checkpoint::wire::encode_message(&hello, &mut buf)?;
@@ -469,6 +469,7 @@ fn precopy(
 struct MetricsLog {
     file: Option<BufWriter<File>>,
     summary: Summary,
+    last: Option<EpochMetrics>,
 }
 
 impl MetricsLog {
@@ -485,11 +486,13 @@ impl MetricsLog {
         Ok(MetricsLog {
             file,
             summary: Summary::new(),
+            last: None,
         })
     }
 
     fn record(&mut self, m: &EpochMetrics) {
         self.summary.record(m);
+        self.last = Some(*m);
         if let Some(f) = &mut self.file {
             if serde_json::to_writer(&mut *f, m).is_ok() {
                 let _ = f.write_all(b"\n");
@@ -526,92 +529,328 @@ enum EpochResult {
     StandbyLost(String),
 }
 
-/// Runs `config`'s guest protected by the standby at `ft.peer`. Returns when
-/// the guest ends.
-pub fn run_primary(config: &VmConfig, ft: &FtOptions) -> Result<VmExit, FtError> {
-    let console = HeldOutput::new(open_serial_output(&config.serial)?);
-    let mut vm = Vm::create_with_output(config, console.writer())?;
-    vm.boot(config)?;
-    let netbuf = start_netbuf(&vm, ft)?;
-    let mut metrics = MetricsLog::new(ft)?;
+/// Why [`wait_boundary`] returned.
+enum Wake {
+    /// The guest ended.
+    Exit(VmExit),
+    /// The epoch boundary (or an early cut) came.
+    Boundary,
+    /// The standby was declared lost.
+    Lost,
+    /// A control request waits.
+    Api,
+}
 
-    let mut session = Some(handshake(config, ft)?);
-    log::info!(
-        "protected by standby {} (generation {})",
-        ft.peer,
-        ft.generation
-    );
-    let mut engine = Engine::new(&vm)?;
-    engine.netbuf = Some(netbuf.clone());
-    console.hold();
-    netbuf.hold();
-    vm.start()?;
+/// A running VM and the machinery that protects it: the epoch loop of a
+/// primary, and equally of a standby that took over (same code path), with
+/// or without a standby at the moment. `ctl protect` pairs it with a new one.
+pub struct Runner {
+    vm: Vm,
+    shape: GuestShape,
+    console: Arc<HeldOutput>,
+    netbuf: Option<Arc<dyn OutputCommit>>,
+    engine: Option<Engine>,
+    session: Option<Session>,
+    ft: FtOptions,
+    metrics: MetricsLog,
+    last: Option<EpochMetrics>,
+    epoch: u64,
+    mailbox: Option<crate::api::Mailbox>,
+    user_paused: bool,
+    /// "primary", or "standby (took over)".
+    role: &'static str,
+}
 
-    if let Some(s) = session.as_mut() {
-        if let Err(e) = precopy(&vm, &mut engine, s, ft) {
-            lose_standby(&mut session, &console, &*netbuf, &vm, &e.to_string())?;
-        }
+impl Runner {
+    /// Wraps a built VM whose console writes through `console`.
+    pub fn new(
+        vm: Vm,
+        shape: GuestShape,
+        console: Arc<HeldOutput>,
+        ft: FtOptions,
+        mailbox: Option<crate::api::Mailbox>,
+        role: &'static str,
+    ) -> Result<Self, FtError> {
+        let metrics = MetricsLog::new(&ft)?;
+        Ok(Runner {
+            vm,
+            shape,
+            console,
+            netbuf: None,
+            engine: None,
+            session: None,
+            ft,
+            metrics,
+            last: None,
+            epoch: 0,
+            mailbox,
+            user_paused: false,
+            role,
+        })
     }
 
-    let mut epoch = 0u64;
-    let mut next_boundary = Instant::now() + ft.interval;
-    loop {
-        // Wait for the epoch boundary, the guest's end, or the standby's loss.
-        let exit = wait_boundary(&vm, session.as_ref(), netbuf.cut_event(), next_boundary);
-        if session.is_none() {
+    /// Pairs with the standby at `peer`: handshake, dirty tracking on,
+    /// output held from now. The initial sync follows with
+    /// [`Runner::initial_sync`] once the guest runs.
+    fn connect(&mut self, peer: &str) -> Result<(), FtError> {
+        self.ft.peer = peer.to_string();
+        let session = handshake(&self.shape, &self.ft)?;
+        log::info!(
+            "protected by standby {peer} (generation {})",
+            self.ft.generation
+        );
+        if self.netbuf.is_none() {
+            self.netbuf = Some(start_netbuf(&self.vm, &self.ft)?);
+        }
+        match &mut self.engine {
+            None => self.engine = Some(Engine::new(&self.vm)?),
+            Some(_) => {
+                memory::register_slots(&self.vm.fd, &self.vm.memory, true)
+                    .map_err(crate::vm::VmError::from)?;
+            }
+        }
+        let engine = self.engine.as_mut().expect("just set");
+        engine.netbuf = self.netbuf.clone();
+        self.console.hold();
+        if let Some(n) = &self.netbuf {
+            n.hold();
+        }
+        self.session = Some(session);
+        Ok(())
+    }
+
+    /// Live initial sync to the new standby (the guest runs meanwhile).
+    fn initial_sync(&mut self) -> Result<(), FtError> {
+        if let (Some(s), Some(engine)) = (self.session.as_mut(), self.engine.as_mut()) {
+            if let Err(e) = precopy(&self.vm, engine, s, &self.ft) {
+                self.lose_standby(&e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pairs a running VM with a new standby (`ctl protect`).
+    pub fn protect(&mut self, peer: &str) -> Result<(), FtError> {
+        self.connect(peer)?;
+        self.initial_sync()
+    }
+
+    fn lose_standby(&mut self, why: &str) -> Result<(), FtError> {
+        let none: Arc<dyn OutputCommit> = Arc::new(ftvmm_netbuf::PassThrough);
+        let netbuf = self.netbuf.clone().unwrap_or(none);
+        lose_standby(&mut self.session, &self.console, &*netbuf, &self.vm, why)
+    }
+
+    /// Runs until the guest ends.
+    pub fn run(mut self) -> Result<VmExit, FtError> {
+        let mut next_boundary = Instant::now() + self.ft.interval;
+        loop {
+            let cut = self.netbuf.as_ref().and_then(|n| n.cut_event());
+            let wake = wait_boundary(
+                &self.vm,
+                self.session.as_ref(),
+                cut,
+                self.mailbox.as_ref().map(|m| m.event_fd()),
+                next_boundary,
+            );
+            let exit = match wake {
+                Wake::Api => {
+                    self.serve_api();
+                    continue;
+                }
+                Wake::Lost => {
+                    let why = self
+                        .session
+                        .as_ref()
+                        .and_then(|s| s.hb.failure())
+                        .map(|l| l.to_string())
+                        .unwrap_or_else(|| "lost".into());
+                    self.lose_standby(&why)?;
+                    continue;
+                }
+                Wake::Exit(r) => Some(r),
+                Wake::Boundary => None,
+            };
+            if self.session.is_none() || (self.user_paused && exit.is_none()) {
+                if let Some(reason) = exit {
+                    self.finish();
+                    return Ok(reason);
+                }
+                next_boundary = Instant::now() + self.ft.interval.max(Duration::from_millis(50));
+                continue;
+            }
+            self.epoch += 1;
+            let epoch = self.epoch;
+            let netbuf = self.netbuf.clone().expect("a protected VM has a netbuf");
+            let result = run_epoch(
+                &mut self.vm,
+                self.engine.as_mut().expect("a protected VM has an engine"),
+                self.session.as_mut().expect("protected"),
+                &self.console,
+                &*netbuf,
+                &self.ft,
+                epoch,
+                &mut self.metrics,
+            );
+            match result {
+                Ok(EpochResult::Committed) => {
+                    self.last = self.metrics.last;
+                }
+                Ok(EpochResult::StandbyLost(why)) => self.lose_standby(&why)?,
+                Err(e) => {
+                    // A local failure (pause timeout, memory read) is not the
+                    // standby's fault, but the checkpoint stream cannot go on.
+                    self.vm.resume();
+                    self.lose_standby(&e.to_string())?;
+                }
+            }
             if let Some(reason) = exit {
-                metrics.print_summary("primary");
-                print_netbuf_summary(&*netbuf);
+                // The guest ended: its last output is committed (or
+                // released, if the standby is gone); tell the standby not to
+                // take over.
+                if let Some(mut s) = self.session.take() {
+                    let mut buf = Vec::new();
+                    if ftvmm_checkpoint::wire::encode_message(&Message::Bye, &mut buf).is_ok() {
+                        let _ = s.chan.send_all(&buf);
+                    }
+                    s.close();
+                }
+                self.finish();
                 return Ok(reason);
             }
-            next_boundary = Instant::now() + Duration::from_millis(200);
-            continue;
+            next_boundary = Instant::now() + self.ft.interval;
         }
-        if let Some(lost) = session.as_ref().and_then(|s| s.hb.failure()) {
-            lose_standby(&mut session, &console, &*netbuf, &vm, &lost.to_string())?;
-            continue;
-        }
-        epoch += 1;
-        let final_epoch = exit.is_some();
-        match run_epoch(
-            &mut vm,
-            &mut engine,
-            session.as_mut().expect("protected"),
-            &console,
-            &*netbuf,
-            ft,
-            epoch,
-            &mut metrics,
-        ) {
-            Ok(EpochResult::Committed) => {}
-            Ok(EpochResult::StandbyLost(why)) => {
-                lose_standby(&mut session, &console, &*netbuf, &vm, &why)?
-            }
-            Err(e) => {
-                // A local failure (pause timeout, memory read) is not the
-                // standby's fault, but the checkpoint stream cannot go on.
-                vm.resume();
-                lose_standby(&mut session, &console, &*netbuf, &vm, &e.to_string())?;
-            }
-        }
-        if final_epoch {
-            // The guest ended: its last output is committed (or released,
-            // if the standby is gone); tell the standby not to take over.
-            if let Some(mut s) = session.take() {
-                let mut buf = Vec::new();
-                if ftvmm_checkpoint::wire::encode_message(&Message::Bye, &mut buf).is_ok() {
-                    let _ = s.chan.send_all(&buf);
-                }
-                s.close();
-            }
-            console.release_all();
-            netbuf.release_all();
-            metrics.print_summary("primary");
-            print_netbuf_summary(&*netbuf);
-            return Ok(exit.expect("final epoch has a reason"));
-        }
-        next_boundary = Instant::now() + ft.interval;
     }
+
+    fn finish(&mut self) {
+        self.console.release_all();
+        if let Some(n) = &self.netbuf {
+            n.release_all();
+        }
+        self.metrics.print_summary(self.role);
+        if let Some(n) = &self.netbuf {
+            print_netbuf_summary(&**n);
+        }
+    }
+
+    fn serve_api(&mut self) {
+        let Some(req) = self.mailbox.as_ref().and_then(|m| m.next()) else {
+            return;
+        };
+        let (req, reply) = req;
+        let resp = self.handle(req);
+        let _ = reply.send(resp);
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "role": self.role,
+            "protected": self.session.is_some(),
+            "peer": self.session.as_ref().map(|s| s.peer.clone()),
+            "generation": self.ft.generation,
+            "epoch": self.epoch,
+            "interval_ms": self.ft.interval.as_millis() as u64,
+            "paused": self.user_paused,
+            "mem_bytes": self.shape.mem_bytes,
+            "vcpus": self.shape.vcpus,
+        })
+    }
+
+    fn handle(&mut self, req: crate::api::Request) -> crate::api::Response {
+        use crate::api::{Request, Response};
+        match req {
+            Request::Status => Response::ok(self.status()),
+            Request::Stats => Response::ok(serde_json::json!({
+                "status": self.status(),
+                "summary": self.metrics.summary.report(),
+                "last_epoch": self.last,
+            })),
+            Request::Pause if self.user_paused => Response::error("the guest is already paused"),
+            Request::Pause => match self.vm.pause(PAUSE_TIMEOUT) {
+                Ok(()) => {
+                    self.user_paused = true;
+                    Response::ok(self.status())
+                }
+                Err(e) => {
+                    self.vm.resume();
+                    Response::error(format!("cannot pause: {e}"))
+                }
+            },
+            Request::Resume if !self.user_paused => Response::error("the guest is not paused"),
+            Request::Resume => {
+                self.vm.resume();
+                self.user_paused = false;
+                Response::ok(self.status())
+            }
+            Request::Failover => Response::error(format!(
+                "failover promotes a standby; this VMM is the {} and runs the guest",
+                self.role
+            )),
+            Request::Protect { .. } if self.session.is_some() => Response::error(format!(
+                "already protected by standby {}",
+                self.session
+                    .as_ref()
+                    .map(|s| s.peer.as_str())
+                    .unwrap_or("?")
+            )),
+            Request::Protect { .. } if self.user_paused => {
+                Response::error("resume the guest before protecting it")
+            }
+            Request::Protect { peer } => match self.protect(&peer) {
+                Ok(()) if self.session.is_some() => Response::ok(self.status()),
+                Ok(()) => {
+                    Response::error(format!("standby {peer} was lost during the initial sync"))
+                }
+                Err(e @ FtError::Fenced { .. }) => Response::error(e.to_string()),
+                Err(e) => {
+                    // Nothing was committed: output flows as before.
+                    self.session = None;
+                    self.console.release_all();
+                    if let Some(n) = &self.netbuf {
+                        n.release_all();
+                    }
+                    Response::error(format!("cannot protect with {peer}: {e}"))
+                }
+            },
+            Request::SetIntervalMs { ms } if (1..=60_000).contains(&ms) => {
+                self.ft.interval = Duration::from_millis(ms);
+                Response::ok(self.status())
+            }
+            Request::SetIntervalMs { ms } => {
+                Response::error(format!("interval-ms {ms} is out of range (1 to 60000)"))
+            }
+        }
+    }
+}
+
+/// Boots `config`'s guest and runs it until it ends: protected by the
+/// standby at `peer` if given, and with a control API if `mailbox` is given
+/// (whose `protect` request can pair it with a standby later).
+pub fn run_vm(
+    config: &VmConfig,
+    ft: &FtOptions,
+    peer: Option<&str>,
+    mailbox: Option<crate::api::Mailbox>,
+) -> Result<VmExit, FtError> {
+    let console = HeldOutput::new(open_serial_output(&config.serial)?);
+    let vm = Vm::create_with_output(config, console.writer())?;
+    vm.boot(config)?;
+    let mut runner = Runner::new(
+        vm,
+        shape_of(config),
+        console,
+        ft.clone(),
+        mailbox,
+        "primary",
+    )?;
+    // Before the guest runs: a primary whose standby cannot be reached
+    // fails here, with nothing released.
+    if let Some(peer) = peer {
+        runner.connect(peer)?;
+    }
+    runner.vm.start()?;
+    runner.initial_sync()?;
+    runner.run()
 }
 
 /// The network output commit (DESIGN "Output commit"): the backend, with
@@ -654,58 +893,61 @@ fn print_netbuf_summary(netbuf: &dyn OutputCommit) {
     );
 }
 
-/// Waits until `deadline`, or until the VM ends (returns its reason), the
-/// standby is declared lost or the netbuf asks for an early cut (`cut`
-/// readable): then returns None early.
+/// Waits until `deadline`, the guest's end, the standby's loss, an early
+/// cut asked by the netbuf (`cut` readable), or a control request (`api`
+/// readable).
 fn wait_boundary(
     vm: &Vm,
     session: Option<&Session>,
     cut: Option<&vmm_sys_util::eventfd::EventFd>,
+    api: Option<&vmm_sys_util::eventfd::EventFd>,
     deadline: Instant,
-) -> Option<VmExit> {
+) -> Wake {
     let cut = cut.filter(|_| session.is_some());
     loop {
         if let Some(r) = vm.exit_reason() {
-            return Some(r);
+            return Wake::Exit(r);
+        }
+        if session.is_some_and(|s| s.hb.failure().is_some()) {
+            return Wake::Lost;
         }
         let now = Instant::now();
         if now >= deadline {
-            return None;
+            return Wake::Boundary;
         }
-        let mut fds: Vec<libc::pollfd> = vm
-            .exit_fds()
-            .iter()
-            .map(|e| libc::pollfd {
-                fd: e.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
+        let fd = |e: &vmm_sys_util::eventfd::EventFd| libc::pollfd {
+            fd: e.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // [exit, reset, heartbeat?, cut?, api?] — indices fixed below.
+        let mut fds: Vec<libc::pollfd> = vm.exit_fds().iter().map(|e| fd(e)).collect();
         if let Some(s) = session {
-            fds.push(libc::pollfd {
-                fd: s.hb.event_fd().as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
+            fds.push(fd(s.hb.event_fd()));
         }
-        if let Some(c) = cut {
-            fds.push(libc::pollfd {
-                fd: c.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
-        }
+        let cut_at = cut.map(|c| {
+            fds.push(fd(c));
+            fds.len() - 1
+        });
+        let api_at = api.map(|a| {
+            fds.push(fd(a));
+            fds.len() - 1
+        });
         let ms = (deadline - now)
             .as_micros()
             .div_ceil(1000)
             .min(i32::MAX as u128) as i32;
         // SAFETY: `fds` is a valid array of pollfd that outlives the call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-        if n > 0 && session.is_some_and(|s| s.hb.failure().is_some()) {
-            return None;
+        if n <= 0 {
+            continue;
         }
-        if n > 0 && cut.is_some() && fds.last().is_some_and(|f| f.revents != 0) {
-            return None;
+        if api_at.is_some_and(|i| fds[i].revents != 0) {
+            return Wake::Api;
+        }
+        if cut_at.is_some_and(|i| fds[i].revents != 0) {
+            // Sealing the epoch clears the request.
+            return Wake::Boundary;
         }
     }
 }

@@ -18,6 +18,7 @@ use ftvmm_transport::{
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use super::console::HeldOutput;
 use super::{FtError, HEARTBEAT_MISSES};
 use crate::config::{DiskConfig, KernelSource, NetConfig, SerialConfig, VmConfig};
 use crate::persist::MachineState;
@@ -39,6 +40,70 @@ pub struct StandbyOptions {
     pub hash_epoch: Option<u64>,
     /// Delay each ack by this much (tests of output commit).
     pub ack_delay: Option<Duration>,
+    /// Control API socket.
+    pub api: Option<std::path::PathBuf>,
+}
+
+/// What the control API can see of, and do to, a standby.
+#[derive(Default)]
+struct Shared {
+    /// The primary, while paired.
+    peer: Option<String>,
+    generation: u64,
+    /// Last committed checkpoint.
+    committed: Option<u64>,
+    /// Checkpoints applied in this session.
+    applied: u64,
+    /// The data channel, to end the session on a manual failover.
+    chan: Option<TcpChannel>,
+    /// `ctl failover` asked for a takeover.
+    manual: bool,
+}
+
+type SharedStatus = Arc<Mutex<Shared>>;
+
+fn lock(s: &SharedStatus) -> std::sync::MutexGuard<'_, Shared> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The API of a standby that mirrors (or waits for) a primary.
+fn standby_handler(shared: SharedStatus) -> crate::api::Handler {
+    use crate::api::{Request, Response};
+    Box::new(move |req| {
+        let status = |sh: &Shared| {
+            serde_json::json!({
+                "role": "standby",
+                "paired": sh.peer.is_some(),
+                "peer": sh.peer,
+                "generation": sh.generation,
+                "committed_epoch": sh.committed,
+                "checkpoints_applied": sh.applied,
+            })
+        };
+        let mut sh = lock(&shared);
+        match req {
+            Request::Status | Request::Stats => Response::ok(status(&sh)),
+            Request::Failover => match (&sh.peer, sh.committed) {
+                (None, _) => {
+                    Response::error("no primary is paired with this standby: nothing to take over")
+                }
+                (Some(_), None) => {
+                    Response::error("no checkpoint has committed yet: nothing to take over")
+                }
+                (Some(peer), Some(epoch)) => {
+                    let msg = format!("taking over from {peer} at checkpoint {epoch} or later");
+                    sh.manual = true;
+                    if let Some(c) = &sh.chan {
+                        let _ = c.shutdown();
+                    }
+                    Response::ok(serde_json::json!({ "failover": msg }))
+                }
+            },
+            other => Response::error(format!(
+                "wrong state for {other:?}: this is a standby; it runs no guest until it takes over"
+            )),
+        }
+    })
 }
 
 /// How long a connected primary gets to send its Hello.
@@ -70,14 +135,20 @@ enum SessionEnd {
     Refused,
     /// The primary was lost before any checkpoint committed: nothing to run.
     LostEmpty(String),
-    /// The primary was lost after checkpoint `epoch` committed: take over.
-    Takeover {
-        vm: Box<Vm>,
-        state: Vec<u8>,
-        epoch: u64,
-        why: String,
-        lost_at: Instant,
-    },
+    /// The primary was lost after a checkpoint committed: take over.
+    Takeover(Box<Takeover>),
+}
+
+/// Everything a takeover needs.
+struct Takeover {
+    vm: Box<Vm>,
+    console: Arc<HeldOutput>,
+    shape: ftvmm_checkpoint::GuestShape,
+    heartbeat: Duration,
+    state: Vec<u8>,
+    epoch: u64,
+    why: String,
+    lost_at: Instant,
 }
 
 /// The standby's memory of past sessions, for fencing (I5).
@@ -89,6 +160,14 @@ struct Fencing {
 /// Runs a standby until it has taken over and its guest ended (returns the
 /// guest's exit reason), or until a primary said goodbye.
 pub fn run_standby(opts: &StandbyOptions) -> Result<Option<VmExit>, FtError> {
+    let shared: SharedStatus = Arc::default();
+    let api = match &opts.api {
+        Some(path) => Some(
+            crate::api::ApiServer::start(path, standby_handler(shared.clone()))
+                .map_err(|e| FtError::Io(std::io::Error::other(e.to_string())))?,
+        ),
+        None => None,
+    };
     let mut listener =
         ChannelListener::bind(opts.listen.as_str()).map_err(|source| FtError::Listen {
             addr: opts.listen.clone(),
@@ -137,7 +216,15 @@ pub fn run_standby(opts: &StandbyOptions) -> Result<Option<VmExit>, FtError> {
             .map_err(|_| FtError::Io(std::io::Error::other("acceptor thread ended")))?;
         let set_busy = |r: Option<String>| *busy.lock().unwrap_or_else(|e| e.into_inner()) = r;
         set_busy(Some("this standby is already paired with a primary".into()));
-        match serve(chan, hb, opts, &mut fencing, &busy) {
+        let end = serve(chan, hb, opts, &mut fencing, &busy, &shared);
+        {
+            let mut sh = lock(&shared);
+            sh.peer = None;
+            sh.chan = None;
+            sh.manual = false;
+            sh.committed = None;
+        }
+        match end {
             SessionEnd::Bye => {
                 log::info!("primary finished; standby exits");
                 return Ok(None);
@@ -147,32 +234,36 @@ pub fn run_standby(opts: &StandbyOptions) -> Result<Option<VmExit>, FtError> {
                 log::warn!("primary lost before its first checkpoint committed ({why}); nothing to run, waiting for a new primary");
                 set_busy(None);
             }
-            SessionEnd::Takeover {
-                vm,
-                state,
-                epoch,
-                why,
-                lost_at,
-            } => {
+            SessionEnd::Takeover(t) => {
                 set_busy(Some(format!(
                     "this standby took over the guest (generation {}) and runs it",
                     fencing.max_generation
                 )));
-                return take_over(*vm, &state, epoch, &why, lost_at).map(Some);
+                return take_over(*t, fencing.max_generation, api.as_ref()).map(Some);
             }
         }
     }
 }
 
-/// Restores the committed checkpoint and runs the guest here.
+/// Restores the committed checkpoint and runs the guest here, as
+/// generation `generation`, through the same loop as a primary (unprotected
+/// until `ctl protect` pairs it with a new standby).
 fn take_over(
-    mut vm: Vm,
-    state: &[u8],
-    epoch: u64,
-    why: &str,
-    lost_at: Instant,
+    t: Takeover,
+    generation: u64,
+    api: Option<&crate::api::ApiServer>,
 ) -> Result<VmExit, FtError> {
-    let machine: MachineState = decode_state(state, DEFAULT_STATE_LIMIT)?;
+    let Takeover {
+        mut vm,
+        console,
+        shape,
+        heartbeat,
+        state,
+        epoch,
+        why,
+        lost_at,
+    } = t;
+    let machine: MachineState = decode_state(&state, DEFAULT_STATE_LIMIT)?;
     vm.restore(&machine)?;
     // Pages written by the apply are not "dirty" for this VM's own future.
     reset_vmm_bitmap(&vm);
@@ -183,7 +274,25 @@ fn take_over(
         "ftvmm: standby took over from checkpoint {epoch} ({why}); guest running {:.1} ms after the primary was lost",
         lost_at.elapsed().as_secs_f64() * 1e3
     );
-    Ok(vm.wait_exit(None).expect("waits until the guest ends"))
+    let mailbox = match api {
+        Some(server) => {
+            let (mailbox, handler) = crate::api::mailbox()?;
+            server.set_handler(handler);
+            Some(mailbox)
+        }
+        None => None,
+    };
+    let ft = super::FtOptions {
+        peer: String::new(),
+        interval: super::DEFAULT_INTERVAL,
+        heartbeat,
+        generation,
+        metrics_path: None,
+        fault: None,
+        hash_epoch: None,
+        netbuf: ftvmm_netbuf::NetbufConfig::default(),
+    };
+    super::primary::Runner::new(*vm, shape, console, ft, mailbox, "standby (took over)")?.run()
 }
 
 /// Takeover announce (DESIGN "Standby and failover"): each NIC's transmit
@@ -276,6 +385,7 @@ fn serve(
     opts: &StandbyOptions,
     fencing: &mut Fencing,
     busy: &Mutex<Option<String>>,
+    shared: &SharedStatus,
 ) -> SessionEnd {
     let peer = chan.peer_addr().to_string();
     // A refused primary may retry at once: free the standby before answering.
@@ -357,7 +467,17 @@ fn serve(
             return SessionEnd::Refused;
         }
     };
-    let vm = match Vm::create(&config) {
+    let console = HeldOutput::new(match crate::vm::open_serial_output(&config.serial) {
+        Ok(o) => o,
+        Err(e) => {
+            refuse(
+                &mut chan,
+                &format!("cannot open this standby's console: {e}"),
+            );
+            return SessionEnd::Refused;
+        }
+    });
+    let vm = match Vm::create_with_output(&config, console.writer()) {
         Ok(vm) => vm,
         Err(e) => {
             refuse(&mut chan, &format!("cannot build the guest's VM here: {e}"));
@@ -408,6 +528,13 @@ fn serve(
             });
     }
     log::info!("paired with primary {peer}, generation {generation}");
+    {
+        let mut sh = lock(shared);
+        sh.peer = Some(peer.clone());
+        sh.generation = generation;
+        sh.applied = 0;
+        sh.chan = chan.try_clone().ok();
+    }
     let _ = chan.set_read_timeout(None);
 
     let mut fence = EpochFence::new(generation);
@@ -440,6 +567,11 @@ fn serve(
                     Err(e) => break format!("applying checkpoint {epoch}: {e}"),
                 }
                 fence.commit(epoch);
+                {
+                    let mut sh = lock(shared);
+                    sh.committed = Some(epoch);
+                    sh.applied += 1;
+                }
                 if !have_commit {
                     // From now on losing the primary means taking over: our
                     // farewell heartbeat fences it (I5).
@@ -473,9 +605,13 @@ fn serve(
         }
     };
     let lost_at = Instant::now();
-    let why = match hb.failure() {
-        Some(lost) => format!("{lost}; {end}"),
-        None => end,
+    let why = if lock(shared).manual {
+        "manual failover (ctl failover)".to_string()
+    } else {
+        match hb.failure() {
+            Some(lost) => format!("{lost}; {end}"),
+            None => end,
+        }
     };
     stop.store(true, Ordering::Release);
     if !have_commit {
@@ -501,11 +637,14 @@ fn serve(
         }),
     );
     let _ = chan.shutdown();
-    SessionEnd::Takeover {
+    SessionEnd::Takeover(Box::new(Takeover {
         vm: Box::new(vm),
+        console,
+        shape: hello.shape,
+        heartbeat: interval,
         state: committed,
         epoch: fence.last_applied().unwrap_or(0),
         why,
         lost_at,
-    }
+    }))
 }
