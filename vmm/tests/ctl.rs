@@ -1,0 +1,185 @@
+//! The control API through the real binary: `ftvmm ctl` against a primary
+//! and a standby; bad requests leave the VM unaffected; re-protection chains
+//! primary → standby A → standby B with an exactly-once console.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+const GUEST: &str = "dirty=256 span=1024 rounds=2 round_us=2000";
+
+fn ctl(sock: &Path, words: &[&str]) -> Output {
+    let mut args = vec!["ctl", "--api", sock.to_str().unwrap()];
+    args.extend_from_slice(words);
+    run(&args, Duration::from_secs(40))
+}
+
+fn ctl_ok(sock: &Path, words: &[&str]) -> serde_json::Value {
+    let out = ctl(sock, words);
+    assert!(out.status.success(), "ctl {words:?} failed: {}", out.stderr);
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("ctl {words:?}: {e}: {}", out.stdout))
+}
+
+fn ctl_err(sock: &Path, words: &[&str]) -> String {
+    let out = ctl(sock, words);
+    assert!(!out.status.success(), "ctl {words:?} should fail: {}", out.stdout);
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    out.stderr
+}
+
+fn raw(sock: &Path, line: &[u8]) -> serde_json::Value {
+    let s = UnixStream::connect(sock).unwrap();
+    (&s).write_all(line).unwrap();
+    let mut reply = String::new();
+    BufReader::new(&s).read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap()
+}
+
+fn standby(dir: &TempDir, name: &'static str, port: u16) -> Proc {
+    let p = spawn(
+        name,
+        dir,
+        &[
+            "standby".to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--serial".into(),
+            format!("file:{}", dir.path(&format!("{name}.console")).display()),
+            "--api".into(),
+            dir.path(&format!("{name}.sock")).display().to_string(),
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(10), || read(&dir.path(&format!("{name}.stderr"))).contains("listening")));
+    p
+}
+
+fn hbs(dir: &TempDir, name: &str) -> usize {
+    complete_lines(&read(&dir.path(&format!("{name}.console"))), hb_line).len()
+}
+
+#[test]
+fn api_commands_and_bad_requests_leave_the_vm_unaffected() {
+    let dir = TempDir::new("ctl");
+    let port = free_port();
+    let _sb = standby(&dir, "standby", port);
+    let psock = dir.path("primary.sock");
+    let _primary = spawn(
+        "primary",
+        &dir,
+        &[
+            "run".to_string(),
+            "--cmdline".into(),
+            GUEST.into(),
+            "--ft-peer".into(),
+            format!("127.0.0.1:{port}"),
+            "--serial".into(),
+            format!("file:{}", dir.path("primary.console").display()),
+            "--api".into(),
+            psock.display().to_string(),
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(30), || hbs(&dir, "primary") >= 5));
+    let st = ctl_ok(&psock, &["status"]);
+    assert_eq!(st["role"], "primary");
+    assert_eq!(st["protected"], true);
+    let ssock = dir.path("standby.sock");
+    let sst = ctl_ok(&ssock, &["status"]);
+    assert_eq!(sst["role"], "standby");
+    assert_eq!(sst["paired"], true);
+    assert!(ctl_ok(&psock, &["stats"])["summary"]["epochs"].as_u64().unwrap() > 0);
+
+    // Wrong state, unknown command, malformed JSON: an error reply each.
+    assert!(ctl_err(&psock, &["failover"]).contains("standby"));
+    assert!(ctl_err(&psock, &["protect", "127.0.0.1:1"]).contains("already protected"));
+    assert!(ctl_err(&psock, &["resume"]).contains("not paused"));
+    assert!(ctl_err(&psock, &["set", "interval-ms", "0"]).contains("out of range"));
+    assert!(ctl_err(&psock, &["fly"]).contains("unknown ctl command"));
+    assert!(ctl_err(&ssock, &["pause"]).contains("standby"));
+    let r = raw(&psock, b"{\"command\":\"explode\"}\n");
+    assert_eq!(r["ok"], false);
+    assert!(r["error"].as_str().unwrap().contains("unknown variant"), "{r}");
+    let r = raw(&psock, b"this is not json\n");
+    assert!(r["error"].as_str().unwrap().contains("malformed"), "{r}");
+    assert!(ctl_err(Path::new("/nonexistent/api.sock"), &["status"]).contains("/nonexistent/api.sock"));
+
+    // Pause stops the guest (and its epochs); resume continues it.
+    ctl_ok(&psock, &["pause"]);
+    assert!(ctl_err(&psock, &["pause"]).contains("already paused"));
+    let n = hbs(&dir, "primary");
+    let epoch = ctl_ok(&psock, &["status"])["epoch"].as_u64().unwrap();
+    let observe = std::time::Instant::now() + Duration::from_millis(400);
+    while std::time::Instant::now() < observe {
+        assert!(hbs(&dir, "primary") <= n + 1, "the guest ran while paused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(ctl_ok(&psock, &["status"])["epoch"].as_u64().unwrap(), epoch);
+    ctl_ok(&psock, &["resume"]);
+    ctl_ok(&psock, &["set", "interval-ms", "10"]);
+    assert_eq!(ctl_ok(&psock, &["status"])["interval_ms"], 10);
+    assert!(wait_until(Duration::from_secs(20), || hbs(&dir, "primary") >= n + 10));
+    // The VM was unaffected: still protected, still counting in order.
+    assert_eq!(ctl_ok(&psock, &["status"])["protected"], true);
+    let all = complete_lines(&read(&dir.path("primary.console")), hb_line);
+    assert_eq!(all, (1..=all.len() as u64).collect::<Vec<_>>());
+}
+
+#[test]
+fn reprotection_chains_three_hosts_exactly_once() {
+    let dir = TempDir::new("reprotect");
+    let (pa, pb) = (free_port(), free_port());
+    let _a = standby(&dir, "a", pa);
+    let mut primary = spawn(
+        "primary",
+        &dir,
+        &[
+            "run".to_string(),
+            "--cmdline".into(),
+            GUEST.into(),
+            "--ft-peer".into(),
+            format!("127.0.0.1:{pa}"),
+            "--serial".into(),
+            format!("file:{}", dir.path("primary.console").display()),
+        ],
+    );
+    assert!(wait_until(Duration::from_secs(30), || hbs(&dir, "primary") >= 20));
+    primary.kill();
+    assert!(
+        wait_until(Duration::from_secs(30), || hbs(&dir, "a") >= 10),
+        "A did not take over: {}",
+        read(&dir.path("a.stderr"))
+    );
+    let asock = dir.path("a.sock");
+    let st = ctl_ok(&asock, &["status"]);
+    assert_eq!(st["role"], "standby (took over)");
+    assert_eq!(st["protected"], false);
+    assert_eq!(st["generation"], 2);
+
+    let mut b = standby(&dir, "b", pb);
+    let st = ctl_ok(&asock, &["protect", &format!("127.0.0.1:{pb}")]);
+    assert_eq!(st["protected"], true);
+    let bsock = dir.path("b.sock");
+    assert!(wait_until(Duration::from_secs(30), || {
+        ctl_ok(&bsock, &["status"])["committed_epoch"].as_u64().unwrap_or(0) >= 20
+    }));
+    assert_eq!(ctl_ok(&bsock, &["status"])["generation"], 2);
+    let _ = &mut b;
+    // Kill A (the first standby, now primary): B takes over.
+    drop(_a);
+    assert!(
+        wait_until(Duration::from_secs(30), || hbs(&dir, "b") >= 10),
+        "B did not take over: {}",
+        read(&dir.path("b.stderr"))
+    );
+    let p = read(&dir.path("primary.console"));
+    let a = read(&dir.path("a.console"));
+    let bc = read(&dir.path("b.console"));
+    let (_, a_first, _) = check_exactly_once(&p, &a, hb_line);
+    let (a_last, b_first, _) = check_exactly_once(&a, &bc, hb_line);
+    println!("re-protection: primary → A from hb={a_first}, A → B from hb={b_first} (A released up to {a_last})");
+    assert_eq!(ctl_ok(&bsock, &["status"])["generation"], 3);
+}
