@@ -140,7 +140,9 @@ pub struct ApiServer {
 
 impl std::fmt::Debug for ApiServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiServer").field("path", &self.path).finish()
+        f.debug_struct("ApiServer")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -160,7 +162,8 @@ fn prepare_path(path: &Path) -> Result<(), ApiError> {
             if UnixStream::connect(path).is_ok() {
                 return Err(err("another process is listening on it".into()));
             }
-            std::fs::remove_file(path).map_err(|e| err(format!("cannot remove the stale socket: {e}")))
+            std::fs::remove_file(path)
+                .map_err(|e| err(format!("cannot remove the stale socket: {e}")))
         }
     }
 }
@@ -174,7 +177,8 @@ impl ApiServer {
             source,
         };
         let listener = UnixListener::bind(path).map_err(listen_err)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(listen_err)?;
         listener.set_nonblocking(true).map_err(listen_err)?;
         let handler: Arc<RwLock<Handler>> = Arc::new(RwLock::new(handler));
         let stop = Arc::new(AtomicBool::new(false));
@@ -216,7 +220,9 @@ fn serve(listener: UnixListener, handler: Arc<RwLock<Handler>>, stop: Arc<Atomic
         if unsafe { libc::poll(&mut p, 1, 200) } <= 0 {
             continue;
         }
-        let Ok((stream, _)) = listener.accept() else { continue };
+        let Ok((stream, _)) = listener.accept() else {
+            continue;
+        };
         let handler = handler.clone();
         // One thread per connection: a slow client cannot block others.
         let _ = std::thread::Builder::new()
@@ -301,7 +307,12 @@ impl Mailbox {
     /// The next waiting request and where to send its answer.
     pub fn next(&self) -> Option<(Request, SyncSender<Response>)> {
         let _ = self.evt.read();
-        let r = self.rx.lock().unwrap_or_else(|e| e.into_inner()).try_recv().ok();
+        let r = self
+            .rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .try_recv()
+            .ok();
         if r.is_some() {
             // More may be queued: keep the eventfd readable.
             let _ = self.evt.write(1);
@@ -341,12 +352,21 @@ mod tests {
 
     #[test]
     fn requests_have_a_stable_json_form() {
-        let r: Request = serde_json::from_str(r#"{"command":"protect","peer":"127.0.0.1:7000"}"#).unwrap();
-        assert_eq!(r, Request::Protect { peer: "127.0.0.1:7000".into() });
+        let r: Request =
+            serde_json::from_str(r#"{"command":"protect","peer":"127.0.0.1:7000"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Protect {
+                peer: "127.0.0.1:7000".into()
+            }
+        );
         let r: Request = serde_json::from_str(r#"{"command":"set-interval-ms","ms":10}"#).unwrap();
         assert_eq!(r, Request::SetIntervalMs { ms: 10 });
         assert!(serde_json::from_str::<Request>(r#"{"command":"fly"}"#).is_err());
-        assert_eq!(serde_json::to_string(&Request::Status).unwrap(), r#"{"command":"status"}"#);
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"command":"status"}"#
+        );
     }
 
     #[test]
@@ -364,7 +384,10 @@ mod tests {
         .unwrap();
         let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert_eq!(call(&sock, &Request::Status).unwrap().result["role"], "test");
+        assert_eq!(
+            call(&sock, &Request::Status).unwrap().result["role"],
+            "test"
+        );
         assert!(!call(&sock, &Request::Pause).unwrap().ok);
         // Malformed JSON gets an error reply, and the server keeps serving.
         let s = UnixStream::connect(&sock).unwrap();
@@ -375,7 +398,9 @@ mod tests {
         assert!(!reply.ok && reply.error.unwrap().contains("malformed"));
         assert!(call(&sock, &Request::Status).unwrap().ok);
         // A second server on the same live socket is refused.
-        assert!(ApiServer::start(&sock, Box::new(|_| Response::ok(serde_json::Value::Null))).is_err());
+        assert!(
+            ApiServer::start(&sock, Box::new(|_| Response::ok(serde_json::Value::Null))).is_err()
+        );
         drop(server);
         assert!(!sock.exists());
         std::fs::remove_dir_all(&dir).unwrap();
