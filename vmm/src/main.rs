@@ -1,9 +1,3 @@
-// NOTE from the demo helper (03:55): I truncated this file by mistake and
-// lost its uncommitted work-in-progress (the control API changes). It is
-// restored from HEAD plus the demo's two lines; the part of the lost diff I
-// had seen is in /tmp/ftvmm-main.rs-lead-wip-partial.patch. Sorry. Delete
-// this note. (To compile against the ft/ WIP meanwhile: run_vm(.., None)
-// in run() and `api: None` in standby(), no --api yet.)
 //! The `ftvmm` command line.
 
 use std::path::PathBuf;
