@@ -116,6 +116,17 @@ pub enum DemoError {
         /// The line.
         line: String,
     },
+    /// The pair came apart before the kill.
+    #[error("the primary and the standby came apart before the demo killed the primary; the {role} said: {line}")]
+    Unpaired {
+        /// Who said so.
+        role: &'static str,
+        /// Its log line.
+        line: String,
+    },
+    /// The primary died before its first checkpoint committed.
+    #[error("the standby had no committed checkpoint to take over from (log: {})", .0.display())]
+    NothingToRun(PathBuf),
     /// The transcript check failed.
     #[error("exactly-once: FAIL: {0}")]
     ExactlyOnce(String),
@@ -139,6 +150,8 @@ const FAST_TICK: Duration = Duration::from_millis(1);
 /// Attempts at a free port (another process may take it between our probe
 /// and the standby's bind).
 const PORT_ATTEMPTS: usize = 3;
+/// The pair's heartbeat interval (the peer is lost after 5 missed).
+const HEARTBEAT_MS: u64 = 100;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -286,6 +299,13 @@ impl RoleProc {
             status,
             last,
             log: self.stderr.clone(),
+        }
+    }
+
+    /// SIGKILL without waiting.
+    fn signal_kill(&mut self) {
+        if self.exited().is_none() {
+            let _ = self.child.kill();
         }
     }
 
@@ -686,6 +706,8 @@ struct Takeover {
     standby_own_ms: f64,
     first_hb_after_kill: Duration,
     first_hb: u64,
+    /// When the dead primary was reaped, if seen while watching.
+    primary_gone: Option<Duration>,
 }
 
 impl<'a> Demo<'a> {
@@ -778,6 +800,11 @@ impl<'a> Demo<'a> {
             format!("127.0.0.1:{port}"),
             "--ft-interval-ms".into(),
             args.interval_ms.to_string(),
+            // A SIGKILL closes the sockets, so the takeover does not wait
+            // for heartbeats; a longer miss window only keeps a busy host
+            // (a build next to the demo) from looking like a failure.
+            "--heartbeat-ms".into(),
+            HEARTBEAT_MS.to_string(),
             "--serial".into(),
             format!("file:{}", self.path("primary.console").display()),
             "--ft-metrics".into(),
@@ -794,6 +821,8 @@ impl<'a> Demo<'a> {
         let mut view = PrimaryView::default();
         let mut metrics = Tail::new(self.path("metrics.jsonl"));
         let mut p_console = Tail::new(self.path("primary.console"));
+        let mut p_log = Tail::new(primary.stderr.clone());
+        let mut s_log = Tail::new(standby.stderr.clone());
         let started = Instant::now();
         let mut first_epoch: Option<Instant> = None;
         let mut rate_mark = (Instant::now(), 0u64);
@@ -802,6 +831,21 @@ impl<'a> Demo<'a> {
             view.poll(&mut metrics, &mut p_console)?;
             primary.check_alive()?;
             standby.check_alive()?;
+            // The pair must stay paired until the kill.
+            let mut broken = None;
+            p_log.poll(|l| {
+                if l.contains("running unprotected") {
+                    broken.get_or_insert_with(|| ("primary", l.trim().to_string()));
+                }
+            })?;
+            s_log.poll(|l| {
+                if l.contains("nothing to run") || l.contains("took over") {
+                    broken.get_or_insert_with(|| ("standby", l.trim().to_string()));
+                }
+            })?;
+            if let Some((role, line)) = broken {
+                return Err(DemoError::Unpaired { role, line });
+            }
             if first_epoch.is_none() {
                 if view.epochs.is_empty() {
                     if started.elapsed() > FIRST_EPOCH_TIMEOUT {
@@ -812,8 +856,11 @@ impl<'a> Demo<'a> {
                         });
                     }
                 } else {
+                    // The first status line comes a period later, with a
+                    // rate measured over it.
                     first_epoch = Some(Instant::now());
-                    rate_mark = (Instant::now(), 0);
+                    rate_mark = (Instant::now(), view.bytes_sent());
+                    self.status.last = Some(Instant::now());
                 }
             }
             if let Some(t0) = first_epoch {
@@ -832,10 +879,14 @@ impl<'a> Demo<'a> {
             self.nap(TICK)?;
         }
 
-        // The failure.
+        // The failure. Timing starts at the signal; the dead primary is
+        // reaped while the takeover is watched.
         let killed = Instant::now();
-        primary.kill();
+        primary.signal_kill();
         self.status.finish();
+        let takeover = self.watch_takeover(&mut standby, &mut primary, killed)?;
+        primary.kill();
+        let reaped = takeover.primary_gone.unwrap_or_else(|| killed.elapsed());
         view.poll(&mut metrics, &mut p_console)?;
         let last_epoch = view.epochs.last().map_or(0, |m| m.epoch);
         println!(
@@ -845,13 +896,14 @@ impl<'a> Demo<'a> {
             view.hb_first.unwrap_or(0),
             view.hb_last.unwrap_or(0),
         );
-        let takeover = self.watch_takeover(&mut standby, killed)?;
         println!(
             "takeover: the standby resumed checkpoint {}; guest running again {:.1} ms after the SIGKILL \
-             (the standby's own measure: {:.1} ms after it saw the loss); first new heartbeat hb={} {:.1} ms after the SIGKILL",
+             (the standby's own measure: {:.1} ms after it saw the loss; the dead primary was reaped after {:.1} ms); \
+             first new heartbeat hb={} {:.1} ms after the SIGKILL",
             takeover.checkpoint,
             ms(takeover.running_after_kill),
             takeover.standby_own_ms,
+            ms(reaped),
             takeover.first_hb,
             ms(takeover.first_hb_after_kill)
         );
@@ -921,7 +973,12 @@ impl<'a> Demo<'a> {
             summary_table(&view.epochs, &takeover, args.interval_ms)
         );
         let plot = self.path("epochs.svg");
-        let svg = plot_svg(&view.epochs, last_epoch + 1, args);
+        let svg = plot_svg(
+            &view.epochs,
+            last_epoch + 1,
+            ms(takeover.running_after_kill),
+            args,
+        );
         std::fs::write(&plot, svg).map_err(|source| DemoError::File {
             what: "write",
             path: plot.clone(),
@@ -956,6 +1013,7 @@ impl<'a> Demo<'a> {
     fn watch_takeover(
         &self,
         standby: &mut RoleProc,
+        primary: &mut RoleProc,
         killed: Instant,
     ) -> Result<Takeover, DemoError> {
         let mut log = Tail::new(standby.stderr.clone());
@@ -963,8 +1021,12 @@ impl<'a> Demo<'a> {
         let mut took: Option<(u64, f64, Duration)> = None;
         let mut first: Option<(u64, Duration)> = None;
         let mut nothing = false;
+        let mut primary_gone = None;
         let deadline = killed + TAKEOVER_TIMEOUT;
         loop {
+            if primary_gone.is_none() && primary.exited().is_some() {
+                primary_gone = Some(killed.elapsed());
+            }
             if took.is_none() {
                 log.poll(|l| {
                     if let Some((cp, own)) = parse_takeover(l) {
@@ -993,14 +1055,11 @@ impl<'a> Demo<'a> {
                     standby_own_ms,
                     first_hb_after_kill: hb_at,
                     first_hb,
+                    primary_gone,
                 });
             }
             if nothing {
-                return Err(DemoError::Timeout {
-                    what: "the standby had no committed checkpoint to take over from",
-                    secs: 0,
-                    log: standby.stderr.clone(),
-                });
+                return Err(DemoError::NothingToRun(standby.stderr.clone()));
             }
             standby.check_alive()?;
             if Instant::now() >= deadline {
@@ -1091,7 +1150,7 @@ fn esc(s: &str) -> String {
 
 /// A line chart of per-epoch pause µs (left axis) and dirty pages (right
 /// axis), with a vertical marker at the epoch the primary was killed in.
-fn plot_svg(epochs: &[EpochMetrics], kill_epoch: u64, args: &DemoArgs) -> String {
+fn plot_svg(epochs: &[EpochMetrics], kill_epoch: u64, takeover_ms: f64, args: &DemoArgs) -> String {
     const W: f64 = 960.0;
     const H: f64 = 480.0;
     const L: f64 = 80.0;
@@ -1104,7 +1163,9 @@ fn plot_svg(epochs: &[EpochMetrics], kill_epoch: u64, args: &DemoArgs) -> String
     let pw = W - L - R;
     let ph = H - T - B;
     let x0 = epochs.first().map_or(0, |m| m.epoch) as f64;
-    let x1 = (kill_epoch as f64).max(x0 + 1.0);
+    // Room after the kill, so the marker stands inside the frame.
+    let span = (kill_epoch as f64 - x0).max(1.0);
+    let x1 = x0 + span + (span * 0.06).max(1.0);
     let (xstep, _) = nice_axis(x1 - x0);
     let (pstep, ptop) = nice_axis(epochs.iter().map(|m| m.pause_us).max().unwrap_or(0) as f64);
     let (dstep, dtop) = nice_axis(
@@ -1226,7 +1287,7 @@ fn plot_svg(epochs: &[EpochMetrics], kill_epoch: u64, args: &DemoArgs) -> String
     let kx = sx(kill_epoch as f64);
     let _ = writeln!(
         s,
-        r#"<line id="kill" x1="{kx:.1}" y1="{T}" x2="{kx:.1}" y2="{}" stroke="{KILL}" stroke-width="2" stroke-dasharray="6,4"/><text x="{:.1}" y="{}" text-anchor="end" fill="{KILL}">SIGKILL primary (epoch {kill_epoch}) → standby takes over</text>"#,
+        r#"<line id="kill" x1="{kx:.1}" y1="{T}" x2="{kx:.1}" y2="{}" stroke="{KILL}" stroke-width="2" stroke-dasharray="6,4"/><text x="{:.1}" y="{}" text-anchor="end" fill="{KILL}">SIGKILL primary (in-flight epoch {kill_epoch}) → guest running on the standby {takeover_ms:.1} ms later</text>"#,
         T + ph,
         kx - 4.0,
         T + 14.0
@@ -1369,13 +1430,13 @@ mod tests {
             keep_running_secs: 3,
             dir: None,
         };
-        let svg = plot_svg(&epochs, 51, &args);
+        let svg = plot_svg(&epochs, 51, 3.5, &args);
         assert!(svg.starts_with("<svg"));
         assert!(svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert!(svg.contains(r#"id="kill""#));
         // Only one epoch still draws.
-        let one = plot_svg(&epochs[..1], 2, &args);
+        let one = plot_svg(&epochs[..1], 2, 3.5, &args);
         assert!(!one.contains("NaN") && !one.contains("inf"));
     }
 }

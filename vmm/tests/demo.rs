@@ -1,0 +1,109 @@
+//! `ftvmm demo` through the real binary: a failover on this machine that
+//! ends with exit 0, an exactly-once transcript, a summary table, a
+//! well-formed SVG plot, and no process left behind.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn demo_fails_over_checks_exactly_once_and_plots() {
+    let dir = TempDir::new("demo");
+    let out = run(
+        &[
+            "demo",
+            "--kill-after-secs",
+            "2",
+            "--keep-running-secs",
+            "1",
+            "--dir",
+            dir.0.to_str().unwrap(),
+        ],
+        Duration::from_secs(180),
+    );
+    let all = format!("stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
+    assert!(
+        out.status.success(),
+        "demo failed ({:?})\n{all}",
+        out.status
+    );
+
+    let line = |prefix: &str| {
+        out.stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line starting with {prefix:?}\n{all}"))
+            .to_string()
+    };
+    // The live status: at least one line with the epoch and the streamed rate.
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.contains("epoch") && l.contains("MB/s")),
+        "{all}"
+    );
+    assert!(line("SIGKILL primary").contains("checkpoints committed"));
+    assert!(line("takeover:").contains("guest running again"), "{all}");
+    let ok = line("exactly-once: OK (primary released hb 1..=");
+    assert!(ok.contains("standby continued from hb"), "{ok}");
+
+    // The summary table.
+    let summary = line("summary: ");
+    assert!(
+        summary.contains("epochs") && summary.contains("MB sent"),
+        "{summary}"
+    );
+    for row in [
+        "pause µs",
+        "dirty pages / epoch",
+        "ack latency µs",
+        "takeover",
+    ] {
+        assert!(
+            out.stdout.lines().any(|l| l.trim_start().starts_with(row)),
+            "no {row:?} row\n{all}"
+        );
+    }
+
+    // The plot, in the directory, and well-formed enough.
+    let plot = line("plot: ");
+    let plot = plot.trim_start_matches("plot: ");
+    assert_eq!(std::path::Path::new(plot), dir.path("epochs.svg"));
+    let svg = std::fs::read_to_string(plot).expect("the plot exists");
+    assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(200)]);
+    assert!(svg.trim_end().ends_with("</svg>"));
+    assert!(
+        svg.contains(r#"<polyline id="pause-us""#),
+        "no pause series"
+    );
+    assert!(
+        svg.contains(r#"<polyline id="dirty-pages""#),
+        "no dirty series"
+    );
+    assert!(svg.contains(r#"id="kill""#), "no kill marker");
+    assert_eq!(svg.matches('<').count(), svg.matches('>').count());
+
+    // Both roles are gone: the demo reaped them.
+    let pids: Vec<i32> = out
+        .stdout
+        .split("(pid ")
+        .skip(1)
+        .filter_map(|s| s.split(')').next()?.parse().ok())
+        .collect();
+    assert!(pids.len() >= 2, "{all}");
+    for pid in pids {
+        // SAFETY: signal 0 only checks whether the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        assert!(!alive, "process {pid} outlived the demo");
+    }
+}
+
+#[test]
+fn demo_refuses_bad_options_with_one_line() {
+    let out = run(&["demo", "--kill-after-secs", "0"], Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert!(out.stderr.contains("--kill-after-secs"), "{}", out.stderr);
+}
