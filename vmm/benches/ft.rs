@@ -50,7 +50,7 @@ fn pause_vs_bound() {
             ..Default::default()
         };
         let mut vm = Vm::build(&cfg).expect("build VM");
-        let mut engine = Engine::new(&vm).expect("engine");
+        let mut engine = Engine::new(&mut vm).expect("engine");
         vm.start().expect("start");
         // Let the guest boot and cover its working set once; then a warm-up
         // capture takes the boot-time pages out of the way.
@@ -249,7 +249,7 @@ fn pause_share() {
             ..Default::default()
         };
         let mut vm = Vm::build(&cfg).expect("build VM");
-        let mut engine = Engine::new(&vm).expect("engine");
+        let mut engine = Engine::new(&mut vm).expect("engine");
         vm.start().expect("start");
         std::thread::sleep(Duration::from_millis(300));
         engine.capture(&mut vm, None, 0, false).unwrap();

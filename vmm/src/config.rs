@@ -222,6 +222,9 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Console output.
     pub serial: SerialConfig,
+    /// Track vCPU writes with per-vCPU dirty rings instead of KVM's dirty
+    /// bitmap (`--dirty-track ring`; must be chosen when the VM is created).
+    pub dirty_ring: bool,
 }
 
 impl Default for VmConfig {
@@ -235,6 +238,7 @@ impl Default for VmConfig {
             net: Vec::new(),
             disks: Vec::new(),
             serial: SerialConfig::Stdout,
+            dirty_ring: false,
         }
     }
 }

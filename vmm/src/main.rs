@@ -81,6 +81,12 @@ enum NetbufArg {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum DirtyTrackArg {
+    Bitmap,
+    Ring,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum TransportArg {
     Tcp,
     Rdma,
@@ -108,8 +114,11 @@ struct FtArgs {
     /// Checkpoint transport.
     #[arg(long, value_enum, default_value_t = TransportArg::Tcp)]
     transport: TransportArg,
+    /// How vCPU writes are tracked: KVM's dirty bitmap (manual protect) or per-vCPU dirty rings.
+    #[arg(long, value_enum, default_value_t = DirtyTrackArg::Bitmap)]
+    dirty_track: DirtyTrackArg,
     /// Heartbeat interval in milliseconds; the peer is lost after 5 silent intervals.
-    #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     heartbeat_ms: u64,
     /// Write one JSON line of metrics per epoch to FILE.
     #[arg(long, value_name = "FILE")]
@@ -180,6 +189,7 @@ impl VmArgs {
             net: self.net,
             disks: self.disk,
             serial: self.serial,
+            dirty_ring: false,
         })
     }
 }
@@ -232,7 +242,8 @@ fn start_api(
 
 fn run(args: RunArgs) -> Result<(), String> {
     let api_path = args.vm.api.clone();
-    let config = args.vm.into_config()?;
+    let mut config = args.vm.into_config()?;
+    config.dirty_ring = args.ft.dirty_track == DirtyTrackArg::Ring;
     let (peer, ft) = ft_options(args.ft)?;
     let (_server, mailbox) = match start_api(api_path.as_deref())? {
         Some((s, m)) => (Some(s), Some(m)),

@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_run;
+use kvm_bindings::{kvm_run, KVM_EXIT_DIRTY_RING_FULL};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -264,6 +264,8 @@ pub struct Vcpu {
     /// Buffer a pause saves into, swapped with the shared slot (no
     /// allocation per epoch).
     scratch: VcpuState,
+    /// Raised when this vCPU's dirty ring is full.
+    ring_full: Option<Arc<EventFd>>,
 }
 
 impl Vcpu {
@@ -304,6 +306,7 @@ impl Vcpu {
             io_pending: false,
             synced: false,
             scratch,
+            ring_full: None,
         })
     }
 
@@ -386,6 +389,11 @@ impl Vcpu {
                 }
             }
         }
+    }
+
+    /// Where to signal a full dirty ring.
+    pub fn set_ring_full_signal(&mut self, evt: Arc<EventFd>) {
+        self.ring_full = Some(evt);
     }
 
     /// Captures the state of this vCPU, whose thread has not started, into
@@ -480,6 +488,15 @@ impl Vcpu {
                     "vCPU {id}: KVM_EXIT_FAIL_ENTRY, hardware entry failure reason {reason:#x} on host CPU {cpu}"
                 ))),
                 VcpuExit::Intr => Ok(()),
+                VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => {
+                    // Ask the epoch driver to harvest (which resets the
+                    // ring), and let it: KVM_RUN bounces until then.
+                    if let Some(e) = &self.ring_full {
+                        let _ = e.write(1);
+                    }
+                    std::thread::sleep(Duration::from_micros(50));
+                    Ok(())
+                }
                 VcpuExit::IrqWindowOpen | VcpuExit::IoapicEoi(_) => Ok(()),
                 other => {
                     let what = format!("{other:?}");

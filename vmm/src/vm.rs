@@ -97,6 +97,9 @@ pub enum VmError {
         /// What failed.
         source: PersistError,
     },
+    /// Dirty tracking set-up.
+    #[error("dirty tracking: {0}")]
+    DirtyTrack(String),
     /// Bus set-up.
     #[error("cannot register device: {0}")]
     Bus(#[from] ftvmm_devices::bus::BusError),
@@ -150,6 +153,8 @@ pub struct Vm {
     exit: Arc<ExitSignal>,
     reset_evt: EventFd,
     pending: Vec<Vcpu>,
+    dirty_rings: Vec<crate::dirty_log::DirtyRing>,
+    ring_full: Arc<EventFd>,
     vcpus: Vec<VcpuHandle>,
     states: Vec<VcpuState>,
     vm_state: Option<VmState>,
@@ -239,6 +244,23 @@ impl Vm {
         };
         fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
         memory::register_slots(&fd, &memory, false)?;
+        // The dirty ring must be on before the first vCPU exists.
+        let ring_entries = if config.dirty_ring {
+            Some(
+                crate::dirty_log::enable_dirty_ring(&fd, crate::dirty_log::DIRTY_RING_ENTRIES)
+                    .map_err(|e| VmError::DirtyTrack(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        let ring_full =
+            Arc::new(
+                EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::Host {
+                    what: "ring-full eventfd",
+                    source,
+                })?,
+            );
+        let mut dirty_rings = Vec::new();
 
         let host = |what| move |source| VmError::Host { what, source };
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host("serial irqfd"))?;
@@ -289,14 +311,22 @@ impl Vm {
                 has_xcrs,
                 sync_regs,
             );
-            pending.push(Vcpu::new(
+            if let Some(entries) = ring_entries {
+                dirty_rings.push(
+                    crate::dirty_log::DirtyRing::map(&vfd, entries)
+                        .map_err(|e| VmError::DirtyTrack(e.to_string()))?,
+                );
+            }
+            let mut vcpu = Vcpu::new(
                 id,
                 vfd,
                 (pio.clone(), mmio.clone()),
                 memory.clone(),
                 exit.clone(),
                 capture,
-            )?);
+            )?;
+            vcpu.set_ring_full_signal(ring_full.clone());
+            pending.push(vcpu);
         }
         Ok(Vm {
             kvm,
@@ -313,7 +343,21 @@ impl Vm {
             vm_state: None,
             devices_state: DevicesState::default(),
             devices,
+            dirty_rings,
+            ring_full,
         })
+    }
+
+    /// The vCPUs' dirty rings (`--dirty-track ring`), handed to the
+    /// checkpoint engine, their one reader.
+    pub fn take_dirty_rings(&mut self) -> Vec<crate::dirty_log::DirtyRing> {
+        std::mem::take(&mut self.dirty_rings)
+    }
+
+    /// Readable when a vCPU stopped because its dirty ring is full: the
+    /// epoch driver harvests (which resets the rings) at once.
+    pub fn ring_full_event(&self) -> &EventFd {
+        &self.ring_full
     }
 
     /// Loads `config`'s kernel, initrd and command line and sets the vCPUs

@@ -22,12 +22,17 @@ fn ctl(sock: &Path, words: &[&str]) -> Output {
 fn ctl_ok(sock: &Path, words: &[&str]) -> serde_json::Value {
     let out = ctl(sock, words);
     assert!(out.status.success(), "ctl {words:?} failed: {}", out.stderr);
-    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("ctl {words:?}: {e}: {}", out.stdout))
+    serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("ctl {words:?}: {e}: {}", out.stdout))
 }
 
 fn ctl_err(sock: &Path, words: &[&str]) -> String {
     let out = ctl(sock, words);
-    assert!(!out.status.success(), "ctl {words:?} should fail: {}", out.stdout);
+    assert!(
+        !out.status.success(),
+        "ctl {words:?} should fail: {}",
+        out.stdout
+    );
     assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
     out.stderr
 }
@@ -54,7 +59,10 @@ fn standby(dir: &TempDir, name: &'static str, port: u16) -> Proc {
             dir.path(&format!("{name}.sock")).display().to_string(),
         ],
     );
-    assert!(wait_until(Duration::from_secs(10), || read(&dir.path(&format!("{name}.stderr"))).contains("listening")));
+    assert!(wait_until(Duration::from_secs(10), || read(
+        &dir.path(&format!("{name}.stderr"))
+    )
+    .contains("listening")));
     p
 }
 
@@ -77,6 +85,8 @@ fn api_commands_and_bad_requests_leave_the_vm_unaffected() {
             GUEST.into(),
             "--ft-peer".into(),
             format!("127.0.0.1:{port}"),
+            "--heartbeat-ms".into(),
+            "200".into(),
             "--serial".into(),
             format!("file:{}", dir.path("primary.console").display()),
             "--api".into(),
@@ -91,7 +101,12 @@ fn api_commands_and_bad_requests_leave_the_vm_unaffected() {
     let sst = ctl_ok(&ssock, &["status"]);
     assert_eq!(sst["role"], "standby");
     assert_eq!(sst["paired"], true);
-    assert!(ctl_ok(&psock, &["stats"])["summary"]["epochs"].as_u64().unwrap() > 0);
+    assert!(
+        ctl_ok(&psock, &["stats"])["summary"]["epochs"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
 
     // Wrong state, unknown command, malformed JSON: an error reply each.
     assert!(ctl_err(&psock, &["failover"]).contains("standby"));
@@ -102,10 +117,15 @@ fn api_commands_and_bad_requests_leave_the_vm_unaffected() {
     assert!(ctl_err(&ssock, &["pause"]).contains("standby"));
     let r = raw(&psock, b"{\"command\":\"explode\"}\n");
     assert_eq!(r["ok"], false);
-    assert!(r["error"].as_str().unwrap().contains("unknown variant"), "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("unknown variant"),
+        "{r}"
+    );
     let r = raw(&psock, b"this is not json\n");
     assert!(r["error"].as_str().unwrap().contains("malformed"), "{r}");
-    assert!(ctl_err(Path::new("/nonexistent/api.sock"), &["status"]).contains("/nonexistent/api.sock"));
+    assert!(
+        ctl_err(Path::new("/nonexistent/api.sock"), &["status"]).contains("/nonexistent/api.sock")
+    );
 
     // Pause stops the guest (and its epochs); resume continues it.
     ctl_ok(&psock, &["pause"]);
@@ -117,7 +137,10 @@ fn api_commands_and_bad_requests_leave_the_vm_unaffected() {
         assert!(hbs(&dir, "primary") <= n + 1, "the guest ran while paused");
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(ctl_ok(&psock, &["status"])["epoch"].as_u64().unwrap(), epoch);
+    assert_eq!(
+        ctl_ok(&psock, &["status"])["epoch"].as_u64().unwrap(),
+        epoch
+    );
     ctl_ok(&psock, &["resume"]);
     ctl_ok(&psock, &["set", "interval-ms", "10"]);
     assert_eq!(ctl_ok(&psock, &["status"])["interval_ms"], 10);
@@ -142,6 +165,8 @@ fn reprotection_chains_three_hosts_exactly_once() {
             GUEST.into(),
             "--ft-peer".into(),
             format!("127.0.0.1:{pa}"),
+            "--heartbeat-ms".into(),
+            "200".into(),
             "--serial".into(),
             format!("file:{}", dir.path("primary.console").display()),
         ],
@@ -164,7 +189,10 @@ fn reprotection_chains_three_hosts_exactly_once() {
     assert_eq!(st["protected"], true);
     let bsock = dir.path("b.sock");
     assert!(wait_until(Duration::from_secs(30), || {
-        ctl_ok(&bsock, &["status"])["committed_epoch"].as_u64().unwrap_or(0) >= 20
+        ctl_ok(&bsock, &["status"])["committed_epoch"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 20
     }));
     assert_eq!(ctl_ok(&bsock, &["status"])["generation"], 2);
     let _ = &mut b;

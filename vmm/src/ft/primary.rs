@@ -214,7 +214,7 @@ pub struct Capture {
 
 /// The epoch machinery of the primary: dirty log, harvest buffers, staging.
 pub struct Engine {
-    log: DirtyLog,
+    pub(crate) log: DirtyLog,
     harvests: Vec<HarvestBuffer>,
     staging: Staging,
     state_buf: Vec<u8>,
@@ -226,8 +226,13 @@ pub struct Engine {
 impl Engine {
     /// Turns on dirty logging for `vm` (manual protect) and allocates the
     /// harvest buffers and the staging.
-    pub fn new(vm: &Vm) -> Result<Self, FtError> {
-        let log = DirtyLog::new(&vm.fd, &vm.memory)?;
+    pub fn new(vm: &mut Vm) -> Result<Self, FtError> {
+        let rings = vm.take_dirty_rings();
+        let log = if rings.is_empty() {
+            DirtyLog::new(&vm.fd, &vm.memory)?
+        } else {
+            DirtyLog::with_rings(&vm.memory, rings)
+        };
         memory::register_slots(&vm.fd, &vm.memory, true).map_err(crate::vm::VmError::from)?;
         let harvests = vm
             .memory
@@ -603,7 +608,7 @@ impl Runner {
             self.netbuf = Some(start_netbuf(&self.vm, &self.ft)?);
         }
         match &mut self.engine {
-            None => self.engine = Some(Engine::new(&self.vm)?),
+            None => self.engine = Some(Engine::new(&mut self.vm)?),
             Some(_) => {
                 memory::register_slots(&self.vm.fd, &self.vm.memory, true)
                     .map_err(crate::vm::VmError::from)?;
@@ -638,7 +643,15 @@ impl Runner {
     fn lose_standby(&mut self, why: &str) -> Result<(), FtError> {
         let none: Arc<dyn OutputCommit> = Arc::new(ftvmm_netbuf::PassThrough);
         let netbuf = self.netbuf.clone().unwrap_or(none);
-        lose_standby(&mut self.session, &self.console, &*netbuf, &self.vm, why)
+        let r = lose_standby(&mut self.session, &self.console, &*netbuf, &self.vm, why);
+        // Dirty logging is off now; empty the rings so no vCPU waits on a
+        // full one.
+        if let Some(e) = self.engine.as_mut().filter(|e| e.log.uses_rings()) {
+            if let Err(err) = e.log.harvest(&self.vm.fd) {
+                log::warn!("cannot drain the dirty rings: {err}");
+            }
+        }
+        r
     }
 
     /// Runs until the guest ends.
@@ -646,10 +659,16 @@ impl Runner {
         let mut next_boundary = Instant::now() + self.ft.interval;
         loop {
             let cut = self.netbuf.as_ref().and_then(|n| n.cut_event());
+            let rings = self
+                .engine
+                .as_ref()
+                .filter(|e| e.log.uses_rings())
+                .map(|_| self.vm.ring_full_event());
             let wake = wait_boundary(
                 &self.vm,
                 self.session.as_ref(),
                 cut,
+                rings,
                 self.mailbox.as_ref().map(|m| m.event_fd()),
                 next_boundary,
             );
@@ -900,6 +919,7 @@ fn wait_boundary(
     vm: &Vm,
     session: Option<&Session>,
     cut: Option<&vmm_sys_util::eventfd::EventFd>,
+    ring_full: Option<&vmm_sys_util::eventfd::EventFd>,
     api: Option<&vmm_sys_util::eventfd::EventFd>,
     deadline: Instant,
 ) -> Wake {
@@ -929,6 +949,10 @@ fn wait_boundary(
             fds.push(fd(c));
             fds.len() - 1
         });
+        let ring_at = ring_full.filter(|_| session.is_some()).map(|r| {
+            fds.push(fd(r));
+            fds.len() - 1
+        });
         let api_at = api.map(|a| {
             fds.push(fd(a));
             fds.len() - 1
@@ -944,6 +968,12 @@ fn wait_boundary(
         }
         if api_at.is_some_and(|i| fds[i].revents != 0) {
             return Wake::Api;
+        }
+        if let Some(i) = ring_at.filter(|i| fds[*i].revents != 0) {
+            // A vCPU's dirty ring is full: harvest now.
+            let _ = ring_full.map(|r| r.read());
+            let _ = i;
+            return Wake::Boundary;
         }
         if cut_at.is_some_and(|i| fds[i].revents != 0) {
             // Sealing the epoch clears the request.

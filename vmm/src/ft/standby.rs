@@ -375,6 +375,7 @@ fn config_for(
         net,
         disks: opts.disks.clone(),
         serial: opts.serial.clone(),
+        dirty_ring: false,
     })
 }
 
