@@ -56,15 +56,14 @@ impl Rng {
     }
 }
 
-/// Round trips (µs) of `n` sequential echo requests, after a warm-up.
+/// Round trips (µs) of `n` echo requests sent open-loop at random gaps
+/// (1-13 ms, independent of the replies, so they land at every phase of
+/// the epoch; a closed loop would lock onto the releases), after a warm-up.
 fn measure(sock: &UdpSocket, n: usize, rng: &mut Rng) -> Vec<u64> {
     let guest = format!("{GUEST_IP}:7");
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     let mut buf = [0u8; 256];
-    let mut rtts = Vec::with_capacity(n);
-    let mut k = 0u64;
-    let mut lost = 0;
     // The guest may still be resolving our MAC: warm up until one answers.
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
@@ -73,29 +72,40 @@ fn measure(sock: &UdpSocket, n: usize, rng: &mut Rng) -> Vec<u64> {
             break;
         }
     }
-    sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-    while rtts.len() < n && lost < n {
-        k += 1;
-        let mut p = [0u8; 64];
-        p[..8].copy_from_slice(&k.to_le_bytes());
-        let t = Instant::now();
-        sock.send_to(&p, &guest).unwrap();
-        loop {
-            match sock.recv(&mut buf) {
-                Ok(m) if m == 64 && buf[..8] == k.to_le_bytes() => {
-                    rtts.push(t.elapsed().as_micros() as u64);
-                    break;
-                }
-                Ok(_) => continue,
-                Err(_) => {
-                    lost += 1;
-                    break;
+    let rx = sock.try_clone().unwrap();
+    let start = Instant::now();
+    let receiver = std::thread::spawn(move || {
+        let mut got = vec![None; n];
+        let mut buf = [0u8; 256];
+        let mut left = n;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while left > 0 && Instant::now() < deadline {
+            if let Ok(m) = rx.recv(&mut buf) {
+                if m == 64 {
+                    let k = u64::from_le_bytes(buf[..8].try_into().unwrap()) as usize;
+                    if k < n && got[k].is_none() {
+                        got[k] = Some(start.elapsed());
+                        left -= 1;
+                    }
                 }
             }
         }
-        // A random gap, so requests land at every phase of the epoch.
-        std::thread::sleep(Duration::from_micros(1000 + rng.next() % 7000));
+        got
+    });
+    let mut sent = Vec::with_capacity(n);
+    for k in 0..n {
+        let mut p = [0u8; 64];
+        p[..8].copy_from_slice(&(k as u64).to_le_bytes());
+        sent.push(start.elapsed());
+        sock.send_to(&p, &guest).unwrap();
+        std::thread::sleep(Duration::from_micros(1000 + rng.next() % 12_000));
     }
+    let got = receiver.join().unwrap();
+    let mut rtts: Vec<u64> = got
+        .iter()
+        .zip(&sent)
+        .filter_map(|(g, s)| g.map(|g| (g - *s).as_micros() as u64))
+        .collect();
     rtts.sort_unstable();
     rtts
 }
