@@ -700,6 +700,10 @@ impl Runner {
             }
             self.epoch += 1;
             let epoch = self.epoch;
+            // Epochs start on a fixed cadence: the next boundary counts from
+            // this one, not from the end of this epoch's transfer and ack,
+            // so output waits about half an interval plus the ack.
+            let started = Instant::now();
             let netbuf = self.netbuf.clone().expect("a protected VM has a netbuf");
             let result = run_epoch(
                 &mut self.vm,
@@ -737,7 +741,7 @@ impl Runner {
                 self.finish();
                 return Ok(reason);
             }
-            next_boundary = Instant::now() + self.ft.interval;
+            next_boundary = started + self.ft.interval;
         }
     }
 
