@@ -23,7 +23,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ftvmm_checkpoint::EpochMetrics;
 
@@ -552,14 +552,10 @@ fn nap(d: Duration, dir: &Path) -> Result<(), DemoError> {
 
 /// A fresh directory under the system temp dir.
 fn fresh_dir() -> Result<PathBuf, DemoError> {
-    let stamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
     let base = std::env::temp_dir();
     let mut last = None;
     for n in 0..100 {
-        let p = base.join(format!("ftvmm-demo-{stamp}-{}-{n}", std::process::id()));
+        let p = base.join(format!("ftvmm-demo-{}-{n}", std::process::id()));
         match std::fs::create_dir(&p) {
             Ok(()) => return Ok(p),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
@@ -1127,12 +1123,13 @@ fn summary_table(epochs: &[EpochMetrics], t: &Takeover, interval_ms: u64) -> Str
     s
 }
 
-/// Ticks for an axis from 0 to at least `max`: (step, top).
-fn nice_axis(max: f64) -> (f64, f64) {
+/// Ticks for an axis from 0 to at least `max`, about `ticks` of them, on
+/// whole numbers: (step, top).
+fn nice_axis(max: f64, ticks: f64) -> (f64, f64) {
     let max = if max > 0.0 { max } else { 1.0 };
-    let raw = max / 5.0;
+    let raw = max / ticks;
     let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+    let step = [1.0, 2.0, 5.0, 10.0]
         .iter()
         .map(|m| m * mag)
         .find(|s| *s >= raw)
@@ -1166,14 +1163,26 @@ fn plot_svg(epochs: &[EpochMetrics], kill_epoch: u64, takeover_ms: f64, args: &D
     // Room after the kill, so the marker stands inside the frame.
     let span = (kill_epoch as f64 - x0).max(1.0);
     let x1 = x0 + span + (span * 0.06).max(1.0);
-    let (xstep, _) = nice_axis(x1 - x0);
-    let (pstep, ptop) = nice_axis(epochs.iter().map(|m| m.pause_us).max().unwrap_or(0) as f64);
+    let (xstep, _) = nice_axis(x1 - x0, 8.0);
+    // A few outliers (the first epoch after the initial sync, a host
+    // hiccup) would flatten the rest: scale to the largest pause within 3 ×
+    // the 95th percentile, and draw the points above at the top, labelled.
+    let pauses = sorted(epochs.iter().map(|m| m.pause_us));
+    let p95 = quantile(&pauses, 0.95);
+    let pscale = pauses
+        .iter()
+        .rev()
+        .find(|&&p| p <= 3 * p95)
+        .copied()
+        .unwrap_or(p95);
+    let (pstep, ptop) = nice_axis(pscale as f64, 5.0);
     let (dstep, dtop) = nice_axis(
         epochs
             .iter()
             .map(EpochMetrics::dirty_total)
             .max()
             .unwrap_or(0) as f64,
+        5.0,
     );
     let sx = |e: f64| L + (e - x0) / (x1 - x0) * pw;
     let sy = |v: f64, top: f64| T + ph - v / top * ph;
@@ -1268,7 +1277,7 @@ fn plot_svg(epochs: &[EpochMetrics], kill_epoch: u64, takeover_ms: f64, args: &D
                 pts,
                 "{:.1},{:.1} ",
                 sx(m.epoch as f64),
-                sy(f(m) as f64, top)
+                sy((f(m) as f64).min(top), top)
             );
         }
         pts.trim_end().to_string()
@@ -1283,6 +1292,15 @@ fn plot_svg(epochs: &[EpochMetrics], kill_epoch: u64, takeover_ms: f64, args: &D
         r#"<polyline id="pause-us" fill="none" stroke="{PAUSE}" stroke-width="1.5" points="{}"/>"#,
         series(&|m| m.pause_us, ptop)
     );
+    for m in epochs.iter().filter(|m| m.pause_us as f64 > ptop) {
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{}" fill="{PAUSE}" font-size="10">↑ {} µs</text>"#,
+            sx(m.epoch as f64) + 3.0,
+            T + 24.0,
+            m.pause_us
+        );
+    }
     // The kill.
     let kx = sx(kill_epoch as f64);
     let _ = writeln!(
@@ -1405,7 +1423,7 @@ mod tests {
     #[test]
     fn nice_axes_cover_the_data() {
         for max in [0.0, 1.0, 7.0, 512.0, 1030.0, 98_765.0] {
-            let (step, top) = nice_axis(max);
+            let (step, top) = nice_axis(max, 5.0);
             assert!(
                 top >= max && step >= 1.0 && top / step <= 10.0,
                 "{max}: {step} {top}"
@@ -1435,6 +1453,12 @@ mod tests {
         assert!(svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert!(svg.contains(r#"id="kill""#));
+        assert!(!svg.contains('↑'), "nothing to clip");
+        // An outlier is clipped to the scale of the rest, and labelled.
+        let mut spiky = epochs.clone();
+        spiky[0].pause_us = 100_000;
+        let svg = plot_svg(&spiky, 51, 3.5, &args);
+        assert!(svg.contains("↑ 100000 µs"), "{svg}");
         // Only one epoch still draws.
         let one = plot_svg(&epochs[..1], 2, 3.5, &args);
         assert!(!one.contains("NaN") && !one.contains("inf"));
