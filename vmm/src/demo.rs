@@ -151,7 +151,7 @@ const FAST_TICK: Duration = Duration::from_millis(1);
 /// and the standby's bind).
 const PORT_ATTEMPTS: usize = 3;
 /// The pair's heartbeat interval (the peer is lost after 5 missed).
-const HEARTBEAT_MS: u64 = 100;
+const HEARTBEAT_MS: u64 = 200;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
