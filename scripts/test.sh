@@ -24,4 +24,8 @@ export FTVMM_LINUX_DIR="$PWD/resources/linux/out"
 export FTVMM_REQUIRE_LINUX=1
 
 cargo build --workspace --all-targets
-cargo test --workspace "$@"
+# One test at a time: many tests run whole VMs (busy vCPUs, emulated guest
+# kernels) with failure detectors; on a 2-core machine, running them side by
+# side starves heartbeat threads into false failovers. --no-fail-fast reports
+# every failing test, not just the first binary's.
+cargo test --workspace --no-fail-fast "$@" -- --test-threads=1
