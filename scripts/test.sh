@@ -4,7 +4,7 @@
 # resources/linux/out), then runs the whole cargo test suite.
 #
 #   ./scripts/test.sh            # everything
-#   ./scripts/test.sh -- boot    # extra arguments go to `cargo test`
+#   ./scripts/test.sh -p ftvmm --test boot   # extra arguments go to `cargo test`
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
