@@ -434,7 +434,7 @@ impl Vcpu {
         let id = self.id;
         self.io_pending = false;
         let result = self.fd.run();
-        self.synced = matches!(&result, Ok(_))
+        self.synced = result.is_ok()
             || matches!(&result, Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN);
         if matches!(
             result,

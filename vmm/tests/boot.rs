@@ -121,5 +121,8 @@ fn bzimage_boots_through_the_64bit_entry() {
     std::fs::write(&path, &image).unwrap();
     let out = run(&["run", "--kernel", path.to_str().unwrap()], T);
     assert!(out.status.success(), "stderr: {}", out.stderr);
-    assert_eq!(out.stdout, "bz+\n", "the payload did not see its setup header in the zero page");
+    assert_eq!(
+        out.stdout, "bz+\n",
+        "the payload did not see its setup header in the zero page"
+    );
 }

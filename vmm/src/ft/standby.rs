@@ -337,7 +337,7 @@ fn config_for(
     shape: &ftvmm_checkpoint::GuestShape,
     opts: &StandbyOptions,
 ) -> Result<VmConfig, String> {
-    if shape.mem_bytes % (1 << 20) != 0 {
+    if !shape.mem_bytes.is_multiple_of(1 << 20) {
         return Err(format!(
             "guest memory {} bytes is not a whole number of MiB",
             shape.mem_bytes
