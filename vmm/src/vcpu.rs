@@ -574,10 +574,15 @@ impl VcpuHandle {
         Ok(())
     }
 
-    /// Waits until the vCPU acknowledged its pause (or is stopped for good).
-    pub fn wait_parked(&self, deadline: Instant, timeout: Duration) -> Result<(), VcpuError> {
+    /// Waits, until `deadline`, for `done` to hold of the control state.
+    fn wait_until(
+        &self,
+        deadline: Instant,
+        timeout: Duration,
+        done: impl Fn(&Ctl) -> bool,
+    ) -> Result<(), VcpuError> {
         let mut ctl = self.shared.lock();
-        while !ctl.parked {
+        while !done(&ctl) {
             let now = Instant::now();
             if now >= deadline {
                 return Err(VcpuError::PauseTimeout {
@@ -595,26 +600,15 @@ impl VcpuHandle {
         Ok(())
     }
 
+    /// Waits until the vCPU acknowledged its pause (or is stopped for good).
+    pub fn wait_parked(&self, deadline: Instant, timeout: Duration) -> Result<(), VcpuError> {
+        self.wait_until(deadline, timeout, |c| c.parked)
+    }
+
     /// Waits until the vCPU left `KVM_RUN` for the pause asked for (it may
     /// still be saving its state).
     pub fn wait_stopped(&self, deadline: Instant, timeout: Duration) -> Result<(), VcpuError> {
-        let mut ctl = self.shared.lock();
-        while !(ctl.stopped || ctl.parked) {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(VcpuError::PauseTimeout {
-                    id: self.id,
-                    timeout,
-                });
-            }
-            ctl = self
-                .shared
-                .cv
-                .wait_timeout(ctl, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        Ok(())
+        self.wait_until(deadline, timeout, |c| c.stopped || c.parked)
     }
 
     /// Lets the vCPU run again.
