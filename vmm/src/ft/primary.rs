@@ -961,12 +961,23 @@ fn wait_boundary(
             fds.push(fd(a));
             fds.len() - 1
         });
-        let ms = (deadline - now)
-            .as_micros()
-            .div_ceil(1000)
-            .min(i32::MAX as u128) as i32;
-        // SAFETY: `fds` is a valid array of pollfd that outlives the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        // ppoll: microsecond precision (poll's milliseconds would make
+        // every epoch up to 1 ms late, which output commit pays directly).
+        let left = deadline - now;
+        let ts = libc::timespec {
+            tv_sec: left.as_secs() as libc::time_t,
+            tv_nsec: left.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: `fds` is a valid array of pollfd and `ts` a valid timespec,
+        // both outliving the call; no signal mask is passed.
+        let n = unsafe {
+            libc::ppoll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                &ts,
+                std::ptr::null(),
+            )
+        };
         if n <= 0 {
             continue;
         }
