@@ -10,7 +10,7 @@
 //!   sch_plug);
 //! - the buffer limit: a guest that sends more than the limit per epoch has
 //!   its epochs cut early; no frame is lost, the peak stays under the limit;
-//! - a real TCP/IP stack (the tiny Linux guest) pinged every 10 ms through a
+//! - a real TCP/IP stack (the tiny Linux guest) pinged every 25 ms through a
 //!   failover: no duplicate reply, every request after the takeover answered.
 //!
 //! Every test prints `SKIP <test>: <reason>` where the host cannot run it.
@@ -472,10 +472,18 @@ fn icmp_echo(id: u16, seq: u16) -> [u8; 16] {
     p
 }
 
+/// The pinger's cadence. The emulated guest kernel (PLATFORM.md) needs
+/// about 14 ms of CPU per echo (measured on the standby; more on the
+/// primary, whose epochs pause it): a request every 10 ms is more than it
+/// can answer, so its reply latency grows ~0.6 s per second from the first
+/// request, on the primary already, until the replies fall out of any
+/// window (that looked like a NIC stall after the takeover; it is not).
+/// 25 ms keeps it at about half load, latency flat.
+const PING_EVERY: Duration = Duration::from_millis(25);
+
 #[test]
-#[ignore = "the restored Linux guest stops answering 1-4 s after the takeover (its NIC stalls on the standby; the bare-metal guest's polled driver does not): run with --ignored once fixed"]
-fn linux_guest_pinged_every_10ms_through_failover() {
-    let test = "linux_guest_pinged_every_10ms_through_failover";
+fn linux_guest_pinged_every_25ms_through_failover() {
+    let test = "linux_guest_pinged_every_25ms_through_failover";
     if skip(test) {
         return;
     }
@@ -527,7 +535,8 @@ fn linux_guest_pinged_every_10ms_through_failover() {
         "the Linux guest did not bring eth0 up"
     );
     assert!(!primary.exited(), "primary ended: {}", primary.stderr());
-    // Our own pinger: a raw ICMP socket in the namespace, a request every 10 ms.
+    // Our own pinger: a raw ICMP socket in the namespace, a request every
+    // PING_EVERY.
     let sock = std::fs::File::from(seg.raw(libc::AF_INET, libc::IPPROTO_ICMP).unwrap());
     let fd = sock.as_raw_fd();
     let tv = libc::timeval {
@@ -560,7 +569,7 @@ fn linux_guest_pinged_every_10ms_through_failover() {
             primary.kill();
             killed_at = Some(Instant::now());
         }
-        let due = start + Duration::from_millis(10) * u32::from(seq);
+        let due = start + PING_EVERY * u32::from(seq);
         if Instant::now() >= due {
             let p = icmp_echo(id, seq);
             // SAFETY: sends a live buffer to a valid sockaddr_in.
@@ -587,9 +596,17 @@ fn linux_guest_pinged_every_10ms_through_failover() {
         }
     }
     let killed_at = killed_at.unwrap();
-    // Late replies.
+    // Late replies: until every request sent after the kill is answered, or
+    // a bounded wait (a stalled NIC fails the check below).
     let drain = Instant::now();
-    while drain.elapsed() < Duration::from_millis(500) {
+    let after_kill: Vec<u16> = (0..seq)
+        .filter(|s| sent[usize::from(*s)] > killed_at)
+        .collect();
+    while drain.elapsed() < Duration::from_secs(5)
+        && !after_kill
+            .iter()
+            .all(|s| replies.iter().any(|(r, _)| r == s))
+    {
         let n = (&sock).read(&mut buf).unwrap_or(0);
         if n >= 28 {
             let ihl = usize::from(buf[0] & 0xf) * 4;
@@ -623,16 +640,35 @@ fn linux_guest_pinged_every_10ms_through_failover() {
         .iter()
         .filter(|(s, _)| sent[usize::from(*s)] < killed_at)
         .count();
+    // Reply latency (ms) of the requests sent in each second: flat when the
+    // guest keeps up, growing when it is overloaded.
+    let mut per_second: Vec<Vec<f64>> = Vec::new();
+    for (s, at) in &replies {
+        let t = sent[usize::from(*s)];
+        let i = (t - start).as_secs() as usize;
+        per_second.resize(per_second.len().max(i + 1), Vec::new());
+        per_second[i].push((*at - t).as_secs_f64() * 1e3);
+    }
+    let latency: Vec<String> = per_second
+        .iter()
+        .map(|v| format!("{:.0}", v.iter().cloned().fold(0.0, f64::max)))
+        .collect();
     println!(
-        "{test}: {} requests, {} replies ({before} before the kill); first answered after the takeover: seq {first_standby} ({:.0} ms after the kill)",
+        "{test}: {} requests, {} replies ({before} before the kill); first answered after the takeover: seq {first_standby} ({:.0} ms after the kill); max reply latency per second of requests (ms): [{}]",
         seq,
         replies.len(),
-        (sent[usize::from(first_standby)] - killed_at).as_secs_f64() * 1e3
+        (sent[usize::from(first_standby)] - killed_at).as_secs_f64() * 1e3,
+        latency.join(", ")
     );
-    assert!(before > 100, "the primary answered too few pings: {before}");
+    let expected_before = (Duration::from_secs(3).as_millis() / PING_EVERY.as_millis()) as usize;
+    assert!(
+        before > expected_before * 2 / 3,
+        "the primary answered too few pings: {before} of ~{expected_before}"
+    );
     assert!(
         unanswered.is_empty(),
-        "requests sent after the takeover went unanswered: {unanswered:?}\nstandby tap:\n{}\nstandby:\n{}\nstandby console:\n{}",
+        "requests sent after the takeover went unanswered: {unanswered:?}\nmax reply latency per second of requests (ms): [{}]\nstandby tap:\n{}\nstandby:\n{}\nstandby console:\n{}",
+        latency.join(", "),
         String::from_utf8_lossy(
             &std::process::Command::new("ip")
                 .args(["-n", &seg.ns, "-s", "link", "show", &seg.tap_s])

@@ -260,3 +260,80 @@ fn state_round_trip_and_restore_on_another_tap() {
     assert!(wait_used(&f.mem, &f.rx, 2, &irq2, T));
     assert_eq!(f.rx.used_elem(&f.mem, 1).1 as usize, 12 + 90);
 }
+
+/// A checkpoint taken mid-traffic — the receive queue out of buffers (the
+/// device waiting for the guest's notification), an interrupt not yet
+/// acknowledged — restored into a fresh device on the same memory (the
+/// standby): the interrupt is raised again, and receive and transmit go on
+/// with interrupts, as the Linux guest's interrupt-driven driver needs.
+#[test]
+fn traffic_and_interrupts_go_on_after_a_restore_mid_traffic() {
+    use std::io::Read;
+    let mut f = fixture(None);
+    f.rx.add_chain(&f.mem, &[(0x20000, 2048, true)]);
+    notify(&f, 0);
+    peer_send(&f.peer, &frame(80, 1));
+    assert!(wait_used(&f.mem, &f.rx, 1, &f.irq, T));
+    // No buffer left: the next frame makes the device wait for the guest.
+    peer_send(&f.peer, &frame(80, 2));
+    let deadline = std::time::Instant::now() + T;
+    while f.dev.with_device(|d| d.backend_fd().is_some()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "receive never blocked"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    f.dev.pause(T).unwrap();
+    let saved = f.dev.save();
+    assert_eq!(saved.mmio.interrupt_status, crate::virtio::mmio::INT_VRING);
+    drop(f.dev);
+
+    let (tap2, peer2) = fake_tap();
+    let irq2 = EventFd::new(EFD_NONBLOCK).unwrap();
+    let dev2 = VirtioMmioDevice::new(
+        Net::new(tap2, MAC, None).unwrap(),
+        f.mem.clone(),
+        irq2.try_clone().unwrap(),
+    )
+    .unwrap();
+    let t2 = dev2.transport();
+    dev2.restore(&saved).unwrap();
+    assert!(
+        wait_evt(&irq2, T),
+        "the pending interrupt was not raised again"
+    );
+    w32(&mut *t2.lock().unwrap(), regs::INTERRUPT_ACK, 1);
+    // Receive: the guest posts buffers after the restore and notifies.
+    for i in 0..3u16 {
+        f.rx.add_chain(&f.mem, &[(0x22000 + u64::from(i) * 0x1000, 2048, true)]);
+        w32(&mut *t2.lock().unwrap(), regs::QUEUE_NOTIFY, 0);
+        peer_send(&peer2, &frame(90 + usize::from(i), 3));
+        assert!(
+            wait_used(&f.mem, &f.rx, 2 + i, &irq2, T),
+            "frame {i} not received"
+        );
+        assert_eq!(
+            f.rx.used_elem(&f.mem, 1 + i).1 as usize,
+            12 + 90 + usize::from(i)
+        );
+        w32(&mut *t2.lock().unwrap(), regs::INTERRUPT_ACK, 1);
+    }
+    // Transmit, each completion interrupting.
+    for i in 0..3u16 {
+        let base = 0x40000 + u64::from(i) * 0x1000;
+        let mut buf = vec![0u8; 12];
+        buf.extend(frame(64, i as u8));
+        f.mem.write_slice(&buf, GuestAddress(base)).unwrap();
+        f.tx.add_chain(&f.mem, &[(base, buf.len() as u32, false)]);
+        // The ACK above took the device lock: no older signal is in flight.
+        let _ = irq2.read();
+        w32(&mut *t2.lock().unwrap(), regs::QUEUE_NOTIFY, 1);
+        assert!(wait_evt(&irq2, T), "no interrupt for transmit {i}");
+        assert!(wait_used(&f.mem, &f.tx, i + 1, &irq2, T));
+        let mut got = [0u8; 256];
+        let n = (&peer2).read(&mut got).unwrap();
+        assert_eq!(&got[12..n], &frame(64, i as u8)[..]);
+        w32(&mut *t2.lock().unwrap(), regs::INTERRUPT_ACK, 1);
+    }
+}
