@@ -292,7 +292,7 @@ impl Engine {
             ..
         } = self;
         let mut w = staging.begin_epoch();
-        stage_pages(vm, harvests, region_bases, &mut w, Copy::Paused)?;
+        stage_pages(vm, harvests, region_bases, &mut w, PageCopy::Paused)?;
         let t_save = Instant::now();
         let state = vm.finish_save(PAUSE_TIMEOUT)?;
         let t_encode = Instant::now();
@@ -348,7 +348,7 @@ impl Engine {
 
 /// How the pages are read from guest memory while staging.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Copy {
+enum PageCopy {
     /// The guest runs (pre-copy): volatile reads through vm-memory.
     Live,
     /// vCPUs and devices are paused: nothing writes guest memory, so each
@@ -363,7 +363,7 @@ fn stage_pages(
     harvests: &[HarvestBuffer],
     region_bases: &[u64],
     w: &mut EpochWriter<'_>,
-    copy: Copy,
+    copy: PageCopy,
 ) -> Result<(), FtError> {
     for (h, base) in harvests.iter().zip(region_bases) {
         let host = vm
@@ -377,7 +377,7 @@ fn stage_pages(
             let gpa = base + page as u64 * PAGE_SIZE as u64;
             let slot = w.page_slot(gpa)?;
             match copy {
-                Copy::Paused => {
+                PageCopy::Paused => {
                     // SAFETY: `page` is a page of the region that starts at
                     // `base` (the harvest buffer is sized to it), so the 4 KiB
                     // at host + page × 4096 are mapped for the region's
@@ -392,7 +392,7 @@ fn stage_pages(
                         )
                     }
                 }
-                Copy::Live => vm
+                PageCopy::Live => vm
                     .memory
                     .read_slice(&mut slot[..], GuestAddress(gpa))
                     .map_err(|e| FtError::GuestMemory {
@@ -453,7 +453,7 @@ fn precopy(
             &engine.harvests,
             &engine.region_bases,
             &mut w,
-            Copy::Live,
+            PageCopy::Live,
         )?;
         w.finish();
         CheckpointFrame::new(&engine.staging, 0, ft.generation).write_to(&mut session.chan)?;
@@ -984,10 +984,9 @@ fn wait_boundary(
         if api_at.is_some_and(|i| fds[i].revents != 0) {
             return Wake::Api;
         }
-        if let Some(i) = ring_at.filter(|i| fds[*i].revents != 0) {
+        if ring_at.is_some_and(|i| fds[i].revents != 0) {
             // A vCPU's dirty ring is full: harvest now.
             let _ = ring_full.map(|r| r.read());
-            let _ = i;
             return Wake::Boundary;
         }
         if cut_at.is_some_and(|i| fds[i].revents != 0) {
