@@ -15,6 +15,15 @@
 //! `cargo run --release -p ftvmm --example netbuf_latency [-- REQUESTS]`
 //! (build the binary first: `cargo build --release -p ftvmm`).
 
+#[path = "../tests/common/host.rs"]
+mod host;
+#[path = "../tests/common/netns.rs"]
+mod netns;
+/// The part of the tests' `common` that `netbuf_topology` is built on (the
+/// rest needs the test harness's `ftvmm`).
+mod common {
+    pub(crate) use super::{host, netns};
+}
 #[path = "../tests/netbuf_topology/mod.rs"]
 mod netbuf_topology;
 
@@ -134,7 +143,7 @@ fn median_of(metrics: &str, field: &str) -> f64 {
 fn run(bin: &str, interval: Option<u64>, n: usize, rng: &mut Rng) -> (Vec<u64>, f64) {
     let tag = interval.map(|i| format!("b{i}")).unwrap_or("bu".into());
     let seg = Segment::new(&tag).expect("namespace");
-    let dir = Scratch::new(&tag);
+    let dir = TempDir::new(&tag);
     let sock = seg.udp(&format!("{HOST_IP}:0")).unwrap();
     let metrics = dir.path("metrics.jsonl");
     let mut vms = Vec::new();
@@ -147,7 +156,7 @@ fn run(bin: &str, interval: Option<u64>, n: usize, rng: &mut Rng) -> (Vec<u64>, 
             &standby_args(&seg, port, &dir.path("standby.console"), &[]),
         );
         assert!(
-            wait_for(Duration::from_secs(10), || s.stderr().contains("listening")),
+            wait_until(Duration::from_secs(10), || s.stderr().contains("listening")),
             "standby: {}",
             s.stderr()
         );

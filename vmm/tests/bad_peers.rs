@@ -18,25 +18,6 @@ use ftvmm_transport::{connect_pair, Channel};
 
 const GUEST: &str = "dirty=256 rounds=2 round_us=2000";
 
-fn start_standby(dir: &TempDir, port: u16) -> Proc {
-    let p = spawn(
-        "standby",
-        dir,
-        &[
-            "standby".to_string(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--serial".into(),
-            format!("file:{}", dir.path("standby.console").display()),
-        ],
-    );
-    assert!(wait_until(Duration::from_secs(10), || read(
-        &dir.path("standby.stderr")
-    )
-    .contains("listening")));
-    p
-}
-
 fn good_hello(generation: u64) -> Hello {
     Hello {
         version: WIRE_VERSION,
@@ -123,7 +104,7 @@ fn good_primary_completes(dir: &TempDir, port: u16, generation: u64) {
 fn wrong_version_wrong_shape_and_garbage_are_refused() {
     let dir = TempDir::new("badpeers");
     let port = free_port();
-    let mut standby = start_standby(&dir, port);
+    let mut standby = start_standby("standby", &dir, port, &[]);
 
     let mut h = good_hello(1);
     h.version = 99;
@@ -173,7 +154,7 @@ fn wrong_version_wrong_shape_and_garbage_are_refused() {
 fn stale_generation_is_fenced() {
     let dir = TempDir::new("fence");
     let port = free_port();
-    let mut standby = start_standby(&dir, port);
+    let mut standby = start_standby("standby", &dir, port, &[]);
     // Generation 5 pairs, then dies before anything commits: the standby
     // keeps listening and remembers generation 5.
     let mut p5 = spawn(
@@ -214,7 +195,7 @@ fn stale_generation_is_fenced() {
 fn second_primary_is_refused_and_the_first_stays_protected() {
     let dir = TempDir::new("second");
     let port = free_port();
-    let _standby = start_standby(&dir, port);
+    let _standby = start_standby("standby", &dir, port, &[]);
     let mut first = spawn(
         "primary",
         &dir,

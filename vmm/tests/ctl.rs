@@ -46,24 +46,8 @@ fn raw(sock: &Path, line: &[u8]) -> serde_json::Value {
 }
 
 fn standby(dir: &TempDir, name: &'static str, port: u16) -> Proc {
-    let p = spawn(
-        name,
-        dir,
-        &[
-            "standby".to_string(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--serial".into(),
-            format!("file:{}", dir.path(&format!("{name}.console")).display()),
-            "--api".into(),
-            dir.path(&format!("{name}.sock")).display().to_string(),
-        ],
-    );
-    assert!(wait_until(Duration::from_secs(10), || read(
-        &dir.path(&format!("{name}.stderr"))
-    )
-    .contains("listening")));
-    p
+    let sock = dir.path(&format!("{name}.sock")).display().to_string();
+    start_standby(name, dir, port, &["--api", &sock])
 }
 
 fn hbs(dir: &TempDir, name: &str) -> usize {

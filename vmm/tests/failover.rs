@@ -19,18 +19,6 @@ struct Pair {
 }
 
 impl Pair {
-    fn standby_args(dir: &TempDir, port: u16, extra: &[&str]) -> Vec<String> {
-        let mut a = vec![
-            "standby".to_string(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--serial".into(),
-            format!("file:{}", dir.path("standby.console").display()),
-        ];
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
-    }
-
     fn primary_args(&self, cmdline: &str, extra: &[&str]) -> Vec<String> {
         let mut a = vec![
             "run".to_string(),
@@ -74,13 +62,10 @@ impl Pair {
         let standby = spawn(
             "standby",
             &dir,
-            &Pair::standby_args(&dir, port, standby_extra),
+            &standby_args(port, &dir.path("standby.console"), standby_extra),
         );
         assert!(
-            wait_until(Duration::from_secs(10), || read(
-                &dir.path("standby.stderr")
-            )
-            .contains("listening")),
+            listening(&dir, "standby"),
             "standby did not start: {}",
             read(&dir.path("standby.stderr"))
         );
@@ -323,11 +308,7 @@ fn standby_memory_equals_primary_memory_at_a_committed_epoch() {
 fn standby_death_releases_output_and_the_primary_runs_on() {
     let dir = TempDir::new("sbdeath");
     let port = free_port();
-    let mut standby = spawn("standby", &dir, &Pair::standby_args(&dir, port, &[]));
-    assert!(wait_until(Duration::from_secs(10), || read(
-        &dir.path("standby.stderr")
-    )
-    .contains("listening")));
+    let mut standby = start_standby("standby", &dir, port, &[]);
     let pair_args = |dir: &TempDir| {
         vec![
             "run".to_string(),
@@ -374,11 +355,7 @@ fn standby_death_releases_output_and_the_primary_runs_on() {
 fn guest_poweroff_under_protection_ends_both_sides_cleanly() {
     let dir = TempDir::new("bye");
     let port = free_port();
-    let mut standby = spawn("standby", &dir, &Pair::standby_args(&dir, port, &[]));
-    assert!(wait_until(Duration::from_secs(10), || read(
-        &dir.path("standby.stderr")
-    )
-    .contains("listening")));
+    let mut standby = start_standby("standby", &dir, port, &[]);
     let mut primary = spawn(
         "primary",
         &dir,

@@ -33,21 +33,7 @@ fn tiny_linux_survives_failover() {
     };
     let dir = TempDir::new("linuxfo");
     let port = free_port();
-    let _standby = spawn(
-        "standby",
-        &dir,
-        &[
-            "standby".to_string(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--serial".into(),
-            format!("file:{}", dir.path("standby.console").display()),
-        ],
-    );
-    assert!(wait_until(Duration::from_secs(10), || read(
-        &dir.path("standby.stderr")
-    )
-    .contains("listening")));
+    let _standby = start_standby("standby", &dir, port, &[]);
     let started = Instant::now();
     let mut primary = spawn(
         "primary",

@@ -11,11 +11,11 @@ mod common;
 use std::fs::File;
 use std::io::Read;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use common::netns::{set_rcvbuf_force, skip_reason, Netns};
 use common::{run, wait_with_timeout, TempDir};
 
 const HOST_IP: &str = "10.0.0.1";
@@ -46,104 +46,18 @@ fn devices_supported(dir: &TempDir) -> bool {
     !out.stderr.contains("not supported yet")
 }
 
-/// Why this host cannot run the namespace test, if it cannot.
-fn skip_reason() -> Option<&'static str> {
-    if !common::is_root() {
-        return Some("not root");
-    }
-    if !Path::new("/dev/net/tun").exists() {
-        return Some("no /dev/net/tun");
-    }
-    if !Path::new("/dev/kvm").exists() {
-        return Some("no /dev/kvm");
-    }
-    let ip_works = Command::new("ip")
-        .arg("-V")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ip_works {
-        return Some("no `ip` command");
-    }
-    None
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 /// A network namespace with one persistent tap whose host side is
-/// 10.0.0.1/24; both removed on drop, whatever happened.
-struct NetNs {
-    ns: String,
-    tap: String,
-}
-
-impl NetNs {
-    fn new(tag: &str) -> Result<NetNs, String> {
-        let id = std::process::id() % 100_000;
-        let me = NetNs {
-            ns: format!("mcvmm{tag}{id}"),
-            tap: format!("ftap{tag}{id}"),
-        };
-        assert!(me.ns.len() <= 15 && me.tap.len() <= 15);
-        // Leftovers of an earlier run with the same pid.
-        let _ = ip(&["netns", "del", &me.ns]);
-        ip(&["netns", "add", &me.ns])?;
-        let ns = me.ns.as_str();
-        ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n", ns, "tuntap", "add", "dev", &me.tap, "mode", "tap", "vnet_hdr",
-        ])?;
-        ip(&[
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{HOST_IP}/24"),
-            "dev",
-            &me.tap,
-        ])?;
-        ip(&["-n", ns, "link", "set", &me.tap, "up"])?;
-        Ok(me)
-    }
-
-    /// A UDP socket bound to `addr` inside the namespace (made on a thread
-    /// that entered it; the socket keeps its namespace afterwards).
-    fn udp_socket(&self, addr: &str) -> Result<UdpSocket, String> {
-        let path = format!("/run/netns/{}", self.ns);
-        let addr = addr.to_string();
-        std::thread::spawn(move || {
-            let f = File::open(&path).map_err(|e| format!("{path}: {e}"))?;
-            // SAFETY: setns on this thread only, with a namespace fd we own.
-            if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(format!("setns {path}: {}", std::io::Error::last_os_error()));
-            }
-            UdpSocket::bind(&addr).map_err(|e| format!("bind {addr}: {e}"))
-        })
-        .join()
-        .map_err(|_| "socket thread panicked".to_string())?
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = ip(&["-n", &self.ns, "link", "del", &self.tap]);
-        let _ = ip(&["netns", "del", &self.ns]);
-    }
+/// 10.0.0.1/24 (both removed on drop, whatever happened), and the tap.
+fn tap_namespace(tag: &str) -> Result<(Netns, String), String> {
+    let id = std::process::id() % 100_000;
+    let (name, tap) = (format!("mcvmm{tag}{id}"), format!("ftap{tag}{id}"));
+    assert!(name.len() <= 15 && tap.len() <= 15);
+    let mut net = Netns::new(&name)?;
+    net.ip(&["link", "set", "lo", "up"])?;
+    net.add_tap(&tap, true)?;
+    net.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", &tap])?;
+    net.ip(&["link", "set", &tap, "up"])?;
+    Ok((net, tap))
 }
 
 /// An echo request's payload, and the answer's payload and sender (if any).
@@ -237,25 +151,15 @@ fn guest_heartbeats_echo_and_disk_records() {
         println!("SKIP guest_net: this ftvmm has no virtio devices yet");
         return;
     }
-    let net = NetNs::new("gn").unwrap_or_else(|e| panic!("setting up the namespace: {e}"));
+    let (net, tap) =
+        tap_namespace("gn").unwrap_or_else(|e| panic!("setting up the namespace: {e}"));
     let hb = net
-        .udp_socket(&format!("{HOST_IP}:{HB_PORT}"))
+        .udp(&format!("{HOST_IP}:{HB_PORT}"))
         .unwrap_or_else(|e| panic!("heartbeat socket: {e}"));
-    // Room for every heartbeat even if this thread falls behind (root may
-    // exceed rmem_max with SO_RCVBUFFORCE).
-    let size: libc::c_int = 4 << 20;
-    // SAFETY: setsockopt reads one c_int from the pointer given with its size.
-    unsafe {
-        libc::setsockopt(
-            hb.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    // Room for every heartbeat even if this thread falls behind.
+    set_rcvbuf_force(&hb, 4 << 20);
     let echo = net
-        .udp_socket(&format!("{HOST_IP}:0"))
+        .udp(&format!("{HOST_IP}:0"))
         .unwrap_or_else(|e| panic!("echo socket: {e}"));
 
     let disk = dir.path("disk.img");
@@ -264,10 +168,11 @@ fn guest_heartbeats_echo_and_disk_records() {
     let cmdline = format!(
         "ip={GUEST_IP} udp={HOST_IP}:{HB_PORT} echo_port={ECHO_PORT} disk_verify=on stop={BEATS}"
     );
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &net.ns, env!("CARGO_BIN_EXE_ftvmm"), "run"])
+    let mut child = net
+        .exec(env!("CARGO_BIN_EXE_ftvmm"))
+        .arg("run")
         .arg("--net")
-        .arg(format!("tap={},mac={GUEST_MAC}", net.tap))
+        .arg(format!("tap={tap},mac={GUEST_MAC}"))
         .arg("--disk")
         .arg(format!("path={}", disk.display()))
         .args(["--cmdline", &cmdline])

@@ -40,11 +40,11 @@ fn skip(test: &str) -> bool {
 /// A standby (with `standby_extra`) and a protected primary on `seg`.
 fn start_pair(
     seg: &Segment,
-    dir: &Scratch,
+    dir: &TempDir,
     guest: &str,
     primary_extra: &[&str],
     standby_extra: &[&str],
-) -> (Vm, Vm) {
+) -> (Proc, Proc) {
     let port = free_port();
     let standby = seg.spawn(
         FTVMM,
@@ -53,7 +53,7 @@ fn start_pair(
         &standby_args(seg, port, &dir.path("standby.console"), standby_extra),
     );
     assert!(
-        wait_for(Duration::from_secs(10), || standby
+        wait_until(Duration::from_secs(10), || standby
             .stderr()
             .contains("listening")),
         "standby did not start: {}",
@@ -122,7 +122,7 @@ fn numbers(beats: &[Beat]) -> Vec<u64> {
 /// Err(stderr) if the primary exited at start.
 fn escape_run(tag: &str, netbuf: &str) -> Result<Vec<Beat>, String> {
     let seg = Segment::new(tag).expect("namespace");
-    let dir = Scratch::new(tag);
+    let dir = TempDir::new(tag);
     let sock = seg.udp(&format!("{HOST_IP}:{HB_PORT}")).unwrap();
     let (mut primary, _standby) = start_pair(
         &seg,
@@ -263,7 +263,7 @@ fn exactly_once_across_failover_and_takeover_announce() {
         return;
     }
     let seg = Segment::new("f").expect("namespace");
-    let dir = Scratch::new("f");
+    let dir = TempDir::new("f");
     let sock = seg.udp(&format!("{HOST_IP}:{HB_PORT}")).unwrap();
     let (mut primary, standby) = start_pair(&seg, &dir, GUEST, &[], &[]);
     let before = receive(
@@ -339,7 +339,7 @@ fn buffer_limit_cuts_epochs_early_and_loses_nothing() {
         return;
     }
     let seg = Segment::new("l").expect("namespace");
-    let dir = Scratch::new("l");
+    let dir = TempDir::new("l");
     let hb = seg.udp(&format!("{HOST_IP}:{HB_PORT}")).unwrap();
     let client = seg.udp(&format!("{HOST_IP}:0")).unwrap();
     let limit_kib = 64;
@@ -394,7 +394,7 @@ fn buffer_limit_cuts_epochs_early_and_loses_nothing() {
     }
     let got = reader.join().unwrap();
     assert!(
-        primary.wait(Duration::from_secs(30)),
+        primary.wait(Duration::from_secs(30)).is_some(),
         "the guest did not stop"
     );
     let stderr = primary.stderr();
@@ -491,7 +491,7 @@ fn linux_guest_pinged_every_25ms_through_failover() {
         return;
     };
     let seg = Segment::new("x").expect("namespace");
-    let dir = Scratch::new("x");
+    let dir = TempDir::new("x");
     let port = free_port();
     let standby = seg.spawn(
         FTVMM,
@@ -499,7 +499,7 @@ fn linux_guest_pinged_every_25ms_through_failover() {
         &dir.0,
         &standby_args(&seg, port, &dir.path("standby.console"), &[]),
     );
-    assert!(wait_for(Duration::from_secs(10), || standby
+    assert!(wait_until(Duration::from_secs(10), || standby
         .stderr()
         .contains("listening")));
     let args: Vec<String> = [
@@ -526,7 +526,7 @@ fn linux_guest_pinged_every_25ms_through_failover() {
     .collect();
     let mut primary = seg.spawn(FTVMM, "primary", &dir.0, &args);
     assert!(
-        wait_for(Duration::from_secs(180), || {
+        wait_until(Duration::from_secs(180), || {
             std::fs::read_to_string(dir.path("primary.console"))
                 .unwrap_or_default()
                 .contains("ftdev eth0 up")
@@ -671,7 +671,7 @@ fn linux_guest_pinged_every_25ms_through_failover() {
         latency.join(", "),
         String::from_utf8_lossy(
             &std::process::Command::new("ip")
-                .args(["-n", &seg.ns, "-s", "link", "show", &seg.tap_s])
+                .args(["-n", &seg.ns.name, "-s", "link", "show", &seg.tap_s])
                 .output()
                 .map(|o| o.stdout)
                 .unwrap_or_default()

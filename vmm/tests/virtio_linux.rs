@@ -13,71 +13,21 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::netns::Netns;
 use common::*;
 
-/// A network namespace with taps, removed (taps first) on drop.
-struct Netns {
-    name: String,
-    taps: Vec<String>,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+/// Adds tap `tap` to `ns`, with host address `addr` if given, and sets it
+/// up.
+fn add_tap(ns: &mut Netns, tap: &str, addr: Option<&str>) -> Result<(), String> {
+    ns.add_tap(tap, false)?;
+    if let Some(a) = addr {
+        ns.ip(&["addr", "add", a, "dev", tap])?;
     }
-}
-
-impl Netns {
-    fn new(name: &str) -> Result<Netns, String> {
-        let _ = ip(&["netns", "del", name]);
-        ip(&["netns", "add", name])?;
-        Ok(Netns {
-            name: name.to_string(),
-            taps: Vec::new(),
-        })
-    }
-
-    fn add_tap(&mut self, tap: &str, addr: Option<&str>) -> Result<(), String> {
-        ip(&["-n", &self.name, "tuntap", "add", "dev", tap, "mode", "tap"])?;
-        self.taps.push(tap.to_string());
-        if let Some(a) = addr {
-            ip(&["-n", &self.name, "addr", "add", a, "dev", tap])?;
-        }
-        ip(&["-n", &self.name, "link", "set", tap, "up"])
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for t in &self.taps {
-            let _ = ip(&["-n", &self.name, "link", "del", t]);
-        }
-        let _ = ip(&["netns", "del", &self.name]);
-    }
-}
-
-/// Kills the child on drop (a failing test leaves no VM behind).
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    ns.ip(&["link", "set", tap, "up"])
 }
 
 fn have(cmd: &str, arg: &str) -> bool {
@@ -132,8 +82,8 @@ fn linux_guest_drives_two_nics_a_disk_and_a_readonly_disk() {
     let ns_name = format!("mcvmm{id}v");
     let (tap0, tap1) = (format!("ftap{id}a"), format!("ftap{id}b"));
     let mut ns = Netns::new(&ns_name).expect("create namespace");
-    ns.add_tap(&tap0, Some("10.99.0.1/24")).expect("tap 0");
-    ns.add_tap(&tap1, None).expect("tap 1");
+    add_tap(&mut ns, &tap0, Some("10.99.0.1/24")).expect("tap 0");
+    add_tap(&mut ns, &tap1, None).expect("tap 1");
 
     let dir = TempDir::new("virtio-linux");
     let disk = dir.path("disk.img");
@@ -150,14 +100,9 @@ fn linux_guest_drives_two_nics_a_disk_and_a_readonly_disk() {
     let cmdline = format!(
         "{cmdline} ftlinux.mode=devtest ftlinux.ip=10.99.0.2 ftlinux.write={wrote} ftlinux.wait=15"
     );
-    let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns_name,
-            env!("CARGO_BIN_EXE_ftvmm"),
-            "run",
-        ])
+    let child = ns
+        .exec(env!("CARGO_BIN_EXE_ftvmm"))
+        .arg("run")
         .args(["--kernel", vmlinux.to_str().unwrap()])
         .args(["--initrd", initrd.to_str().unwrap()])
         .args(["--cmdline", &cmdline, "--mem-mib", "128"])
@@ -170,11 +115,11 @@ fn linux_guest_drives_two_nics_a_disk_and_a_readonly_disk() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn ftvmm");
-    let mut vm = KillOnDrop(child);
+    let mut vm = Proc::new(child, "ftvmm");
     let console = Arc::new(Mutex::new(String::new()));
     let reader = {
         let console = console.clone();
-        let out = vm.0.stdout.take().unwrap();
+        let out = vm.child.stdout.take().unwrap();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
                 let mut c = console.lock().unwrap();
@@ -190,26 +135,26 @@ fn linux_guest_drives_two_nics_a_disk_and_a_readonly_disk() {
     let transcript = || console.lock().unwrap().clone();
     assert!(up, "eth0 did not come up; console:\n{}", transcript());
 
-    let ping_out = Command::new("ip")
-        .args(["netns", "exec", &ns_name])
-        .args(&ping)
+    let ping_out = ns
+        .exec(ping[0])
+        .args(&ping[1..])
         .args(["-c", "3", "-W", "5", "10.99.0.2"])
         .output()
         .expect("run ping");
     let ping_text = String::from_utf8_lossy(&ping_out.stdout).to_string();
 
     let exited = wait_until(Duration::from_secs(120), || {
-        matches!(vm.0.try_wait(), Ok(Some(_)))
+        matches!(vm.child.try_wait(), Ok(Some(_)))
     });
     assert!(
         exited,
         "guest did not power off; console:\n{}",
         transcript()
     );
-    let status = vm.0.wait().unwrap();
+    let status = vm.child.wait().unwrap();
     reader.join().unwrap();
     let mut stderr = String::new();
-    if let Some(mut e) = vm.0.stderr.take() {
+    if let Some(mut e) = vm.child.stderr.take() {
         use std::io::Read;
         let _ = e.read_to_string(&mut stderr);
     }

@@ -3,10 +3,15 @@
 
 #![allow(dead_code)]
 
+pub mod host;
+pub mod netns;
+
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+pub use host::*;
 
 /// The `ftvmm` binary cargo built for these tests.
 pub fn ftvmm() -> Command {
@@ -82,51 +87,6 @@ pub fn heartbeats(transcript: &str) -> Vec<u64> {
         .collect()
 }
 
-/// A fresh scratch directory under the system temp dir, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("ftvmm-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// True when running as root (some tests need it to drop privileges or
-/// enter a mount namespace).
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Polls `cond` every 10 ms until it holds or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// The tiny Linux guest built by resources/linux/build.sh: (vmlinux,
 /// initramfs, cmdline). None (after printing a SKIP line) when it is not
 /// built; a panic instead when FTVMM_REQUIRE_LINUX=1 (scripts/test.sh builds
@@ -155,72 +115,42 @@ pub fn linux_guest(test: &str) -> Option<(PathBuf, PathBuf, String)> {
     Some((vmlinux, initrd, cmdline))
 }
 
-/// A child process killed (SIGKILL) and reaped when dropped, so a failing
-/// test leaves nothing running.
-pub struct Proc {
-    pub child: Child,
-    pub name: &'static str,
-}
-
-impl Proc {
-    /// SIGKILL now and reap.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Whether it is still running.
-    pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Waits for exit at most `timeout`.
-    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return Some(st);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// Spawns `ftvmm ARGS` with stdout/stderr to files in `dir`.
 pub fn spawn(name: &'static str, dir: &TempDir, args: &[String]) -> Proc {
-    let out = std::fs::File::create(dir.path(&format!("{name}.stdout"))).unwrap();
-    let err = std::fs::File::create(dir.path(&format!("{name}.stderr"))).unwrap();
-    let child = ftvmm()
-        .args(args)
-        .env("FTVMM_LOG", "info")
-        .stdout(out)
-        .stderr(err)
-        .spawn()
-        .expect("spawn ftvmm");
-    Proc { child, name }
+    let mut cmd = ftvmm();
+    cmd.args(args);
+    Proc::spawn(cmd, name, &dir.0)
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The arguments of `ftvmm standby` listening on 127.0.0.1:`port`, its
+/// console in `console`, then `extra`.
+pub fn standby_args(port: u16, console: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a = vec![
+        "standby".to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--serial".into(),
+        format!("file:{}", console.display()),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
 }
 
-/// The file's contents, or "" if absent.
-pub fn read(path: &std::path::Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
+/// Whether the standby `name` (stderr in `dir/NAME.stderr`) says it is
+/// listening within 10 s.
+pub fn listening(dir: &TempDir, name: &str) -> bool {
+    wait_until(Duration::from_secs(10), || {
+        read(&dir.path(&format!("{name}.stderr"))).contains("listening")
+    })
+}
+
+/// Spawns standby `name` on `port` (console in `dir/NAME.console`, then
+/// `extra`) and asserts that it is listening within 10 s.
+pub fn start_standby(name: &'static str, dir: &TempDir, port: u16, extra: &[&str]) -> Proc {
+    let console = dir.path(&format!("{name}.console"));
+    let p = spawn(name, dir, &standby_args(port, &console, extra));
+    assert!(listening(dir, name));
+    p
 }
 
 /// Parses the complete lines (those ending in '\n') of `text` with `parse`.

@@ -1,0 +1,151 @@
+//! Helpers that need neither the test harness's `ftvmm` binary nor a
+//! network: scratch directories, bounded polling, free ports, child
+//! processes that cannot outlive a failing test. Also included (with
+//! `netns.rs`) by `examples/netbuf_latency.rs` through `netbuf_topology`.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// A fresh scratch directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("ftvmm-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// True when running as root (some tests need it to drop privileges,
+/// enter a mount namespace or make network namespaces).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Polls `cond` every 10 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (a network namespace
+/// has its own loopback, so there this only makes a clash unlikely).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The file's contents, or "" if absent.
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped, so a failing
+/// test leaves nothing running.
+pub struct Proc {
+    pub child: Child,
+    pub name: &'static str,
+    /// Its stderr file, when [`Proc::spawn`] made one.
+    pub stderr_file: Option<PathBuf>,
+}
+
+impl Proc {
+    /// Takes charge of `child`.
+    pub fn new(child: Child, name: &'static str) -> Proc {
+        Proc {
+            child,
+            name,
+            stderr_file: None,
+        }
+    }
+
+    /// Spawns `cmd` (an ftvmm command line) with `FTVMM_LOG=info`, no stdin,
+    /// and stdout/stderr to `dir/NAME.stdout|stderr`.
+    pub fn spawn(mut cmd: Command, name: &'static str, dir: &Path) -> Proc {
+        let stderr = dir.join(format!("{name}.stderr"));
+        let out = std::fs::File::create(dir.join(format!("{name}.stdout"))).unwrap();
+        let err = std::fs::File::create(&stderr).unwrap();
+        let child = cmd
+            .env("FTVMM_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
+        Proc {
+            child,
+            name,
+            stderr_file: Some(stderr),
+        }
+    }
+
+    /// SIGKILL now and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Whether it has exited.
+    pub fn exited(&mut self) -> bool {
+        !self.running()
+    }
+
+    /// Its stderr file so far ("" without one).
+    pub fn stderr(&self) -> String {
+        self.stderr_file.as_deref().map(read).unwrap_or_default()
+    }
+
+    /// Waits for exit at most `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
