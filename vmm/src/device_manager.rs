@@ -256,12 +256,18 @@ impl DeviceManager {
         }
     }
 
-    /// The devices' states (pause them first for a consistent cut).
-    pub fn save(&self) -> (Vec<NetDeviceState>, Vec<BlockDeviceState>) {
-        (
-            self.net.iter().map(|d| d.save()).collect(),
-            self.blk.iter().map(|d| d.save()).collect(),
-        )
+    /// The devices' states into `net` and `blk` (pause the devices first
+    /// for a consistent cut), reusing their buffers: after the first epoch,
+    /// saving the devices allocates nothing.
+    pub fn save_into(&self, net: &mut Vec<NetDeviceState>, blk: &mut Vec<BlockDeviceState>) {
+        net.resize_with(self.net.len(), Default::default);
+        for (d, s) in self.net.iter().zip(net.iter_mut()) {
+            d.save_into(s);
+        }
+        blk.resize_with(self.blk.len(), Default::default);
+        for (d, s) in self.blk.iter().zip(blk.iter_mut()) {
+            d.save_into(s);
+        }
     }
 
     /// Restores checkpointed device states into these devices, which keep

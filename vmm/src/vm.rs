@@ -456,14 +456,14 @@ impl Vm {
             v.save_now(slot)?;
         }
         let vm = persist::capture_vm(&self.fd).map_err(|source| VmError::Persist { source })?;
-        let (net, blk) = self.devices.save();
-        let serial = self
+        let DevicesState { serial, net, blk } = &mut self.devices_state;
+        self.devices.save_into(net, blk);
+        *serial = self
             .serial
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .state();
         self.vm_state = Some(vm);
-        self.devices_state = DevicesState { serial, net, blk };
         Ok(MachineStateRef {
             vm: self.vm_state.as_ref().expect("just set"),
             vcpus: &self.states,

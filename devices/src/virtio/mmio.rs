@@ -189,22 +189,26 @@ impl Common {
         }
     }
 
+    /// Writes the state into `out`, reusing its queue vector (the epoch
+    /// pause does not allocate).
+    pub(crate) fn state_into(&self, out: &mut VirtioMmioState) {
+        out.device_status = self.device_status;
+        out.driver_features = self.driver_features;
+        out.device_features_sel = self.device_features_sel;
+        out.driver_features_sel = self.driver_features_sel;
+        out.queue_sel = self.queue_sel;
+        out.config_generation = self.config_generation;
+        out.interrupt_status = self.interrupt_status;
+        out.activated = self.activated;
+        out.queues.clear();
+        out.queues
+            .extend(self.queues.iter().map(|q| QueueSnapshot::from(q.state())));
+    }
+
     pub(crate) fn state(&self) -> VirtioMmioState {
-        VirtioMmioState {
-            device_status: self.device_status,
-            driver_features: self.driver_features,
-            device_features_sel: self.device_features_sel,
-            driver_features_sel: self.driver_features_sel,
-            queue_sel: self.queue_sel,
-            config_generation: self.config_generation,
-            interrupt_status: self.interrupt_status,
-            activated: self.activated,
-            queues: self
-                .queues
-                .iter()
-                .map(|q| QueueSnapshot::from(q.state()))
-                .collect(),
-        }
+        let mut s = VirtioMmioState::default();
+        self.state_into(&mut s);
+        s
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {

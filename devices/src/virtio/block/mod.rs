@@ -462,14 +462,23 @@ impl VirtioDevice for Block {
 impl VirtioMmioDevice<Block> {
     /// The device's state (call it paused for a consistent checkpoint).
     pub fn save(&self) -> BlockDeviceState {
+        let mut s = BlockDeviceState::default();
+        self.save_into(&mut s);
+        s
+    }
+
+    /// Like [`Self::save`], into `out`, reusing its buffers (no allocation
+    /// per epoch).
+    pub fn save_into(&self, out: &mut BlockDeviceState) {
+        use std::fmt::Write;
         let inner = self.shared.lock();
-        BlockDeviceState {
-            mmio: inner.common.state(),
-            path: inner.dev.disk.path.display().to_string(),
-            readonly: inner.dev.disk.readonly,
-            capacity: inner.dev.disk.capacity,
-            disk_id: inner.dev.id.to_vec(),
-        }
+        inner.common.state_into(&mut out.mmio);
+        out.path.clear();
+        let _ = write!(out.path, "{}", inner.dev.disk.path.display());
+        out.readonly = inner.dev.disk.readonly;
+        out.capacity = inner.dev.disk.capacity;
+        out.disk_id.clear();
+        out.disk_id.extend_from_slice(&inner.dev.id);
     }
 
     /// Restores a checkpointed state into this device, which keeps its own

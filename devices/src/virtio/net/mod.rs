@@ -369,12 +369,19 @@ impl VirtioMmioDevice<Net> {
     /// a consistent checkpoint. A frame read from the tap but not yet
     /// delivered is not part of it (as if lost on the wire).
     pub fn save(&self) -> NetDeviceState {
+        let mut s = NetDeviceState::default();
+        self.save_into(&mut s);
+        s
+    }
+
+    /// Like [`Self::save`], into `out`, reusing its buffers (no allocation
+    /// per epoch).
+    pub fn save_into(&self, out: &mut NetDeviceState) {
         let inner = self.shared.lock();
-        NetDeviceState {
-            mmio: inner.common.state(),
-            mac: inner.dev.mac,
-            tap: inner.dev.tap.name().to_string(),
-        }
+        inner.common.state_into(&mut out.mmio);
+        out.mac = inner.dev.mac;
+        out.tap.clear();
+        out.tap.push_str(inner.dev.tap.name());
     }
 
     /// Restores a checkpointed state into this device, which keeps its own
