@@ -84,6 +84,51 @@ impl Pair {
         read(&self.dir.path(name))
     }
 
+    /// DESIGN's exactly-once property of the two consoles.
+    fn check(&self) -> (u64, u64, u64) {
+        check_exactly_once(
+            &self.file("primary.console"),
+            &self.file("standby.console"),
+            hb_line,
+        )
+    }
+
+    /// The standby resumed from checkpoint `epoch`.
+    fn assert_took_over_from(&self, epoch: u64) {
+        let stderr = self.file("standby.stderr");
+        assert!(
+            stderr.contains(&format!("took over from checkpoint {epoch} ")),
+            "the standby must resume from checkpoint {epoch}:\n{stderr}"
+        );
+    }
+
+    /// The memory CRC `side` ("primary" or "standby") printed for `epoch`
+    /// (`--ft-hash-epoch`), once it did.
+    fn memory_crc(&self, side: &str, epoch: u64) -> Option<String> {
+        let prefix = format!("ftvmm: memory crc at epoch {epoch}: ");
+        self.file(&format!("{side}.stderr"))
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+    }
+
+    /// Both sides printed the same memory CRC for `epoch`.
+    fn assert_memory_equal(&self, epoch: u64) {
+        assert!(
+            wait_until(Duration::from_secs(10), || self
+                .memory_crc("standby", epoch)
+                .is_some()),
+            "the standby printed no memory crc for epoch {epoch}"
+        );
+        let p = self
+            .memory_crc("primary", epoch)
+            .expect("primary printed no memory crc");
+        assert_eq!(
+            Some(p),
+            self.memory_crc("standby", epoch),
+            "guest memory differs between primary and standby at epoch {epoch}"
+        );
+    }
+
     fn epochs(&self) -> usize {
         self.file("metrics.jsonl").lines().count()
     }
@@ -237,14 +282,8 @@ fn kill_during_initial_sync_starts_nothing() {
 fn kill_mid_checkpoint() {
     let pair = kill_at("k-mid", "mid-checkpoint@3");
     pair.wait_takeover(5);
-    assert!(pair
-        .file("standby.stderr")
-        .contains("took over from checkpoint 2"));
-    check_exactly_once(
-        &pair.file("primary.console"),
-        &pair.file("standby.console"),
-        hb_line,
-    );
+    pair.assert_took_over_from(2);
+    pair.check();
 }
 
 #[test]
@@ -253,28 +292,16 @@ fn kill_after_last_byte_before_ack() {
     pair.wait_takeover(5);
     // The standby has checkpoint 12 complete: it resumes from it, and the
     // primary never released epoch 12's output.
-    assert!(pair
-        .file("standby.stderr")
-        .contains("took over from checkpoint 12"));
-    check_exactly_once(
-        &pair.file("primary.console"),
-        &pair.file("standby.console"),
-        hb_line,
-    );
+    pair.assert_took_over_from(12);
+    pair.check();
 }
 
 #[test]
 fn kill_during_output_release() {
     let pair = kill_at("k-release", "during-release@15");
     pair.wait_takeover(5);
-    assert!(pair
-        .file("standby.stderr")
-        .contains("took over from checkpoint 15"));
-    check_exactly_once(
-        &pair.file("primary.console"),
-        &pair.file("standby.console"),
-        hb_line,
-    );
+    pair.assert_took_over_from(15);
+    pair.check();
 }
 
 #[test]
@@ -285,22 +312,7 @@ fn standby_memory_equals_primary_memory_at_a_committed_epoch() {
         &["--ft-hash-epoch", "20"],
     );
     pair.wait_epochs(22);
-    let grab = |f: &str| {
-        pair.file(f).lines().find_map(|l| {
-            l.strip_prefix("ftvmm: memory crc at epoch 20: ")
-                .map(str::to_string)
-        })
-    };
-    assert!(wait_until(Duration::from_secs(10), || grab(
-        "standby.stderr"
-    )
-    .is_some()));
-    let p = grab("primary.stderr").expect("primary printed no memory crc");
-    let s = grab("standby.stderr").expect("standby printed no memory crc");
-    assert_eq!(
-        p, s,
-        "guest memory differs between primary and standby at epoch 20"
-    );
+    pair.assert_memory_equal(20);
     pair.kill_primary();
 }
 
@@ -439,22 +451,10 @@ fn dirty_ring_backend_is_complete_and_fails_over_exactly_once() {
         &["--ft-hash-epoch", "15"],
     );
     pair.wait_epochs(25);
-    let grab = |f: &str| {
-        pair.file(f).lines().find_map(|l| {
-            l.strip_prefix("ftvmm: memory crc at epoch 15: ")
-                .map(str::to_string)
-        })
-    };
-    let p = grab("primary.stderr").expect("primary printed no memory crc");
-    let s = grab("standby.stderr").expect("standby printed no memory crc");
-    assert_eq!(p, s, "guest memory differs at epoch 15 with the dirty ring");
+    pair.assert_memory_equal(15);
     pair.kill_primary();
     pair.wait_takeover(10);
-    check_exactly_once(
-        &pair.file("primary.console"),
-        &pair.file("standby.console"),
-        hb_line,
-    );
+    pair.check();
 }
 
 /// Sector records `ftguest sector hb=<n>` found in a disk image.
@@ -538,21 +538,7 @@ fn pages_written_by_the_vmm_reach_the_standby() {
         &["--disk", &s_disk, "--ft-hash-epoch", "20"],
     );
     pair.wait_epochs(22);
-    let grab = |f: &str| {
-        pair.file(f).lines().find_map(|l| {
-            l.strip_prefix("ftvmm: memory crc at epoch 20: ")
-                .map(str::to_string)
-        })
-    };
-    assert!(wait_until(Duration::from_secs(10), || grab(
-        "standby.stderr"
-    )
-    .is_some()));
-    assert_eq!(
-        grab("primary.stderr"),
-        grab("standby.stderr"),
-        "memory differs at epoch 20"
-    );
+    pair.assert_memory_equal(20);
     // The VMM did write guest memory in those epochs.
     let metrics = pair.file("metrics.jsonl");
     let vmm_pages: u64 = metrics
