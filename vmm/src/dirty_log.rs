@@ -189,15 +189,6 @@ impl DirtyLog {
         }
         Ok(())
     }
-
-    /// Number of dirty pages in the last harvest.
-    pub fn count(&self) -> u64 {
-        self.slots
-            .iter()
-            .flat_map(|s| s.bitmap.iter())
-            .map(|w| u64::from(w.count_ones()))
-            .sum()
-    }
 }
 
 /// `KVM_DIRTY_GFN_F_DIRTY`: KVM published this ring entry.

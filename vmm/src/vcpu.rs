@@ -524,11 +524,6 @@ pub struct VcpuHandle {
 }
 
 impl VcpuHandle {
-    /// The vCPU's index.
-    pub fn id(&self) -> u8 {
-        self.id
-    }
-
     fn kick(&self) {
         if let Some(t) = &self.thread {
             // A thread that already exited cannot be signalled; nothing to do.

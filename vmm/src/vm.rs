@@ -80,9 +80,6 @@ pub enum VmError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// A device that the configuration asks for does not exist yet.
-    #[error("{0} devices are not supported yet")]
-    Unsupported(&'static str),
     /// An eventfd or other host resource could not be created.
     #[error("cannot create {what}: {source}")]
     Host {
@@ -478,11 +475,6 @@ impl Vm {
             self.vcpus.push(vcpu.start()?);
         }
         Ok(())
-    }
-
-    /// Number of running vCPU threads.
-    pub fn vcpu_count(&self) -> usize {
-        self.vcpus.len()
     }
 
     /// Stops every vCPU out of `KVM_RUN` and waits, at most `timeout`, until

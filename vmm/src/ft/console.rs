@@ -119,9 +119,9 @@ impl HeldOutput {
         }
     }
 
-    /// Drops every sealed epoch after `epoch` and the open one — output of
-    /// epochs that will never commit (not used by the primary, which keeps
-    /// running; kept for completeness of the interface).
+    /// Drops every sealed epoch after `epoch` and the open one: output of
+    /// epochs that will never commit (a fenced primary, whose standby took
+    /// over from `epoch`).
     pub fn discard_after(&self, epoch: u64) {
         let mut i = self.lock();
         while i.sealed.back().is_some_and(|(e, _)| *e > epoch) {
