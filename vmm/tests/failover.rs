@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -472,12 +473,8 @@ fn disk_records(path: &std::path::Path) -> Vec<u64> {
         .collect()
 }
 
-/// A VM whose disk is in use fails over: the restored guest's virtio-blk
-/// device goes on serving it (on the standby's own replica: disk replication
-/// is not built yet), with no error in the guest.
-#[test]
-fn disk_keeps_working_after_failover() {
-    let dir = TempDir::new("diskfo");
+/// A 4 MiB disk image for each side and their `--disk` specs.
+fn disk_pair(dir: &TempDir) -> (PathBuf, PathBuf, String, String) {
     let (p_img, s_img) = (dir.path("primary.img"), dir.path("standby.img"));
     for img in [&p_img, &s_img] {
         std::fs::File::create(img)
@@ -487,6 +484,16 @@ fn disk_keeps_working_after_failover() {
     }
     let p_disk = format!("path={}", p_img.display());
     let s_disk = format!("path={}", s_img.display());
+    (p_img, s_img, p_disk, s_disk)
+}
+
+/// A VM whose disk is in use fails over: the restored guest's virtio-blk
+/// device goes on serving it (on the standby's own replica: disk replication
+/// is not built yet), with no error in the guest.
+#[test]
+fn disk_keeps_working_after_failover() {
+    let dir = TempDir::new("diskfo");
+    let (p_img, s_img, p_disk, s_disk) = disk_pair(&dir);
     let mut pair = Pair::start("diskfo", &["--disk", &p_disk], &["--disk", &s_disk]);
     pair.wait_epochs(20);
     pair.kill_primary();
@@ -521,15 +528,7 @@ fn disk_keeps_working_after_failover() {
 #[test]
 fn pages_written_by_the_vmm_reach_the_standby() {
     let dir = TempDir::new("vmmwrites");
-    let (p_img, s_img) = (dir.path("primary.img"), dir.path("standby.img"));
-    for img in [&p_img, &s_img] {
-        std::fs::File::create(img)
-            .unwrap()
-            .set_len(4 << 20)
-            .unwrap();
-    }
-    let p_disk = format!("path={}", p_img.display());
-    let s_disk = format!("path={}", s_img.display());
+    let (_, _, p_disk, s_disk) = disk_pair(&dir);
     let guest = format!("{GUEST} disk_verify=on");
     let mut pair = Pair::start_with_guest(
         "vmmwrites",

@@ -79,12 +79,12 @@ pub fn run(args: &[&str], timeout: Duration) -> Output {
 }
 
 /// The heartbeat numbers in a console transcript, in order.
+///
+/// Only complete lines count: a guest stopped or paused in the middle of a
+/// line leaves a prefix ("ftguest hb=1" of "ftguest hb=18") that is not a
+/// heartbeat.
 pub fn heartbeats(transcript: &str) -> Vec<u64> {
-    transcript
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("ftguest hb="))
-        .filter_map(|n| n.parse().ok())
-        .collect()
+    complete_lines(transcript, hb_line)
 }
 
 /// The tiny Linux guest built by resources/linux/build.sh: (vmlinux,
