@@ -28,24 +28,6 @@ const BEATS: u64 = 300;
 const SECTOR: usize = 512;
 const DISK_SECTORS: usize = 2048;
 
-/// True unless this ftvmm still refuses virtio devices (they are being
-/// built; until they land these tests have nothing to run against).
-fn devices_supported(dir: &TempDir) -> bool {
-    let disk = dir.path("probe.img");
-    std::fs::write(&disk, vec![0u8; SECTOR]).unwrap();
-    let out = run(
-        &[
-            "run",
-            "--disk",
-            &format!("path={}", disk.display()),
-            "--cmdline",
-            "stop=1",
-        ],
-        Duration::from_secs(60),
-    );
-    !out.stderr.contains("not supported yet")
-}
-
 /// A network namespace with one persistent tap whose host side is
 /// 10.0.0.1/24 (both removed on drop, whatever happened), and the tap.
 fn tap_namespace(tag: &str) -> Result<(Netns, String), String> {
@@ -147,10 +129,6 @@ fn guest_heartbeats_echo_and_disk_records() {
         return;
     }
     let dir = TempDir::new("guest-net");
-    if !devices_supported(&dir) {
-        println!("SKIP guest_net: this ftvmm has no virtio devices yet");
-        return;
-    }
     let (net, tap) =
         tap_namespace("gn").unwrap_or_else(|e| panic!("setting up the namespace: {e}"));
     let hb = net
@@ -262,10 +240,6 @@ fn guest_reports_a_readonly_disk_and_leaves_it_alone() {
         return;
     }
     let dir = TempDir::new("guest-ro");
-    if !devices_supported(&dir) {
-        println!("SKIP guest_net readonly: this ftvmm has no virtio devices yet");
-        return;
-    }
     let disk = dir.path("ro.img");
     let pattern: Vec<u8> = (0..64 * SECTOR).map(|i| (i % 251) as u8).collect();
     std::fs::write(&disk, &pattern).unwrap();
