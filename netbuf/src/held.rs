@@ -20,7 +20,6 @@
 //!   to send half the limit between the cut request and the cut, or to
 //!   flood during the initial sync (before the first cut).
 
-use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -29,7 +28,7 @@ use ftvmm_checkpoint::{FieldSummary, Histogram};
 use ftvmm_devices::virtio::net::{FrameSink, Tap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::{Backend, Held, NetbufError, OutputCommit};
+use crate::{Backend, EpochBuffer, EpochQueue, Held, NetOutput, NetbufError, OutputCommit};
 
 /// Longest a device worker is held for memory: past it (a release that never
 /// comes would mean a stuck epoch driver) the frame is taken over the limit.
@@ -83,12 +82,11 @@ struct FrameRec {
 /// One epoch's output.
 #[derive(Debug, Default)]
 struct EpochBuf {
-    epoch: u64,
     data: Vec<u8>,
     frames: Vec<FrameRec>,
 }
 
-impl EpochBuf {
+impl EpochBuffer for EpochBuf {
     fn held(&self) -> Held {
         Held {
             frames: self.frames.len() as u64,
@@ -100,14 +98,6 @@ impl EpochBuf {
         self.data.clear();
         self.frames.clear();
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// Unprotected: frames go straight to their tap.
-    PassThrough,
-    /// Protected: frames held per epoch.
-    Held,
 }
 
 /// Counters and the held-time histogram of a netbuf.
@@ -140,12 +130,8 @@ pub struct NetbufReport {
 }
 
 struct Inner {
-    mode: Mode,
+    queue: EpochQueue<EpochBuf>,
     wires: Vec<Box<dyn Wire>>,
-    open: EpochBuf,
-    sealed: VecDeque<EpochBuf>,
-    sealed_bytes: usize,
-    spare: Vec<EpochBuf>,
     cut_raised: bool,
     hist: Histogram,
     report: NetbufReport,
@@ -153,50 +139,62 @@ struct Inner {
 
 impl Inner {
     fn held_bytes(&self) -> usize {
-        self.sealed_bytes + self.open.data.len()
+        self.queue.held().bytes as usize
     }
 
     fn write_out(&mut self, nic: usize, frame: &[u8]) -> bool {
-        let Some(w) = self.wires.get_mut(nic) else {
-            return false;
-        };
-        match w.write_frame(frame) {
-            Ok(()) => true,
-            Err(e) => {
-                self.report.frames_wire_dropped += 1;
-                log::debug!(
-                    "netbuf: NIC {nic}: frame of {} bytes dropped: {e}",
-                    frame.len()
-                );
-                false
-            }
-        }
+        write_frame(&mut self.wires, &mut self.report, nic, frame)
     }
 
-    /// Writes `buf`'s frames out, records their held time, recycles `buf`.
-    fn release_buf(&mut self, mut buf: EpochBuf, now: Instant) -> Held {
-        let held = buf.held();
-        for f in &buf.frames {
-            let frame = &buf.data[f.off as usize..(f.off + f.len) as usize];
-            let Some(w) = self.wires.get_mut(f.nic as usize) else {
-                continue;
-            };
-            if let Err(e) = w.write_frame(frame) {
-                self.report.frames_wire_dropped += 1;
-                log::debug!(
-                    "netbuf: NIC {}: released frame of {} bytes dropped: {e}",
-                    f.nic,
-                    f.len
-                );
+    /// Lets out every sealed epoch up to `epoch` (all of them and the open
+    /// one with `all`), recording each frame's held time.
+    fn release(&mut self, epoch: u64, all: bool) -> Held {
+        let now = Instant::now();
+        let Inner {
+            queue,
+            wires,
+            hist,
+            report,
+            ..
+        } = self;
+        let mut out = |buf: &EpochBuf| {
+            for f in &buf.frames {
+                let frame = &buf.data[f.off as usize..(f.off + f.len) as usize];
+                write_frame(wires, report, f.nic as usize, frame);
+                hist.record(now.saturating_duration_since(f.at).as_micros() as u64);
             }
-            self.hist
-                .record(now.saturating_duration_since(f.at).as_micros() as u64);
-        }
+        };
+        let held = if all {
+            queue.release_all(&mut out)
+        } else {
+            queue.release_upto(epoch, &mut out)
+        };
         self.report.frames_released += held.frames;
         self.report.bytes_released += held.bytes;
-        buf.clear();
-        self.spare.push(buf);
         held
+    }
+}
+
+/// Writes one frame to NIC `nic`'s wire; a refusal is counted, not fatal.
+fn write_frame(
+    wires: &mut [Box<dyn Wire>],
+    report: &mut NetbufReport,
+    nic: usize,
+    frame: &[u8],
+) -> bool {
+    let Some(w) = wires.get_mut(nic) else {
+        return false;
+    };
+    match w.write_frame(frame) {
+        Ok(()) => true,
+        Err(e) => {
+            report.frames_wire_dropped += 1;
+            log::debug!(
+                "netbuf: NIC {nic}: frame of {} bytes dropped: {e}",
+                frame.len()
+            );
+            false
+        }
     }
 }
 
@@ -214,10 +212,9 @@ impl std::fmt::Debug for HeldFrames {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let i = self.lock();
         f.debug_struct("HeldFrames")
-            .field("mode", &i.mode)
+            .field("holding", &i.queue.holding())
             .field("limit", &self.limit)
-            .field("open", &i.open.frames.len())
-            .field("sealed", &i.sealed.len())
+            .field("held", &i.queue.held())
             .finish()
     }
 }
@@ -231,12 +228,8 @@ impl HeldFrames {
         let limit = limit.max(1);
         Ok(Arc::new(HeldFrames {
             inner: Mutex::new(Inner {
-                mode: Mode::PassThrough,
+                queue: EpochQueue::new(),
                 wires,
-                open: EpochBuf::default(),
-                sealed: VecDeque::with_capacity(4),
-                sealed_bytes: 0,
-                spare: Vec::new(),
                 cut_raised: false,
                 hist: Histogram::new(),
                 report: NetbufReport {
@@ -270,21 +263,21 @@ impl HeldFrames {
     /// Takes one frame the guest sent on NIC `nic`.
     pub fn push(&self, nic: usize, frame: &[u8]) {
         let mut i = self.lock();
-        if i.mode == Mode::Held && i.held_bytes() + frame.len() > self.limit {
+        if i.queue.holding() && i.held_bytes() + frame.len() > self.limit {
             i.report.backpressure_waits += 1;
             let start = Instant::now();
-            while i.mode == Mode::Held && i.held_bytes() + frame.len() > self.limit {
+            while i.queue.holding() && i.held_bytes() + frame.len() > self.limit {
                 // With an epoch awaiting its ack, its release frees memory:
                 // wait for it. With none, only the cut the driver is about to
                 // make can, and it needs this worker: wait only briefly.
-                let max = if i.sealed_bytes > 0 {
+                let max = if i.queue.sealed().bytes > 0 {
                     BACKPRESSURE_MAX
                 } else {
                     BACKPRESSURE_BRIEF
                 };
                 let left = max.saturating_sub(start.elapsed());
                 if left.is_zero() {
-                    if i.sealed_bytes > 0 {
+                    if i.queue.sealed().bytes > 0 {
                         log::warn!(
                             "netbuf: no ack freed memory within {BACKPRESSURE_MAX:?}; holding a frame past the {} byte limit",
                             self.limit
@@ -299,28 +292,30 @@ impl HeldFrames {
                     .0;
             }
         }
-        if i.mode == Mode::PassThrough {
+        if !i.queue.holding() {
             i.write_out(nic, frame);
             return;
         }
         if i.held_bytes() + frame.len() > self.limit {
             i.report.over_limit += 1;
         }
-        let off = i.open.data.len() as u32;
-        i.open.data.extend_from_slice(frame);
-        i.open.frames.push(FrameRec {
+        let open = i.queue.open();
+        let off = open.data.len() as u32;
+        open.data.extend_from_slice(frame);
+        open.frames.push(FrameRec {
             nic: nic as u16,
             off,
             len: frame.len() as u32,
             at: Instant::now(),
         });
+        let open_bytes = open.data.len();
         i.report.frames_held += 1;
         i.report.bytes_held += frame.len() as u64;
         let now = i.held_bytes() as u64;
         if now > i.report.peak_bytes {
             i.report.peak_bytes = now;
         }
-        if !i.cut_raised && i.open.data.len() >= self.limit / 2 {
+        if !i.cut_raised && open_bytes >= self.limit / 2 {
             i.cut_raised = true;
             i.report.early_cuts += 1;
             if let Err(e) = self.cut.write(1) {
@@ -330,45 +325,28 @@ impl HeldFrames {
     }
 }
 
-impl OutputCommit for HeldFrames {
-    fn backend(&self) -> Backend {
-        Backend::Vmm
-    }
-
-    fn hold(&self) {
-        self.lock().mode = Mode::Held;
-    }
-
-    fn seal(&self, epoch: u64) -> Held {
-        let mut i = self.lock();
+impl HeldFrames {
+    fn clear_cut(&self, i: &mut Inner) {
         if i.cut_raised {
             i.cut_raised = false;
             let _ = self.cut.read();
         }
-        if i.mode != Mode::Held {
-            return Held::default();
-        }
-        let fresh = i.spare.pop().unwrap_or_default();
-        let mut buf = std::mem::replace(&mut i.open, fresh);
-        buf.epoch = epoch;
-        let held = buf.held();
-        i.sealed_bytes += buf.data.len();
-        i.sealed.push_back(buf);
-        held
+    }
+}
+
+impl OutputCommit for HeldFrames {
+    fn hold(&self) {
+        self.lock().queue.hold();
+    }
+
+    fn seal(&self, epoch: u64) -> Held {
+        let mut i = self.lock();
+        self.clear_cut(&mut i);
+        i.queue.seal(epoch)
     }
 
     fn release_upto(&self, epoch: u64) -> Held {
-        let mut i = self.lock();
-        let now = Instant::now();
-        let mut total = Held::default();
-        while i.sealed.front().is_some_and(|b| b.epoch <= epoch) {
-            let buf = i.sealed.pop_front().expect("front exists");
-            i.sealed_bytes -= buf.data.len();
-            let h = i.release_buf(buf, now);
-            total.frames += h.frames;
-            total.bytes += h.bytes;
-        }
-        drop(i);
+        let total = self.lock().release(epoch, false);
         if total.frames > 0 {
             self.space.notify_all();
         }
@@ -377,35 +355,28 @@ impl OutputCommit for HeldFrames {
 
     fn discard_after(&self, epoch: u64) {
         let mut i = self.lock();
-        while i.sealed.back().is_some_and(|b| b.epoch > epoch) {
-            let mut buf = i.sealed.pop_back().expect("back exists");
-            i.sealed_bytes -= buf.data.len();
-            i.report.frames_discarded += buf.frames.len() as u64;
-            buf.clear();
-            i.spare.push(buf);
-        }
-        i.report.frames_discarded += i.open.frames.len() as u64;
-        i.open.clear();
+        let dropped = i.queue.discard_after(epoch);
+        i.report.frames_discarded += dropped.frames;
         drop(i);
         self.space.notify_all();
     }
 
     fn release_all(&self) {
-        self.release_upto(u64::MAX);
         let mut i = self.lock();
-        if i.cut_raised {
-            i.cut_raised = false;
-            let _ = self.cut.read();
-        }
-        let open = std::mem::take(&mut i.open);
-        i.release_buf(open, Instant::now());
-        i.mode = Mode::PassThrough;
+        self.clear_cut(&mut i);
+        i.release(u64::MAX, true);
         drop(i);
         self.space.notify_all();
     }
 
     fn cut_event(&self) -> Option<&EventFd> {
         Some(&self.cut)
+    }
+}
+
+impl NetOutput for HeldFrames {
+    fn backend(&self) -> Backend {
+        Backend::Vmm
     }
 
     fn report(&self) -> NetbufReport {

@@ -27,6 +27,7 @@
 //! for each guest MAC after a takeover.
 
 pub mod announce;
+pub mod commit;
 pub mod held;
 pub mod netlink;
 pub mod plug;
@@ -35,8 +36,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use ftvmm_devices::virtio::net::{FrameSink, Tap};
-use vmm_sys_util::eventfd::EventFd;
 
+pub use commit::{EpochBuffer, EpochQueue, Held, OutputCommit, Outputs};
 pub use held::{HeldFrames, NetbufReport};
 pub use plug::PlugBuffer;
 
@@ -99,15 +100,6 @@ impl Default for NetbufConfig {
     }
 }
 
-/// Frames and bytes of one epoch's output.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Held {
-    /// Frames.
-    pub frames: u64,
-    /// Bytes (Ethernet frames without the virtio header).
-    pub bytes: u64,
-}
-
 /// Errors of the network output commit.
 #[derive(Debug, thiserror::Error)]
 pub enum NetbufError {
@@ -152,31 +144,11 @@ pub enum NetbufError {
     },
 }
 
-/// The output commit of a protected VM's network, as the epoch driver uses
-/// it. Every method is called from the epoch driver's thread; frames arrive
-/// concurrently from the devices' workers through the sinks from
-/// [`create`].
-pub trait OutputCommit: Send + Sync + fmt::Debug {
+/// The network's output commit: an [`OutputCommit`] with a backend and
+/// counters.
+pub trait NetOutput: OutputCommit {
     /// The backend.
     fn backend(&self) -> Backend;
-    /// Protection begins: output is held from now on.
-    fn hold(&self);
-    /// Closes epoch `epoch`'s output (call with the vCPUs and devices
-    /// paused, next to the checkpoint's cut); new output belongs to the
-    /// next epoch. Returns what the closed epoch holds.
-    fn seal(&self, epoch: u64) -> Held;
-    /// The standby acknowledged `epoch`: lets out every sealed epoch up to
-    /// and including it, in order. Returns what was released.
-    fn release_upto(&self, epoch: u64) -> Held;
-    /// Drops the output of every epoch after `epoch` (sealed or open): a
-    /// standby that took over from `epoch` fenced this primary (I5).
-    fn discard_after(&self, epoch: u64);
-    /// Protection ended (the standby is gone): lets out everything held, in
-    /// order, and passes later output straight through.
-    fn release_all(&self);
-    /// An eventfd that becomes readable when the buffer wants the epoch cut
-    /// now (its limit is near); [`OutputCommit::seal`] clears it.
-    fn cut_event(&self) -> Option<&EventFd>;
     /// Counters and the held-time histogram.
     fn report(&self) -> NetbufReport;
 }
@@ -186,9 +158,6 @@ pub trait OutputCommit: Send + Sync + fmt::Debug {
 pub struct PassThrough;
 
 impl OutputCommit for PassThrough {
-    fn backend(&self) -> Backend {
-        Backend::None
-    }
     fn hold(&self) {}
     fn seal(&self, _epoch: u64) -> Held {
         Held::default()
@@ -198,8 +167,11 @@ impl OutputCommit for PassThrough {
     }
     fn discard_after(&self, _epoch: u64) {}
     fn release_all(&self) {}
-    fn cut_event(&self) -> Option<&EventFd> {
-        None
+}
+
+impl NetOutput for PassThrough {
+    fn backend(&self) -> Backend {
+        Backend::None
     }
     fn report(&self) -> NetbufReport {
         NetbufReport::default()
@@ -208,7 +180,7 @@ impl OutputCommit for PassThrough {
 
 /// A backend and the transmit sink for each NIC (see [`create`]).
 pub type Created = (
-    std::sync::Arc<dyn OutputCommit>,
+    std::sync::Arc<dyn NetOutput>,
     Vec<Option<Box<dyn FrameSink>>>,
 );
 

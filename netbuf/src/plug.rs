@@ -23,10 +23,8 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use vmm_sys_util::eventfd::EventFd;
-
 use crate::netlink::{self, PlugAction, Socket};
-use crate::{Backend, Held, NetbufError, NetbufReport, OutputCommit};
+use crate::{Backend, Held, NetOutput, NetbufError, NetbufReport, OutputCommit};
 
 /// Time given to the kernel to send what a last release let out before a
 /// fenced primary tears the plug (and what it still holds) down.
@@ -183,10 +181,6 @@ impl PlugBuffer {
 }
 
 impl OutputCommit for PlugBuffer {
-    fn backend(&self) -> Backend {
-        Backend::Plug
-    }
-
     fn hold(&self) {
         let mut s = self.lock();
         if !s.done {
@@ -229,9 +223,11 @@ impl OutputCommit for PlugBuffer {
             s.done = true;
         }
     }
+}
 
-    fn cut_event(&self) -> Option<&EventFd> {
-        None
+impl NetOutput for PlugBuffer {
+    fn backend(&self) -> Backend {
+        Backend::Plug
     }
 
     fn report(&self) -> NetbufReport {

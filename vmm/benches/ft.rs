@@ -16,7 +16,7 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use ftvmm::config::{SerialConfig, VmConfig};
-use ftvmm::ft::primary::Engine;
+use ftvmm::ft::engine::Engine;
 use ftvmm::vm::Vm;
 use ftvmm_checkpoint::wire::Limits;
 use ftvmm_checkpoint::{

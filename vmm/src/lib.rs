@@ -15,3 +15,9 @@ pub mod persist;
 pub mod quirks;
 pub mod vcpu;
 pub mod vm;
+
+/// The log target of the lines a user of the binary reads as its report
+/// (takeover, run summaries, test hooks such as memory checksums): the
+/// binary shows them by default, as `ftvmm: <line>`; everything else is
+/// diagnostics under `FTVMM_LOG`.
+pub const REPORT: &str = "ftvmm::report";

@@ -194,11 +194,29 @@ impl VmArgs {
     }
 }
 
+/// The log on stderr: the run's report lines (`ftvmm::REPORT`) always, as
+/// `ftvmm: <line>`; diagnostics from warnings up, or as `FTVMM_LOG` says,
+/// with a timestamp, level and module.
 fn init_logger() {
+    use std::io::Write;
     let level = std::env::var("FTVMM_LOG").unwrap_or_else(|_| "warn".to_string());
     env_logger::Builder::new()
+        .filter_module(ftvmm::REPORT, log::LevelFilter::Info)
         .parse_filters(&level)
-        .format_timestamp_micros()
+        .format(|buf, record| {
+            if record.target() == ftvmm::REPORT {
+                writeln!(buf, "ftvmm: {}", record.args())
+            } else {
+                writeln!(
+                    buf,
+                    "[{} {:5} {}] {}",
+                    buf.timestamp_micros(),
+                    record.level(),
+                    record.target(),
+                    record.args()
+                )
+            }
+        })
         .target(env_logger::Target::Stderr)
         .init();
 }

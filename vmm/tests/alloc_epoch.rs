@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use ftvmm::config::{DiskConfig, SerialConfig, VmConfig};
-use ftvmm::ft::primary::Engine;
+use ftvmm::ft::engine::Engine;
 use ftvmm::vm::Vm;
 
 thread_local! {

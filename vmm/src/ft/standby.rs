@@ -270,8 +270,9 @@ fn take_over(
     let announce = announce_nics(&vm);
     vm.start()?;
     ftvmm_netbuf::announce::spawn_announcer(announce);
-    eprintln!(
-        "ftvmm: standby took over from checkpoint {epoch} ({why}); guest running {:.1} ms after the primary was lost",
+    log::info!(
+        target: crate::REPORT,
+        "standby took over from checkpoint {epoch} ({why}); guest running {:.1} ms after the primary was lost",
         lost_at.elapsed().as_secs_f64() * 1e3
     );
     let mailbox = match api {
@@ -292,7 +293,7 @@ fn take_over(
         hash_epoch: None,
         netbuf: ftvmm_netbuf::NetbufConfig::default(),
     };
-    super::primary::Runner::new(*vm, shape, console, ft, mailbox, "standby (took over)")?.run()
+    super::runner::Runner::new(*vm, shape, console, ft, mailbox, "standby (took over)")?.run()
 }
 
 /// Takeover announce (DESIGN "Standby and failover"): each NIC's transmit
@@ -580,8 +581,9 @@ fn serve(
                 }
                 have_commit = true;
                 if opts.hash_epoch == Some(epoch) {
-                    eprintln!(
-                        "ftvmm: memory crc at epoch {epoch}: {:08x}",
+                    log::info!(
+                        target: crate::REPORT,
+                        "memory crc at epoch {epoch}: {:08x}",
                         super::memory_crc(&vm.memory)
                     );
                 }

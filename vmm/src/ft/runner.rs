@@ -1,0 +1,353 @@
+//! The loop of every running VM: a primary, an unprotected VM, and a standby
+//! that took over (the same code path). Between epochs it waits on the
+//! VM, the standby and the control API; at each boundary of a protected VM
+//! it runs one epoch (capture, stream, ack, release); every way of losing
+//! the standby ends in [`Runner::lose_standby`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ftvmm_checkpoint::{EpochMetrics, GuestShape};
+use ftvmm_netbuf::{NetOutput, OutputCommit, Outputs};
+
+use super::console::HeldOutput;
+use super::engine::{Capture, Engine};
+use super::fault::{die_now, Fault, FaultPoint};
+use super::metrics::{log_netbuf_summary, MetricsLog};
+use super::session::{PeerLoss, Session};
+use super::wait::{self, Waiter, Wake};
+use super::{FtError, FtOptions, HEARTBEAT_MISSES};
+use crate::vcpu::VmExit;
+use crate::vm::Vm;
+
+/// The machinery a pairing needs, made at the first pairing and kept for
+/// the next ones: the dirty tracking and staging, the network output
+/// commit, and the set of every output the epochs hold.
+pub struct Kit {
+    pub(super) engine: Engine,
+    pub(super) netbuf: Arc<dyn NetOutput>,
+    pub(super) outputs: Outputs,
+}
+
+impl Kit {
+    fn new(vm: &mut Vm, ft: &FtOptions, console: &Arc<HeldOutput>) -> Result<Kit, FtError> {
+        let netbuf = super::primary::start_netbuf(vm, ft)?;
+        let engine = Engine::new(vm)?;
+        let mut outputs = Outputs::new();
+        outputs.add(console.clone());
+        outputs.add(netbuf.clone());
+        Ok(Kit {
+            engine,
+            netbuf,
+            outputs,
+        })
+    }
+}
+
+/// Whether, and by whom, the VM is protected.
+pub enum Protection {
+    /// No standby: output passes straight through and dirty tracking is
+    /// off. Holds the kit of an earlier pairing, if there was one.
+    Unprotected(Option<Kit>),
+    /// Paired with a standby: every epoch is checkpointed to it and output
+    /// is held until its ack.
+    Protected {
+        /// The link to the standby.
+        session: Session,
+        /// The machinery.
+        kit: Kit,
+    },
+}
+
+impl Protection {
+    /// The link to the standby, while protected.
+    pub fn session(&self) -> Option<&Session> {
+        match self {
+            Protection::Protected { session, .. } => Some(session),
+            Protection::Unprotected(_) => None,
+        }
+    }
+
+    fn kit(&self) -> Option<&Kit> {
+        match self {
+            Protection::Protected { kit, .. } | Protection::Unprotected(Some(kit)) => Some(kit),
+            Protection::Unprotected(None) => None,
+        }
+    }
+}
+
+/// A running VM and the machinery that protects it, with or without a
+/// standby at the moment. `ctl protect` pairs it with a new one.
+pub struct Runner {
+    pub(super) vm: Vm,
+    pub(super) shape: GuestShape,
+    pub(super) console: Arc<HeldOutput>,
+    pub(super) protection: Protection,
+    pub(super) ft: FtOptions,
+    pub(super) metrics: MetricsLog,
+    pub(super) epoch: u64,
+    pub(super) mailbox: Option<crate::api::Mailbox>,
+    pub(super) user_paused: bool,
+    /// "primary", or "standby (took over)".
+    pub(super) role: &'static str,
+    /// The wait's event sources; `None` after the protection changed.
+    waiter: Option<Waiter>,
+}
+
+impl Runner {
+    /// Wraps a built VM whose console writes through `console`.
+    pub fn new(
+        vm: Vm,
+        shape: GuestShape,
+        console: Arc<HeldOutput>,
+        ft: FtOptions,
+        mailbox: Option<crate::api::Mailbox>,
+        role: &'static str,
+    ) -> Result<Self, FtError> {
+        let metrics = MetricsLog::new(&ft)?;
+        Ok(Runner {
+            vm,
+            shape,
+            console,
+            protection: Protection::Unprotected(None),
+            ft,
+            metrics,
+            epoch: 0,
+            mailbox,
+            user_paused: false,
+            role,
+            waiter: None,
+        })
+    }
+
+    /// Pairs with the standby at `peer`: handshake, dirty tracking on,
+    /// output held from now. The initial sync follows with
+    /// [`Runner::initial_sync`] once the guest runs. On error nothing is
+    /// held and the VM runs on as before.
+    pub(super) fn connect(&mut self, peer: &str) -> Result<(), FtError> {
+        self.ft.peer = peer.to_string();
+        let session = Session::connect(&self.shape, &self.ft)?;
+        log::info!(
+            "protected by standby {peer} (generation {})",
+            self.ft.generation
+        );
+        let Protection::Unprotected(kit) = &mut self.protection else {
+            return Err(FtError::AlreadyProtected {
+                peer: session.peer().to_string(),
+            });
+        };
+        match kit {
+            Some(kit) => kit.engine.restart_tracking(&self.vm)?,
+            None => *kit = Some(Kit::new(&mut self.vm, &self.ft, &self.console)?),
+        }
+        let Protection::Unprotected(Some(kit)) =
+            std::mem::replace(&mut self.protection, Protection::Unprotected(None))
+        else {
+            unreachable!("the kit was just made")
+        };
+        kit.outputs.hold();
+        self.protection = Protection::Protected { session, kit };
+        self.waiter = None;
+        Ok(())
+    }
+
+    /// Live initial sync to the new standby (the guest runs meanwhile).
+    pub(super) fn initial_sync(&mut self) -> Result<(), FtError> {
+        let Protection::Protected { session, kit } = &mut self.protection else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        let fault = self.ft.fault;
+        let sent = kit.engine.precopy(&self.vm, |staging| {
+            session
+                .send_checkpoint(staging, 0, fault)
+                .map(drop)
+                .map_err(|loss| FtError::PeerLost(Box::new(loss)))
+        });
+        match sent {
+            Ok(pages) => {
+                log::info!(
+                    "initial sync: {pages} pages in {:.1} ms",
+                    t.elapsed().as_secs_f64() * 1e3
+                );
+                Ok(())
+            }
+            Err(e) => self.lose_standby(PeerLoss::InitialSync(Box::new(e))),
+        }
+    }
+
+    /// Pairs a running VM with a new standby (`ctl protect`).
+    pub fn protect(&mut self, peer: &str) -> Result<(), FtError> {
+        self.connect(peer)?;
+        self.initial_sync()
+    }
+
+    /// The standby is gone, whichever way that showed. Before releasing
+    /// anything, the heartbeat channel settles why: a standby that took over
+    /// announced its new generation there (I5), and then this primary is
+    /// fenced: it releases exactly what the standby committed, drops the
+    /// rest, and stops. Otherwise it releases everything held and runs on
+    /// unprotected, dirty tracking off.
+    pub(super) fn lose_standby(&mut self, loss: PeerLoss) -> Result<(), FtError> {
+        let Protection::Protected { session, mut kit } =
+            std::mem::replace(&mut self.protection, Protection::Unprotected(None))
+        else {
+            return Ok(());
+        };
+        self.waiter = None;
+        let peer = session.peer().to_string();
+        if let Some((generation, epoch)) = session.settle() {
+            kit.outputs.release_upto(epoch);
+            kit.outputs.discard_after(epoch);
+            return Err(FtError::Fenced {
+                peer,
+                epoch,
+                generation,
+            });
+        }
+        log::warn!("standby {peer} lost ({loss}): releasing held output, running unprotected");
+        kit.outputs.release_all();
+        kit.engine.stop_tracking(&self.vm);
+        self.protection = Protection::Unprotected(Some(kit));
+        Ok(())
+    }
+
+    /// Runs until the guest ends.
+    pub fn run(mut self) -> Result<VmExit, FtError> {
+        let mut next_boundary = Instant::now() + self.ft.interval;
+        loop {
+            let exit = match self.wait(next_boundary)? {
+                Wake::Api => {
+                    self.serve_api();
+                    continue;
+                }
+                Wake::Lost => {
+                    if let Some(lost) = self.protection.session().and_then(Session::failure) {
+                        self.lose_standby(PeerLoss::Heartbeat(lost))?;
+                    }
+                    continue;
+                }
+                Wake::Exit(r) => Some(r),
+                Wake::Boundary => None,
+            };
+            let protected = self.protection.session().is_some();
+            if !protected || (self.user_paused && exit.is_none()) {
+                if let Some(reason) = exit {
+                    self.finish();
+                    return Ok(reason);
+                }
+                next_boundary = Instant::now() + self.ft.interval.max(Duration::from_millis(50));
+                continue;
+            }
+            self.epoch += 1;
+            // Epochs start on a fixed cadence: the next boundary counts from
+            // this one, not from the end of this epoch's transfer and ack,
+            // so output waits about half an interval plus the ack.
+            let started = Instant::now();
+            if let Err(loss) = self.run_epoch() {
+                self.lose_standby(loss)?;
+            }
+            if let Some(reason) = exit {
+                // The guest ended: its last output is committed (or
+                // released, if the standby is gone); tell the standby not to
+                // take over.
+                if let Protection::Protected { session, kit } =
+                    std::mem::replace(&mut self.protection, Protection::Unprotected(None))
+                {
+                    session.say_bye();
+                    self.protection = Protection::Unprotected(Some(kit));
+                }
+                self.finish();
+                return Ok(reason);
+            }
+            next_boundary = started + self.ft.interval;
+        }
+    }
+
+    /// Waits for the next thing to do (see [`Waiter::wait`]).
+    fn wait(&mut self, deadline: Instant) -> Result<Wake, FtError> {
+        let rings = match &self.protection {
+            Protection::Protected { kit, .. } if kit.engine.log.uses_rings() => {
+                Some(self.vm.ring_full_event())
+            }
+            _ => None,
+        };
+        let waiter = match &mut self.waiter {
+            Some(w) => w,
+            None => {
+                let protected = match &self.protection {
+                    Protection::Protected { session, kit } => Some(wait::Protected {
+                        session,
+                        cut: kit.netbuf.cut_event(),
+                        ring_full: rings,
+                    }),
+                    Protection::Unprotected(_) => None,
+                };
+                let api = self.mailbox.as_ref().map(|m| m.event_fd());
+                self.waiter.insert(Waiter::new(&self.vm, api, protected)?)
+            }
+        };
+        Ok(waiter.wait(&self.vm, self.protection.session(), rings, deadline))
+    }
+
+    /// One epoch: pause, capture, resume, stream, await the ack, release.
+    fn run_epoch(&mut self) -> Result<(), PeerLoss> {
+        let Protection::Protected { session, kit } = &mut self.protection else {
+            return Ok(());
+        };
+        let (epoch, ft) = (self.epoch, &self.ft);
+        let c: Capture = kit
+            .engine
+            .capture(
+                &mut self.vm,
+                Some(&kit.outputs),
+                epoch,
+                ft.hash_epoch == Some(epoch),
+            )
+            .map_err(|e| PeerLoss::Local(Box::new(e)))?;
+        let t_send = Instant::now();
+        let sent = session.send_checkpoint(kit.engine.staging(), epoch, ft.fault)?;
+        let transfer = t_send.elapsed();
+        if Fault::hits(ft.fault, FaultPoint::BeforeAck, epoch) {
+            die_now("before ack");
+        }
+        // The ack: generous, since the heartbeat detects a dead standby
+        // sooner and shuts the channel down, which ends this read at once.
+        let ack_timeout = ft.heartbeat * HEARTBEAT_MISSES * 4 + Duration::from_secs(1);
+        session.await_ack(epoch, ack_timeout)?;
+        let ack_latency = t_send.elapsed();
+        if Fault::hits(ft.fault, FaultPoint::DuringRelease, epoch) {
+            self.console.release_half(epoch);
+            die_now("during release");
+        }
+        kit.outputs.release_upto(epoch);
+        kit.engine.trim();
+        self.metrics.record(&EpochMetrics {
+            epoch,
+            pause_us: c.pause.as_micros() as u64,
+            dirty_vcpu: c.counts.vcpu_only,
+            dirty_vmm: c.counts.vmm_only,
+            dirty_both: c.counts.both,
+            bytes_staged: c.stats.payload_bytes as u64,
+            bytes_sent: sent,
+            transfer_us: transfer.as_micros() as u64,
+            ack_latency_us: ack_latency.as_micros() as u64,
+            held_packets: c.held.frames,
+            held_bytes: c.held.bytes,
+            slabs: c.stats.slabs_used as u64,
+        });
+        Ok(())
+    }
+
+    /// The guest ended: let out whatever is still held, log the summaries.
+    fn finish(&mut self) {
+        match self.protection.kit() {
+            Some(kit) => kit.outputs.release_all(),
+            None => self.console.release_all(),
+        }
+        self.metrics.log_summary(self.role);
+        if let Some(kit) = self.protection.kit() {
+            log_netbuf_summary(&*kit.netbuf);
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! The primary's live link to its standby: the pairing handshake, sending
+//! checkpoints, awaiting acks, and settling why the link ended (a standby
+//! that took over fences this primary, I5).
+//!
+//! Everything that can end a pairing comes out of here as one typed
+//! [`PeerLoss`], which the runner handles in one place.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ftvmm_checkpoint::wire::{Ack, Limits, Message};
+use ftvmm_checkpoint::{
+    CheckpointFrame, Frame, FrameReader, GuestShape, Hello, Role, Staging, StagingConfig,
+    WireError, WIRE_VERSION,
+};
+use ftvmm_transport::{
+    connect_pair, Channel, Heartbeat, HeartbeatHandle, PeerLost, TcpChannel, TransportError,
+};
+
+use super::fault::{die_now, Fault, FaultPoint};
+use super::{FtError, FtOptions, HEARTBEAT_MISSES};
+
+/// Handshake timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a pairing ended, as seen by the primary.
+#[derive(Debug)]
+pub enum PeerLoss {
+    /// The heartbeat detector declared the standby lost.
+    Heartbeat(PeerLost),
+    /// Sending a checkpoint failed.
+    Send {
+        /// The checkpoint.
+        epoch: u64,
+        /// What the channel said.
+        source: std::io::Error,
+    },
+    /// The channel could not be set up for the ack.
+    Channel(TransportError),
+    /// Reading the ack failed (closed, timed out, malformed).
+    Ack {
+        /// The checkpoint awaiting its ack.
+        epoch: u64,
+        /// What the stream said.
+        source: WireError,
+    },
+    /// The standby answered something other than the expected ack.
+    Unexpected {
+        /// The checkpoint awaiting its ack.
+        epoch: u64,
+        /// What came instead.
+        got: String,
+    },
+    /// The initial sync failed.
+    InitialSync(Box<FtError>),
+    /// A local failure (a pause timeout, a memory read) stopped the stream.
+    Local(Box<FtError>),
+}
+
+impl fmt::Display for PeerLoss {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerLoss::Heartbeat(l) => write!(f, "{l}"),
+            PeerLoss::Send { epoch, source } => write!(f, "sending checkpoint {epoch}: {source}"),
+            PeerLoss::Channel(e) => write!(f, "{e}"),
+            PeerLoss::Ack { epoch, source } => {
+                write!(f, "waiting for the ack of epoch {epoch}: {source}")
+            }
+            PeerLoss::Unexpected { epoch, got } => {
+                write!(f, "{got} while waiting for the ack of epoch {epoch}")
+            }
+            PeerLoss::InitialSync(e) => write!(f, "initial sync: {e}"),
+            PeerLoss::Local(e) => write!(f, "checkpoint stream stopped here: {e}"),
+        }
+    }
+}
+
+/// The live link to the standby.
+pub struct Session {
+    chan: TcpChannel,
+    hb: HeartbeatHandle,
+    reader: FrameReader,
+    /// Staging for control frames the standby sends (never checkpoints).
+    ctl_staging: Staging,
+    watcher_stop: Arc<AtomicBool>,
+    peer: String,
+    generation: u64,
+}
+
+impl Session {
+    /// Connects to the standby at `ft.peer` and pairs: Hello with the
+    /// guest's shape, its HelloAck (or its refusal), heartbeats started.
+    pub fn connect(shape: &GuestShape, ft: &FtOptions) -> Result<Session, FtError> {
+        let (mut chan, hb_stream) = connect_pair(ft.peer.as_str(), CONNECT_TIMEOUT)?;
+        let hello = Message::Hello(Hello {
+            version: WIRE_VERSION,
+            generation: ft.generation,
+            role: Role::Primary,
+            heartbeat_ms: ft.heartbeat.as_millis().clamp(1, u32::MAX as u128) as u32,
+            shape: shape.clone(),
+        });
+        send_message(&mut chan, &hello)?;
+        if Fault::hits(ft.fault, FaultPoint::Handshake, 0) {
+            die_now("handshake");
+        }
+        let limits = Limits::handshake();
+        let mut reader = FrameReader::new(limits);
+        let mut ctl_staging = Staging::new(StagingConfig {
+            max_pages: 0,
+            ..limits.staging_config()
+        })?;
+        chan.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+        let protocol = |what: String| FtError::Protocol {
+            peer: ft.peer.clone(),
+            what,
+        };
+        match reader.read_frame(&mut chan, &mut ctl_staging)? {
+            Frame::Message(Message::HelloAck(ack)) if ack.generation == ft.generation => {}
+            Frame::Message(Message::HelloAck(ack)) => {
+                return Err(protocol(format!(
+                    "standby accepted generation {} but this primary is generation {}",
+                    ack.generation, ft.generation
+                )))
+            }
+            Frame::Message(Message::Refuse(r)) => {
+                return Err(FtError::Refused {
+                    peer: ft.peer.clone(),
+                    reason: r.reason,
+                })
+            }
+            Frame::Message(other) => {
+                return Err(protocol(format!(
+                    "unexpected {} in reply to Hello",
+                    other.kind().name()
+                )))
+            }
+            Frame::Checkpoint(_) => {
+                return Err(protocol(
+                    "standby sent a checkpoint during the handshake".into(),
+                ))
+            }
+        }
+        let hb = Heartbeat::start(hb_stream, ft.heartbeat, HEARTBEAT_MISSES, ft.generation)?;
+        let watcher_stop = Arc::new(AtomicBool::new(false));
+        spawn_failure_watcher(&hb, &chan, watcher_stop.clone());
+        Ok(Session {
+            chan,
+            hb,
+            reader,
+            ctl_staging,
+            watcher_stop,
+            peer: ft.peer.clone(),
+            generation: ft.generation,
+        })
+    }
+
+    /// The standby's address.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Why the heartbeat detector declared the standby lost, if it did.
+    pub fn failure(&self) -> Option<PeerLost> {
+        self.hb.failure()
+    }
+
+    /// Readable once the heartbeat detector declared the standby lost.
+    pub fn failure_event(&self) -> &vmm_sys_util::eventfd::EventFd {
+        self.hb.event_fd()
+    }
+
+    /// Streams the staged checkpoint (`epoch 0`: a batch of the initial
+    /// sync). Returns the bytes sent.
+    pub fn send_checkpoint(
+        &mut self,
+        staging: &Staging,
+        epoch: u64,
+        fault: Option<Fault>,
+    ) -> Result<u64, PeerLoss> {
+        let frame = CheckpointFrame::new(staging, epoch, self.generation);
+        let point = if epoch == 0 {
+            FaultPoint::InitialSync
+        } else {
+            FaultPoint::MidCheckpoint
+        };
+        if Fault::hits(fault, point, epoch) {
+            send_half_and_die(&frame, &mut self.chan, point.name());
+        }
+        frame
+            .write_to(&mut self.chan)
+            .map_err(|source| PeerLoss::Send { epoch, source })
+    }
+
+    /// Waits for the standby's ack of `epoch` (bounded by `timeout`; the
+    /// heartbeat detector shuts the channel down sooner if the standby dies).
+    pub fn await_ack(&mut self, epoch: u64, timeout: Duration) -> Result<(), PeerLoss> {
+        self.hb.set_epoch(epoch);
+        self.chan
+            .set_read_timeout(Some(timeout))
+            .map_err(PeerLoss::Channel)?;
+        let unexpected = |got: String| Err(PeerLoss::Unexpected { epoch, got });
+        match self
+            .reader
+            .read_frame(&mut self.chan, &mut self.ctl_staging)
+        {
+            Ok(Frame::Message(Message::Ack(Ack {
+                epoch: e,
+                generation: g,
+            }))) if e == epoch && g == self.generation => Ok(()),
+            Ok(Frame::Message(Message::Ack(a))) => unexpected(format!(
+                "ack for epoch {} generation {} (this primary is generation {})",
+                a.epoch, a.generation, self.generation
+            )),
+            Ok(Frame::Message(other)) => unexpected(other.kind().name().to_string()),
+            Ok(Frame::Checkpoint(_)) => unexpected("a checkpoint".into()),
+            Err(source) => Err(PeerLoss::Ack { epoch, source }),
+        }
+    }
+
+    /// The guest ended: tells the standby not to take over, and closes.
+    pub fn say_bye(mut self) {
+        let _ = send_message(&mut self.chan, &Message::Bye);
+        self.close();
+    }
+
+    /// The standby stopped answering: reads what it sent before it went (a
+    /// standby that took over ends its heartbeat stream with a takeover
+    /// notice), bounded by the silence timeout for a standby whose host
+    /// vanished, then closes. Returns the takeover's (generation, epoch)
+    /// when there was one.
+    pub fn settle(self) -> Option<(u64, u64)> {
+        let detector = self.hb.detector().clone();
+        let settle = detector.timeout() + Duration::from_millis(100);
+        if !detector.wait_receiver_done(settle) {
+            log::warn!(
+                "heartbeat channel of {} did not settle within {settle:?}",
+                self.peer
+            );
+        }
+        self.close();
+        detector.fenced_by()
+    }
+
+    fn close(self) {
+        self.watcher_stop.store(true, Ordering::Release);
+        let _ = self.chan.shutdown();
+        self.hb.stop();
+    }
+}
+
+fn send_message(chan: &mut TcpChannel, msg: &Message) -> Result<(), FtError> {
+    let mut buf = Vec::new();
+    ftvmm_checkpoint::wire::encode_message(msg, &mut buf)?;
+    chan.send_all(&buf)?;
+    Ok(())
+}
+
+/// Shuts the data channel down when the heartbeat detector declares the
+/// peer lost, so a blocked send or ack read returns at once.
+fn spawn_failure_watcher(hb: &HeartbeatHandle, chan: &TcpChannel, stop: Arc<AtomicBool>) {
+    let detector = hb.detector().clone();
+    let Ok(chan) = chan.try_clone() else { return };
+    let _ = std::thread::Builder::new()
+        .name("ft-watch".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                if let Some(lost) = detector.wait_failure(Duration::from_millis(200)) {
+                    log::warn!("peer lost: {lost}");
+                    let _ = chan.shutdown();
+                    return;
+                }
+            }
+        });
+}
+
+/// Writes the first half of `frame`'s bytes, then dies (fault injection).
+fn send_half_and_die(frame: &CheckpointFrame<'_>, chan: &mut TcpChannel, what: &str) -> ! {
+    let mut left = frame.len() / 2;
+    for chunk in frame.chunks() {
+        let n = (chunk.len() as u64).min(left) as usize;
+        let _ = chan.send_all(&chunk[..n]);
+        left -= n as u64;
+        if left == 0 {
+            break;
+        }
+    }
+    die_now(what)
+}
