@@ -207,10 +207,14 @@ fn init_logger() {
             if record.target() == ftvmm::REPORT {
                 writeln!(buf, "ftvmm: {}", record.args())
             } else {
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
                 writeln!(
                     buf,
-                    "[{} {:5} {}] {}",
-                    buf.timestamp_micros(),
+                    "[{}.{:06} {:5} {}] {}",
+                    t.as_secs(),
+                    t.subsec_micros(),
                     record.level(),
                     record.target(),
                     record.args()
