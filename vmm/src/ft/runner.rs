@@ -53,7 +53,7 @@ pub enum Protection {
     /// is held until its ack.
     Protected {
         /// The link to the standby.
-        session: Session,
+        session: Box<Session>,
         /// The machinery.
         kit: Kit,
     },
@@ -63,7 +63,7 @@ impl Protection {
     /// The link to the standby, while protected.
     pub fn session(&self) -> Option<&Session> {
         match self {
-            Protection::Protected { session, .. } => Some(session),
+            Protection::Protected { session, .. } => Some(&**session),
             Protection::Unprotected(_) => None,
         }
     }
@@ -126,7 +126,7 @@ impl Runner {
     /// held and the VM runs on as before.
     pub(super) fn connect(&mut self, peer: &str) -> Result<(), FtError> {
         self.ft.peer = peer.to_string();
-        let session = Session::connect(&self.shape, &self.ft)?;
+        let session = Box::new(Session::connect(&self.shape, &self.ft)?);
         log::info!(
             "protected by standby {peer} (generation {})",
             self.ft.generation

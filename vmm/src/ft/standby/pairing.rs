@@ -1,0 +1,415 @@
+//! One session of the standby with a primary: the handshake (its Hello
+//! checked, the guest's VM built here), the receive loop (verify, apply
+//! atomically, ack), and, when the primary is lost after a commit, the
+//! fencing notice and the hand-over to the takeover.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ftvmm_checkpoint::wire::{encode_message, Ack, HelloAck, Limits, Message, Refuse};
+use ftvmm_checkpoint::{
+    ApplyError, EpochFence, FenceError, Frame, FrameReader, Hello, Role, Staging, StagingConfig,
+    StagingError, WireError, DEFAULT_STATE_LIMIT, WIRE_VERSION,
+};
+use ftvmm_transport::{Channel, Heartbeat, HeartbeatHandle, HeartbeatStream, TcpChannel};
+
+use super::super::console::HeldOutput;
+use super::super::{FtError, HEARTBEAT_MISSES};
+use super::takeover::{config_for, ShapeError, Takeover};
+use super::{lock, Fencing, SessionEnd, SharedStatus, StandbyOptions};
+use crate::vm::{Vm, VmError};
+use vm_memory::GuestMemoryBackend;
+
+/// How long a connected primary gets to send its Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a primary was refused at the handshake; nothing of this standby
+/// changed.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// The handshake's staging.
+    #[error("{0}")]
+    Staging(#[from] StagingError),
+    /// Something other than a Hello came first.
+    #[error("expected Hello, got {0}")]
+    NotHello(&'static str),
+    /// The Hello could not be read.
+    #[error("bad handshake: {0}")]
+    BadHandshake(WireError),
+    /// Another wire version.
+    #[error("wire version {0} is not supported (this standby speaks {WIRE_VERSION})")]
+    Version(u16),
+    /// The peer does not say it is a primary.
+    #[error("the peer does not claim the primary role")]
+    NotPrimary,
+    /// An older generation than one already served (I5).
+    #[error("generation {got} is older than generation {max} this standby already served: a stale primary is fenced")]
+    Stale {
+        /// The primary's.
+        got: u64,
+        /// The highest served here.
+        max: u64,
+    },
+    /// The guest's shape is out of bounds.
+    #[error("guest shape refused: {0}")]
+    Limits(WireError),
+    /// The guest's shape does not fit this standby's resources.
+    #[error("guest shape refused: {0}")]
+    Shape(#[from] ShapeError),
+    /// This standby's console.
+    #[error("cannot open this standby's console: {0}")]
+    Console(VmError),
+    /// Building the VM.
+    #[error("cannot build the guest's VM here: {0}")]
+    Vm(VmError),
+}
+
+/// Why the receive loop ended, other than the primary's goodbye.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamEnd {
+    /// An initial-sync frame of another generation.
+    #[error("initial-sync frame of generation {0}")]
+    SyncGeneration(u64),
+    /// An initial-sync frame could not be applied.
+    #[error("applying initial sync: {0}")]
+    ApplySync(ApplyError),
+    /// A checkpoint out of order or of another generation.
+    #[error("checkpoint refused: {0}")]
+    Fence(#[from] FenceError),
+    /// A checkpoint could not be applied.
+    #[error("applying checkpoint {epoch}: {source}")]
+    Apply {
+        /// The checkpoint.
+        epoch: u64,
+        /// Why.
+        source: ApplyError,
+    },
+    /// The ack could not be sent.
+    #[error("sending ack {epoch}: {source}")]
+    Ack {
+        /// The checkpoint.
+        epoch: u64,
+        /// Why.
+        source: Box<FtError>,
+    },
+    /// A frame the primary must not send.
+    #[error("unexpected {0} from the primary")]
+    Unexpected(&'static str),
+    /// The connection closed.
+    #[error("the primary closed the connection")]
+    Closed,
+    /// The stream broke (torn, corrupt, reset, shut down).
+    #[error(transparent)]
+    Wire(WireError),
+}
+
+fn send_message(chan: &mut TcpChannel, msg: &Message) -> Result<(), FtError> {
+    let mut buf = Vec::new();
+    encode_message(msg, &mut buf)?;
+    chan.send_all(&buf)?;
+    Ok(())
+}
+
+/// Tells a primary why it is refused, and hangs up.
+pub fn refuse(chan: &mut TcpChannel, reason: &str) {
+    log::warn!("refusing primary {}: {reason}", chan.peer_addr());
+    let _ = send_message(
+        chan,
+        &Message::Refuse(Refuse {
+            reason: reason.to_string(),
+        }),
+    );
+    let _ = chan.shutdown();
+}
+
+/// The guest's copy on this standby, built from a primary's Hello.
+struct Replica {
+    hello: Hello,
+    vm: Vm,
+    console: Arc<HeldOutput>,
+    staging: Staging,
+}
+
+/// Reads and checks the primary's Hello; `reader` keeps the handshake's
+/// limits.
+fn read_hello(
+    chan: &mut TcpChannel,
+    reader: &mut FrameReader,
+    fencing: &Fencing,
+) -> Result<Hello, Refusal> {
+    let mut ctl = Staging::new(StagingConfig {
+        max_pages: 0,
+        ..Limits::handshake().staging_config()
+    })?;
+    let hello = match reader.read_frame(chan, &mut ctl) {
+        Ok(Frame::Message(Message::Hello(h))) => h,
+        Ok(Frame::Message(m)) => return Err(Refusal::NotHello(m.kind().name())),
+        Ok(Frame::Checkpoint(_)) => return Err(Refusal::NotHello("a checkpoint")),
+        Err(e) => return Err(Refusal::BadHandshake(e)),
+    };
+    if hello.version != WIRE_VERSION {
+        return Err(Refusal::Version(hello.version));
+    }
+    if hello.role != Role::Primary {
+        return Err(Refusal::NotPrimary);
+    }
+    if hello.generation < fencing.max_generation {
+        return Err(Refusal::Stale {
+            got: hello.generation,
+            max: fencing.max_generation,
+        });
+    }
+    Ok(hello)
+}
+
+/// Builds the guest's VM here for `hello`, and sets `reader`'s limits to
+/// its shape.
+fn build_replica(
+    hello: Hello,
+    opts: &StandbyOptions,
+    reader: &mut FrameReader,
+) -> Result<Replica, Refusal> {
+    let host_mem = crate::memory::host_memory_mib().unwrap_or(u64::MAX >> 20) << 20;
+    let mut limits =
+        Limits::for_shape(&hello.shape, host_mem, DEFAULT_STATE_LIMIT).map_err(Refusal::Limits)?;
+    let config = config_for(&hello.shape, opts)?;
+    let console =
+        HeldOutput::new(crate::vm::open_serial_output(&config.serial).map_err(Refusal::Console)?);
+    let vm = Vm::create_with_output(&config, console.writer()).map_err(Refusal::Vm)?;
+    limits.gpa_end = vm.memory.last_addr().0 + 1;
+    let staging = Staging::new(limits.staging_config())?;
+    reader.set_limits(limits);
+    Ok(Replica {
+        hello,
+        vm,
+        console,
+        staging,
+    })
+}
+
+/// Shuts `chan` down when the heartbeat detector declares the primary lost,
+/// so the blocked read of the receive loop ends; a torn frame is then
+/// discarded (I2).
+fn spawn_watcher(hb: &HeartbeatHandle, chan: &TcpChannel, stop: Arc<AtomicBool>) {
+    let Ok(c) = chan.try_clone() else { return };
+    let detector = hb.detector().clone();
+    let _ = std::thread::Builder::new()
+        .name("ft-watch".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                if detector.wait_failure(Duration::from_millis(200)).is_some() {
+                    let _ = c.shutdown();
+                    return;
+                }
+            }
+        });
+}
+
+/// The receive side of a paired session.
+struct Receiver<'a> {
+    chan: TcpChannel,
+    hb: HeartbeatHandle,
+    reader: FrameReader,
+    replica: Replica,
+    fence: EpochFence,
+    /// The last committed checkpoint's machine state.
+    committed: Vec<u8>,
+    opts: &'a StandbyOptions,
+    shared: &'a SharedStatus,
+}
+
+impl Receiver<'_> {
+    /// Receives, verifies, applies and acks until the stream ends: `Ok` on
+    /// the primary's goodbye.
+    fn run(&mut self) -> Result<(), StreamEnd> {
+        let generation = self.replica.hello.generation;
+        let mut scratch: Vec<u8> = Vec::new();
+        loop {
+            let cp = match self
+                .reader
+                .read_frame(&mut self.chan, &mut self.replica.staging)
+            {
+                Ok(Frame::Checkpoint(cp)) => cp,
+                Ok(Frame::Message(Message::Bye)) => return Ok(()),
+                Ok(Frame::Message(m)) => return Err(StreamEnd::Unexpected(m.kind().name())),
+                Err(WireError::Closed) => return Err(StreamEnd::Closed),
+                Err(e) => return Err(StreamEnd::Wire(e)),
+            };
+            let mem = &self.replica.vm.memory;
+            if cp.state_len() == 0 {
+                // Initial sync: pages only, nothing commits.
+                if cp.generation() != generation {
+                    return Err(StreamEnd::SyncGeneration(cp.generation()));
+                }
+                cp.apply(mem, &mut scratch).map_err(StreamEnd::ApplySync)?;
+                continue;
+            }
+            self.fence.admit(cp.generation(), cp.epoch())?;
+            let epoch = cp.epoch();
+            let state = cp
+                .apply(mem, &mut scratch)
+                .map_err(|source| StreamEnd::Apply { epoch, source })?;
+            self.committed.clear();
+            self.committed.extend_from_slice(state);
+            self.commit(epoch)?;
+        }
+    }
+
+    /// Checkpoint `epoch` is applied: record it, and ack it.
+    fn commit(&mut self, epoch: u64) -> Result<(), StreamEnd> {
+        let generation = self.replica.hello.generation;
+        let first = self.fence.last_applied().is_none();
+        self.fence.commit(epoch);
+        {
+            let mut sh = lock(self.shared);
+            sh.committed = Some(epoch);
+            sh.applied += 1;
+        }
+        if first {
+            // From now on losing the primary means taking over: our
+            // farewell heartbeat fences it (I5).
+            self.hb.set_successor_generation(generation + 1);
+        }
+        if self.opts.hash_epoch == Some(epoch) {
+            log::info!(
+                target: crate::REPORT,
+                "memory crc at epoch {epoch}: {:08x}",
+                super::super::memory_crc(&self.replica.vm.memory)
+            );
+        }
+        self.hb.set_epoch(epoch);
+        if let Some(d) = self.opts.ack_delay {
+            std::thread::sleep(d);
+        }
+        send_message(&mut self.chan, &Message::Ack(Ack { epoch, generation })).map_err(|e| {
+            StreamEnd::Ack {
+                epoch,
+                source: Box::new(e),
+            }
+        })
+    }
+
+    /// The primary is lost after a commit: fence it before anything else
+    /// (I5). If it is alive after all (silence, not death), the notice tells
+    /// it that generation + 1 now runs the guest, so it must release nothing
+    /// more; then it never hears from this standby again.
+    fn hand_over(mut self, why: String, lost_at: Instant, fencing: &mut Fencing) -> Takeover {
+        let generation = self.replica.hello.generation;
+        let epoch = self.fence.last_applied().unwrap_or(0);
+        self.hb.set_epoch(epoch);
+        self.hb.announce_takeover(generation + 1);
+        fencing.max_generation = generation + 1;
+        let _ = send_message(
+            &mut self.chan,
+            &Message::Refuse(Refuse {
+                reason: format!(
+                    "the standby took over from checkpoint {epoch} as generation {}",
+                    generation + 1
+                ),
+            }),
+        );
+        let _ = self.chan.shutdown();
+        let Replica {
+            hello, vm, console, ..
+        } = self.replica;
+        Takeover {
+            vm: Box::new(vm),
+            console,
+            shape: hello.shape,
+            heartbeat: Duration::from_millis(u64::from(hello.heartbeat_ms.max(1))),
+            state: self.committed,
+            epoch,
+            why,
+            lost_at,
+        }
+    }
+}
+
+/// Serves one primary from its Hello to its end.
+pub fn serve(
+    mut chan: TcpChannel,
+    hb: HeartbeatStream,
+    opts: &StandbyOptions,
+    fencing: &mut Fencing,
+    busy: &Mutex<Option<String>>,
+    shared: &SharedStatus,
+) -> SessionEnd {
+    let peer = chan.peer_addr().to_string();
+    if let Err(e) = chan.set_read_timeout(Some(HELLO_TIMEOUT)) {
+        log::warn!("primary {peer}: {e}");
+        return SessionEnd::Refused;
+    }
+    let mut reader = FrameReader::new(Limits::handshake());
+    let replica = read_hello(&mut chan, &mut reader, fencing)
+        .and_then(|hello| build_replica(hello, opts, &mut reader));
+    let replica = match replica {
+        Ok(r) => r,
+        Err(refusal) => {
+            // A refused primary may retry at once: free the standby before
+            // answering.
+            *busy.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            refuse(&mut chan, &refusal.to_string());
+            return SessionEnd::Refused;
+        }
+    };
+    let generation = replica.hello.generation;
+    fencing.max_generation = generation;
+    let ack = Message::HelloAck(HelloAck {
+        version: WIRE_VERSION,
+        generation,
+    });
+    if let Err(e) = send_message(&mut chan, &ack) {
+        return SessionEnd::LostEmpty(e.to_string());
+    }
+    let interval = Duration::from_millis(u64::from(replica.hello.heartbeat_ms.max(1)));
+    let hb = match Heartbeat::start(hb, interval, HEARTBEAT_MISSES, generation) {
+        Ok(h) => h,
+        Err(e) => return SessionEnd::LostEmpty(e.to_string()),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    spawn_watcher(&hb, &chan, stop.clone());
+    log::info!("paired with primary {peer}, generation {generation}");
+    {
+        let mut sh = lock(shared);
+        sh.peer = Some(peer.clone());
+        sh.generation = generation;
+        sh.applied = 0;
+        sh.chan = chan.try_clone().ok();
+    }
+    let _ = chan.set_read_timeout(None);
+    let mut rx = Receiver {
+        chan,
+        hb,
+        reader,
+        replica,
+        fence: EpochFence::new(generation),
+        committed: Vec::new(),
+        opts,
+        shared,
+    };
+    let end = rx.run();
+    stop.store(true, Ordering::Release);
+    let end = match end {
+        Ok(()) => {
+            rx.hb.stop();
+            return SessionEnd::Bye;
+        }
+        Err(end) => end,
+    };
+    let lost_at = Instant::now();
+    let why = if lock(shared).manual {
+        "manual failover (ctl failover)".to_string()
+    } else {
+        match rx.hb.failure() {
+            Some(lost) => format!("{lost}; {end}"),
+            None => end.to_string(),
+        }
+    };
+    if rx.fence.last_applied().is_none() {
+        let _ = rx.chan.shutdown();
+        rx.hb.stop();
+        return SessionEnd::LostEmpty(why);
+    }
+    SessionEnd::Takeover(Box::new(rx.hand_over(why, lost_at, fencing)))
+}
