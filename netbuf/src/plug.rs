@@ -23,7 +23,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::netlink::{self, PlugAction, Socket};
+use crate::netlink::{self, NetlinkError, PlugAction, Socket};
 use crate::{Backend, Held, NetOutput, NetbufError, NetbufReport, OutputCommit};
 
 /// Time given to the kernel to send what a last release let out before a
@@ -33,9 +33,9 @@ const DRAIN_BEFORE_DISCARD: Duration = Duration::from_millis(20);
 #[derive(Debug)]
 struct Link {
     tap: String,
-    tap_index: i32,
+    tap_index: u32,
     ifb: String,
-    ifb_index: i32,
+    ifb_index: u32,
     /// Set-up steps done, for the teardown.
     ingress: bool,
 }
@@ -62,15 +62,103 @@ pub fn ifb_name(nic: usize) -> String {
     format!("ftapifb{}{nic}", std::process::id() % 100_000)
 }
 
+fn nl(what: String) -> impl FnOnce(NetlinkError) -> NetbufError {
+    move |source| NetbufError::Netlink { what, source }
+}
+
 impl State {
+    fn new(limit: usize) -> Result<State, NetbufError> {
+        let sock = Socket::open().map_err(nl("opening a NETLINK_ROUTE socket".into()))?;
+        Ok(State {
+            sock,
+            links: Vec::new(),
+            sealed: VecDeque::new(),
+            done: false,
+            report: NetbufReport {
+                limit_bytes: limit as u64,
+                ..NetbufReport::default()
+            },
+        })
+    }
+
+    /// Set-up step 1 for NIC `n` on `tap`: its IFB, brought up.
+    fn add_ifb(&mut self, n: usize, tap: &str) -> Result<(), NetbufError> {
+        let tap_index = self
+            .sock
+            .ifindex(tap)
+            .map_err(nl(format!("finding tap '{tap}'")))?;
+        let ifb = ifb_name(n);
+        // A leftover of a killed process with the same pid.
+        if let Ok(old) = self.sock.ifindex(&ifb) {
+            let _ = self.sock.request(netlink::del_link(old));
+        }
+        self.sock
+            .request(netlink::new_ifb(&ifb))
+            .map_err(|source| NetbufError::NoIfb {
+                ifb: ifb.clone(),
+                source,
+            })?;
+        let ifb_index = self
+            .sock
+            .ifindex(&ifb)
+            .map_err(nl(format!("finding '{ifb}'")))?;
+        self.links.push(Link {
+            tap: tap.to_string(),
+            tap_index,
+            ifb: ifb.clone(),
+            ifb_index,
+            ingress: false,
+        });
+        self.sock
+            .request(netlink::set_up(ifb_index))
+            .map_err(nl(format!("bringing '{ifb}' up")))
+    }
+
+    /// Set-up step 2 for the last IFB: the plug qdisc, passing everything
+    /// until protection begins.
+    fn add_plug(&mut self, limit: u32) -> Result<(), NetbufError> {
+        let l = self.links.last().expect("add_ifb first");
+        let (ifb, ifb_index) = (l.ifb.clone(), l.ifb_index);
+        self.sock
+            .request(netlink::new_plug(ifb_index, limit))
+            .map_err(|source| match source.errno() {
+                Some(libc::ENOENT) | Some(libc::EOPNOTSUPP) => NetbufError::NoSchPlug {
+                    ifb: ifb.clone(),
+                    source,
+                },
+                _ => NetbufError::Netlink {
+                    what: format!("adding the plug qdisc to '{ifb}'"),
+                    source,
+                },
+            })?;
+        self.sock
+            .request(netlink::plug_command(
+                ifb_index,
+                PlugAction::ReleaseIndefinite,
+            ))
+            .map_err(nl(format!("unplugging '{ifb}'")))
+    }
+
+    /// Set-up step 3 for the last link: the tap's ingress redirected to
+    /// its IFB.
+    fn add_redirect(&mut self) -> Result<(), NetbufError> {
+        let l = self.links.last_mut().expect("add_ifb first");
+        self.sock
+            .request(netlink::new_ingress(l.tap_index))
+            .map_err(nl(format!("adding the ingress qdisc to '{}'", l.tap)))?;
+        l.ingress = true;
+        self.sock
+            .request(netlink::new_redirect(l.tap_index, l.ifb_index))
+            .map_err(nl(format!("redirecting '{}' to '{}'", l.tap, l.ifb)))
+    }
+
     fn command(&mut self, action: PlugAction) {
-        for i in 0..self.links.len() {
-            let idx = self.links[i].ifb_index;
-            if let Err(e) = self.sock.request(netlink::plug_command(idx, action)) {
-                log::error!(
-                    "netbuf plug: {action:?} on '{}' failed: {e}",
-                    self.links[i].ifb
-                );
+        for l in &self.links {
+            if let Err(e) = self
+                .sock
+                .request(netlink::plug_command(l.ifb_index, action))
+            {
+                log::error!("netbuf plug: {action:?} on '{}' failed: {e}", l.ifb);
             }
         }
     }
@@ -97,75 +185,16 @@ impl PlugBuffer {
     /// Fails (and undoes what it did) with [`NetbufError::NoSchPlug`] on a
     /// kernel without `sch_plug`.
     pub fn start(taps: &[String], limit: usize) -> Result<PlugBuffer, NetbufError> {
-        let nl = |what: String| move |source| NetbufError::Netlink { what, source };
-        let sock = Socket::open().map_err(nl("opening a NETLINK_ROUTE socket".into()))?;
-        let mut st = State {
-            sock,
-            links: Vec::new(),
-            sealed: VecDeque::new(),
-            done: false,
-            report: NetbufReport {
-                limit_bytes: limit as u64,
-                ..NetbufReport::default()
-            },
-        };
-        let r = (|| {
-            for (n, tap) in taps.iter().enumerate() {
-                let tap_index =
-                    netlink::ifindex(tap).map_err(nl(format!("finding tap '{tap}'")))?;
-                let ifb = ifb_name(n);
-                // A leftover of a killed process with the same pid.
-                if let Ok(old) = netlink::ifindex(&ifb) {
-                    let _ = st.sock.request(netlink::del_link(old));
-                }
-                st.sock
-                    .request(netlink::new_ifb(&ifb))
-                    .map_err(|source| NetbufError::NoIfb {
-                        ifb: ifb.clone(),
-                        source,
-                    })?;
-                let ifb_index = netlink::ifindex(&ifb).map_err(nl(format!("finding '{ifb}'")))?;
-                st.links.push(Link {
-                    tap: tap.clone(),
-                    tap_index,
-                    ifb: ifb.clone(),
-                    ifb_index,
-                    ingress: false,
-                });
-                st.sock
-                    .request(netlink::set_up(ifb_index))
-                    .map_err(nl(format!("bringing '{ifb}' up")))?;
-                let limit = u32::try_from(limit).unwrap_or(u32::MAX);
-                st.sock
-                    .request(netlink::new_plug(ifb_index, limit))
-                    .map_err(|source| match source.errno() {
-                        Some(libc::ENOENT) | Some(libc::EOPNOTSUPP) => NetbufError::NoSchPlug {
-                            ifb: ifb.clone(),
-                            source,
-                        },
-                        _ => NetbufError::Netlink {
-                            what: format!("adding the plug qdisc to '{ifb}'"),
-                            source,
-                        },
-                    })?;
-                // Pass everything until protection begins.
-                st.sock
-                    .request(netlink::plug_command(
-                        ifb_index,
-                        PlugAction::ReleaseIndefinite,
-                    ))
-                    .map_err(nl(format!("unplugging '{ifb}'")))?;
-                st.sock
-                    .request(netlink::new_ingress(tap_index))
-                    .map_err(nl(format!("adding the ingress qdisc to '{tap}'")))?;
-                st.links.last_mut().expect("pushed").ingress = true;
-                st.sock
-                    .request(netlink::new_redirect(tap_index, ifb_index))
-                    .map_err(nl(format!("redirecting '{tap}' to '{ifb}'")))?;
-                log::info!("netbuf plug: '{tap}' → '{ifb}' (sch_plug, limit {limit} bytes)");
-            }
+        let mut st = State::new(limit)?;
+        let limit = u32::try_from(limit).unwrap_or(u32::MAX);
+        let r = taps.iter().enumerate().try_for_each(|(n, tap)| {
+            st.add_ifb(n, tap)?;
+            st.add_plug(limit)?;
+            st.add_redirect()?;
+            let ifb = &st.links[n].ifb;
+            log::info!("netbuf plug: '{tap}' → '{ifb}' (sch_plug, limit {limit} bytes)");
             Ok(())
-        })();
+        });
         if let Err(e) = r {
             st.teardown();
             return Err(e);
