@@ -274,9 +274,141 @@ impl Drop for PlugBuffer {
 mod tests {
     use super::*;
 
+    use std::process::Command;
+
+    use ftvmm_devices::virtio::net::Tap;
+
     #[test]
     fn ifb_names_fit_an_interface_name() {
         assert!(ifb_name(8).len() <= 15);
         assert!(ifb_name(0).starts_with("ftapifb"));
+    }
+
+    /// Runs `f` on a thread of its own moved into a fresh network
+    /// namespace. The namespace, and every device made in it, goes away
+    /// when the thread ends, however `f` ends (its panic is passed on).
+    /// `f` is not run (SKIP printed) where the namespace cannot be made.
+    fn in_fresh_netns(test: &'static str, f: impl FnOnce() + Send + 'static) {
+        let r = std::thread::spawn(move || {
+            // SAFETY: unshare(2) takes a flag word and touches none of our
+            // memory; CLONE_NEWNET moves only the calling thread (this
+            // test's own thread), so nothing else sees the new namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                let e = std::io::Error::last_os_error();
+                println!("SKIP {test}: cannot make a network namespace: {e}");
+                return;
+            }
+            f();
+        })
+        .join();
+        if let Err(panic) = r {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    /// Runs `cmd ARGS` (in the calling thread's namespace); its stdout, or
+    /// None if it failed.
+    fn run(cmd: &str, args: &[&str]) -> Option<String> {
+        let out = Command::new(cmd).args(args).output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn ingress_of(tap: &str) -> (String, String) {
+        let qdiscs = run("tc", &["qdisc", "show", "dev", tap]).expect("tc qdisc show");
+        let filters =
+            run("tc", &["filter", "show", "dev", tap, "ingress"]).expect("tc filter show");
+        (qdiscs, filters)
+    }
+
+    /// Against the real kernel, in a namespace of its own: the IFB, the
+    /// ingress qdisc and the u32 + mirred redirect are what `tc` and `ip`
+    /// read back, and all of it goes on drop; the full start either works
+    /// (a kernel with sch_plug) or fails with `NoSchPlug`, leaving nothing.
+    #[test]
+    fn redirect_to_ifb_on_a_real_kernel_and_cleanup() {
+        let test = "redirect_to_ifb_on_a_real_kernel_and_cleanup";
+        in_fresh_netns(test, move || {
+            if run("tc", &["-V"]).is_none() || run("ip", &["-V"]).is_none() {
+                println!("SKIP {test}: no `tc` or `ip` command");
+                return;
+            }
+            let tap_name = format!("ftnbtap{}", std::process::id() % 100_000);
+            let tap = match Tap::open(&tap_name) {
+                Ok(t) => t,
+                Err(e) => {
+                    println!("SKIP {test}: no tap device: {e}");
+                    return;
+                }
+            };
+            let link_of = |dev: &str| run("ip", &["-o", "link", "show", "dev", dev]);
+
+            // Steps 1 and 3 (step 2 needs sch_plug).
+            let mut st = State::new(1 << 20).unwrap();
+            st.add_ifb(0, &tap_name).unwrap();
+            let ifb = st.links[0].ifb.clone();
+            assert_eq!(ifb, ifb_name(0));
+            let shown = link_of(&ifb).expect("the IFB exists");
+            assert!(shown.contains(",UP"), "the IFB is not up: {shown}");
+            st.add_redirect().unwrap();
+            let (qdiscs, filters) = ingress_of(&tap_name);
+            assert!(qdiscs.contains("qdisc ingress ffff:"), "{qdiscs}");
+            assert!(
+                filters.contains("protocol all pref 1 u32")
+                    && filters.contains("match 00000000/00000000 at 0"),
+                "{filters}"
+            );
+            assert!(
+                filters.contains(&format!("mirred (Egress Redirect to device {ifb}) stolen")),
+                "{filters}"
+            );
+            // A second redirect on the same tap is refused, and says why.
+            let e = st
+                .sock
+                .request(netlink::new_ingress(st.links[0].tap_index))
+                .unwrap_err();
+            assert_eq!(e.errno(), Some(libc::EEXIST), "{e}");
+            assert!(e.to_string().starts_with("RTM_NEWQDISC: "), "{e}");
+
+            drop(PlugBuffer {
+                state: Mutex::new(st),
+            });
+            assert!(link_of(&ifb).is_none(), "the IFB outlived the drop");
+            let (qdiscs, filters) = ingress_of(&tap_name);
+            assert!(!qdiscs.contains("ingress"), "{qdiscs}");
+            assert!(filters.trim().is_empty(), "{filters}");
+
+            // The whole start.
+            match PlugBuffer::start(std::slice::from_ref(&tap_name), 1 << 20) {
+                Err(NetbufError::NoSchPlug { ifb: i, source }) => {
+                    println!("{test}: this kernel has no sch_plug: {source}");
+                    assert_eq!(i, ifb);
+                    assert_eq!(source.errno(), Some(libc::ENOENT));
+                }
+                Ok(plug) => {
+                    let q = run("tc", &["qdisc", "show", "dev", &ifb]).unwrap();
+                    assert!(q.contains("qdisc plug 1: root"), "{q}");
+                    assert!(ingress_of(&tap_name).1.contains("mirred"));
+                    plug.hold();
+                    plug.seal(1);
+                    plug.release_upto(1);
+                    plug.release_all();
+                    drop(plug);
+                }
+                Err(e) => panic!("{e}"),
+            }
+            assert!(link_of(&ifb).is_none(), "the IFB outlived a failed start");
+            assert!(!ingress_of(&tap_name).0.contains("ingress"));
+
+            // A tap that is not there.
+            let e = PlugBuffer::start(&["ftnbnone".to_string()], 1 << 20).unwrap_err();
+            assert!(
+                e.to_string().contains("finding tap 'ftnbnone'")
+                    && e.to_string().contains("RTM_GETLINK"),
+                "{e}"
+            );
+            drop(tap);
+        });
     }
 }
