@@ -18,8 +18,9 @@
 //!   worker (backpressure) until the ack frees memory. Nothing is dropped.
 //! - [`Backend::Plug`] ([`plug::PlugBuffer`]): the kernel holds the frames,
 //!   the Remus way: each tap's ingress is redirected (`mirred`) to an IFB
-//!   device whose root qdisc is `sch_plug`, driven over rtnetlink (a small
-//!   synchronous socket of our own, [`netlink`]). Needs `CONFIG_NET_SCH_PLUG`.
+//!   device whose root qdisc is `sch_plug`, driven over rtnetlink
+//!   (`netlink-packet-route` messages on a synchronous `netlink-sys` socket,
+//!   [`netlink`]). Needs `CONFIG_NET_SCH_PLUG`.
 //! - [`Backend::None`]: frames pass straight through (tests and benchmarks
 //!   of memory checkpointing alone; breaks I1 for the network).
 //!

@@ -23,7 +23,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::netlink::{self, PlugAction, Socket};
+use crate::netlink::{self, NetlinkError, PlugAction, Socket};
 use crate::{Backend, Held, NetOutput, NetbufError, NetbufReport, OutputCommit};
 
 /// Time given to the kernel to send what a last release let out before a
@@ -33,9 +33,9 @@ const DRAIN_BEFORE_DISCARD: Duration = Duration::from_millis(20);
 #[derive(Debug)]
 struct Link {
     tap: String,
-    tap_index: i32,
+    tap_index: u32,
     ifb: String,
-    ifb_index: i32,
+    ifb_index: u32,
     /// Set-up steps done, for the teardown.
     ingress: bool,
 }
@@ -62,15 +62,103 @@ pub fn ifb_name(nic: usize) -> String {
     format!("ftapifb{}{nic}", std::process::id() % 100_000)
 }
 
+fn nl(what: String) -> impl FnOnce(NetlinkError) -> NetbufError {
+    move |source| NetbufError::Netlink { what, source }
+}
+
 impl State {
+    fn new(limit: usize) -> Result<State, NetbufError> {
+        let sock = Socket::open().map_err(nl("opening a NETLINK_ROUTE socket".into()))?;
+        Ok(State {
+            sock,
+            links: Vec::new(),
+            sealed: VecDeque::new(),
+            done: false,
+            report: NetbufReport {
+                limit_bytes: limit as u64,
+                ..NetbufReport::default()
+            },
+        })
+    }
+
+    /// Set-up step 1 for NIC `n` on `tap`: its IFB, brought up.
+    fn add_ifb(&mut self, n: usize, tap: &str) -> Result<(), NetbufError> {
+        let tap_index = self
+            .sock
+            .ifindex(tap)
+            .map_err(nl(format!("finding tap '{tap}'")))?;
+        let ifb = ifb_name(n);
+        // A leftover of a killed process with the same pid.
+        if let Ok(old) = self.sock.ifindex(&ifb) {
+            let _ = self.sock.request(netlink::del_link(old));
+        }
+        self.sock
+            .request(netlink::new_ifb(&ifb))
+            .map_err(|source| NetbufError::NoIfb {
+                ifb: ifb.clone(),
+                source,
+            })?;
+        let ifb_index = self
+            .sock
+            .ifindex(&ifb)
+            .map_err(nl(format!("finding '{ifb}'")))?;
+        self.links.push(Link {
+            tap: tap.to_string(),
+            tap_index,
+            ifb: ifb.clone(),
+            ifb_index,
+            ingress: false,
+        });
+        self.sock
+            .request(netlink::set_up(ifb_index))
+            .map_err(nl(format!("bringing '{ifb}' up")))
+    }
+
+    /// Set-up step 2 for the last IFB: the plug qdisc, passing everything
+    /// until protection begins.
+    fn add_plug(&mut self, limit: u32) -> Result<(), NetbufError> {
+        let l = self.links.last().expect("add_ifb first");
+        let (ifb, ifb_index) = (l.ifb.clone(), l.ifb_index);
+        self.sock
+            .request(netlink::new_plug(ifb_index, limit))
+            .map_err(|source| match source.errno() {
+                Some(libc::ENOENT) | Some(libc::EOPNOTSUPP) => NetbufError::NoSchPlug {
+                    ifb: ifb.clone(),
+                    source,
+                },
+                _ => NetbufError::Netlink {
+                    what: format!("adding the plug qdisc to '{ifb}'"),
+                    source,
+                },
+            })?;
+        self.sock
+            .request(netlink::plug_command(
+                ifb_index,
+                PlugAction::ReleaseIndefinite,
+            ))
+            .map_err(nl(format!("unplugging '{ifb}'")))
+    }
+
+    /// Set-up step 3 for the last link: the tap's ingress redirected to
+    /// its IFB.
+    fn add_redirect(&mut self) -> Result<(), NetbufError> {
+        let l = self.links.last_mut().expect("add_ifb first");
+        self.sock
+            .request(netlink::new_ingress(l.tap_index))
+            .map_err(nl(format!("adding the ingress qdisc to '{}'", l.tap)))?;
+        l.ingress = true;
+        self.sock
+            .request(netlink::new_redirect(l.tap_index, l.ifb_index))
+            .map_err(nl(format!("redirecting '{}' to '{}'", l.tap, l.ifb)))
+    }
+
     fn command(&mut self, action: PlugAction) {
-        for i in 0..self.links.len() {
-            let idx = self.links[i].ifb_index;
-            if let Err(e) = self.sock.request(netlink::plug_command(idx, action)) {
-                log::error!(
-                    "netbuf plug: {action:?} on '{}' failed: {e}",
-                    self.links[i].ifb
-                );
+        for l in &self.links {
+            if let Err(e) = self
+                .sock
+                .request(netlink::plug_command(l.ifb_index, action))
+            {
+                log::error!("netbuf plug: {action:?} on '{}' failed: {e}", l.ifb);
             }
         }
     }
@@ -97,75 +185,16 @@ impl PlugBuffer {
     /// Fails (and undoes what it did) with [`NetbufError::NoSchPlug`] on a
     /// kernel without `sch_plug`.
     pub fn start(taps: &[String], limit: usize) -> Result<PlugBuffer, NetbufError> {
-        let nl = |what: String| move |source| NetbufError::Netlink { what, source };
-        let sock = Socket::open().map_err(nl("opening a NETLINK_ROUTE socket".into()))?;
-        let mut st = State {
-            sock,
-            links: Vec::new(),
-            sealed: VecDeque::new(),
-            done: false,
-            report: NetbufReport {
-                limit_bytes: limit as u64,
-                ..NetbufReport::default()
-            },
-        };
-        let r = (|| {
-            for (n, tap) in taps.iter().enumerate() {
-                let tap_index =
-                    netlink::ifindex(tap).map_err(nl(format!("finding tap '{tap}'")))?;
-                let ifb = ifb_name(n);
-                // A leftover of a killed process with the same pid.
-                if let Ok(old) = netlink::ifindex(&ifb) {
-                    let _ = st.sock.request(netlink::del_link(old));
-                }
-                st.sock
-                    .request(netlink::new_ifb(&ifb))
-                    .map_err(|source| NetbufError::NoIfb {
-                        ifb: ifb.clone(),
-                        source,
-                    })?;
-                let ifb_index = netlink::ifindex(&ifb).map_err(nl(format!("finding '{ifb}'")))?;
-                st.links.push(Link {
-                    tap: tap.clone(),
-                    tap_index,
-                    ifb: ifb.clone(),
-                    ifb_index,
-                    ingress: false,
-                });
-                st.sock
-                    .request(netlink::set_up(ifb_index))
-                    .map_err(nl(format!("bringing '{ifb}' up")))?;
-                let limit = u32::try_from(limit).unwrap_or(u32::MAX);
-                st.sock
-                    .request(netlink::new_plug(ifb_index, limit))
-                    .map_err(|source| match source.errno() {
-                        Some(libc::ENOENT) | Some(libc::EOPNOTSUPP) => NetbufError::NoSchPlug {
-                            ifb: ifb.clone(),
-                            source,
-                        },
-                        _ => NetbufError::Netlink {
-                            what: format!("adding the plug qdisc to '{ifb}'"),
-                            source,
-                        },
-                    })?;
-                // Pass everything until protection begins.
-                st.sock
-                    .request(netlink::plug_command(
-                        ifb_index,
-                        PlugAction::ReleaseIndefinite,
-                    ))
-                    .map_err(nl(format!("unplugging '{ifb}'")))?;
-                st.sock
-                    .request(netlink::new_ingress(tap_index))
-                    .map_err(nl(format!("adding the ingress qdisc to '{tap}'")))?;
-                st.links.last_mut().expect("pushed").ingress = true;
-                st.sock
-                    .request(netlink::new_redirect(tap_index, ifb_index))
-                    .map_err(nl(format!("redirecting '{tap}' to '{ifb}'")))?;
-                log::info!("netbuf plug: '{tap}' → '{ifb}' (sch_plug, limit {limit} bytes)");
-            }
+        let mut st = State::new(limit)?;
+        let limit = u32::try_from(limit).unwrap_or(u32::MAX);
+        let r = taps.iter().enumerate().try_for_each(|(n, tap)| {
+            st.add_ifb(n, tap)?;
+            st.add_plug(limit)?;
+            st.add_redirect()?;
+            let ifb = &st.links[n].ifb;
+            log::info!("netbuf plug: '{tap}' → '{ifb}' (sch_plug, limit {limit} bytes)");
             Ok(())
-        })();
+        });
         if let Err(e) = r {
             st.teardown();
             return Err(e);
@@ -245,9 +274,141 @@ impl Drop for PlugBuffer {
 mod tests {
     use super::*;
 
+    use std::process::Command;
+
+    use ftvmm_devices::virtio::net::Tap;
+
     #[test]
     fn ifb_names_fit_an_interface_name() {
         assert!(ifb_name(8).len() <= 15);
         assert!(ifb_name(0).starts_with("ftapifb"));
+    }
+
+    /// Runs `f` on a thread of its own moved into a fresh network
+    /// namespace. The namespace, and every device made in it, goes away
+    /// when the thread ends, however `f` ends (its panic is passed on).
+    /// `f` is not run (SKIP printed) where the namespace cannot be made.
+    fn in_fresh_netns(test: &'static str, f: impl FnOnce() + Send + 'static) {
+        let r = std::thread::spawn(move || {
+            // SAFETY: unshare(2) takes a flag word and touches none of our
+            // memory; CLONE_NEWNET moves only the calling thread (this
+            // test's own thread), so nothing else sees the new namespace.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                let e = std::io::Error::last_os_error();
+                println!("SKIP {test}: cannot make a network namespace: {e}");
+                return;
+            }
+            f();
+        })
+        .join();
+        if let Err(panic) = r {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    /// Runs `cmd ARGS` (in the calling thread's namespace); its stdout, or
+    /// None if it failed.
+    fn run(cmd: &str, args: &[&str]) -> Option<String> {
+        let out = Command::new(cmd).args(args).output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn ingress_of(tap: &str) -> (String, String) {
+        let qdiscs = run("tc", &["qdisc", "show", "dev", tap]).expect("tc qdisc show");
+        let filters =
+            run("tc", &["filter", "show", "dev", tap, "ingress"]).expect("tc filter show");
+        (qdiscs, filters)
+    }
+
+    /// Against the real kernel, in a namespace of its own: the IFB, the
+    /// ingress qdisc and the u32 + mirred redirect are what `tc` and `ip`
+    /// read back, and all of it goes on drop; the full start either works
+    /// (a kernel with sch_plug) or fails with `NoSchPlug`, leaving nothing.
+    #[test]
+    fn redirect_to_ifb_on_a_real_kernel_and_cleanup() {
+        let test = "redirect_to_ifb_on_a_real_kernel_and_cleanup";
+        in_fresh_netns(test, move || {
+            if run("tc", &["-V"]).is_none() || run("ip", &["-V"]).is_none() {
+                println!("SKIP {test}: no `tc` or `ip` command");
+                return;
+            }
+            let tap_name = format!("ftnbtap{}", std::process::id() % 100_000);
+            let tap = match Tap::open(&tap_name) {
+                Ok(t) => t,
+                Err(e) => {
+                    println!("SKIP {test}: no tap device: {e}");
+                    return;
+                }
+            };
+            let link_of = |dev: &str| run("ip", &["-o", "link", "show", "dev", dev]);
+
+            // Steps 1 and 3 (step 2 needs sch_plug).
+            let mut st = State::new(1 << 20).unwrap();
+            st.add_ifb(0, &tap_name).unwrap();
+            let ifb = st.links[0].ifb.clone();
+            assert_eq!(ifb, ifb_name(0));
+            let shown = link_of(&ifb).expect("the IFB exists");
+            assert!(shown.contains(",UP"), "the IFB is not up: {shown}");
+            st.add_redirect().unwrap();
+            let (qdiscs, filters) = ingress_of(&tap_name);
+            assert!(qdiscs.contains("qdisc ingress ffff:"), "{qdiscs}");
+            assert!(
+                filters.contains("protocol all pref 1 u32")
+                    && filters.contains("match 00000000/00000000 at 0"),
+                "{filters}"
+            );
+            assert!(
+                filters.contains(&format!("mirred (Egress Redirect to device {ifb}) stolen")),
+                "{filters}"
+            );
+            // A second redirect on the same tap is refused, and says why.
+            let e = st
+                .sock
+                .request(netlink::new_ingress(st.links[0].tap_index))
+                .unwrap_err();
+            assert_eq!(e.errno(), Some(libc::EEXIST), "{e}");
+            assert!(e.to_string().starts_with("RTM_NEWQDISC: "), "{e}");
+
+            drop(PlugBuffer {
+                state: Mutex::new(st),
+            });
+            assert!(link_of(&ifb).is_none(), "the IFB outlived the drop");
+            let (qdiscs, filters) = ingress_of(&tap_name);
+            assert!(!qdiscs.contains("ingress"), "{qdiscs}");
+            assert!(filters.trim().is_empty(), "{filters}");
+
+            // The whole start.
+            match PlugBuffer::start(std::slice::from_ref(&tap_name), 1 << 20) {
+                Err(NetbufError::NoSchPlug { ifb: i, source }) => {
+                    println!("{test}: this kernel has no sch_plug: {source}");
+                    assert_eq!(i, ifb);
+                    assert_eq!(source.errno(), Some(libc::ENOENT));
+                }
+                Ok(plug) => {
+                    let q = run("tc", &["qdisc", "show", "dev", &ifb]).unwrap();
+                    assert!(q.contains("qdisc plug 1: root"), "{q}");
+                    assert!(ingress_of(&tap_name).1.contains("mirred"));
+                    plug.hold();
+                    plug.seal(1);
+                    plug.release_upto(1);
+                    plug.release_all();
+                    drop(plug);
+                }
+                Err(e) => panic!("{e}"),
+            }
+            assert!(link_of(&ifb).is_none(), "the IFB outlived a failed start");
+            assert!(!ingress_of(&tap_name).0.contains("ingress"));
+
+            // A tap that is not there.
+            let e = PlugBuffer::start(&["ftnbnone".to_string()], 1 << 20).unwrap_err();
+            assert!(
+                e.to_string().contains("finding tap 'ftnbnone'")
+                    && e.to_string().contains("RTM_GETLINK"),
+                "{e}"
+            );
+            drop(tap);
+        });
     }
 }
