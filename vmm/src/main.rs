@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use ftvmm::api::{ApiServer, Request};
 use ftvmm::config::{DiskConfig, KernelSource, NetConfig, SerialConfig, VmConfig};
 use ftvmm::ft::standby::{run_standby, StandbyOptions};
-use ftvmm::ft::FtOptions;
+use ftvmm::ft::{FtError, FtOptions};
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
@@ -170,13 +170,8 @@ struct CtlArgs {
 }
 
 impl VmArgs {
-    fn into_config(self) -> Result<VmConfig, String> {
-        let vcpus = u8::try_from(self.vcpus).map_err(|_| {
-            format!(
-                "--vcpus {} is invalid: it must be between 1 and 254",
-                self.vcpus
-            )
-        })?;
+    fn into_config(self) -> Result<VmConfig, CliError> {
+        let vcpus = u8::try_from(self.vcpus).map_err(|_| CliError::Vcpus(self.vcpus))?;
         Ok(VmConfig {
             kernel: self
                 .kernel
@@ -225,7 +220,7 @@ fn init_logger() {
         .init();
 }
 
-fn ft_options(ft: FtArgs) -> Result<(Option<String>, FtOptions), String> {
+fn ft_options(ft: FtArgs) -> Result<(Option<String>, FtOptions), CliError> {
     let backend = match ft.netbuf {
         NetbufArg::Vmm => ftvmm_netbuf::Backend::Vmm,
         NetbufArg::Plug => ftvmm_netbuf::Backend::Plug,
@@ -233,7 +228,7 @@ fn ft_options(ft: FtArgs) -> Result<(Option<String>, FtOptions), String> {
     };
     let limit_kib = ft.netbuf_limit_kib.unwrap_or(ft.netbuf_limit_mib << 10);
     if ft.transport == TransportArg::Rdma {
-        return Err("--transport rdma is not available in this build; use --transport tcp".into());
+        return Err(CliError::NoRdma);
     }
     let opts = FtOptions {
         peer: ft.ft_peer.clone().unwrap_or_default(),
@@ -254,15 +249,14 @@ fn ft_options(ft: FtArgs) -> Result<(Option<String>, FtOptions), String> {
 /// The API server and the mailbox its requests reach the VMM's loop by.
 fn start_api(
     path: Option<&std::path::Path>,
-) -> Result<Option<(ApiServer, ftvmm::api::Mailbox)>, String> {
+) -> Result<Option<(ApiServer, ftvmm::api::Mailbox)>, CliError> {
     let Some(path) = path else { return Ok(None) };
-    let (mailbox, handler) =
-        ftvmm::api::mailbox().map_err(|e| format!("cannot set up the API: {e}"))?;
-    let server = ApiServer::start(path, handler).map_err(|e| e.to_string())?;
+    let (mailbox, handler) = ftvmm::api::mailbox().map_err(CliError::Mailbox)?;
+    let server = ApiServer::start(path, handler)?;
     Ok(Some((server, mailbox)))
 }
 
-fn run(args: RunArgs) -> Result<(), String> {
+fn run(args: RunArgs) -> Result<(), CliError> {
     let api_path = args.vm.api.clone();
     let mut config = args.vm.into_config()?;
     config.dirty_ring = args.ft.dirty_track == DirtyTrackArg::Ring;
@@ -271,17 +265,16 @@ fn run(args: RunArgs) -> Result<(), String> {
         Some((s, m)) => (Some(s), Some(m)),
         None => (None, None),
     };
-    let reason = ftvmm::ft::primary::run_vm(&config, &ft, peer.as_deref(), mailbox)
-        .map_err(|e| e.to_string())?;
+    let reason = ftvmm::ft::primary::run_vm(&config, &ft, peer.as_deref(), mailbox)?;
     if reason.is_clean() {
         log::info!("{reason}");
         Ok(())
     } else {
-        Err(reason.to_string())
+        Err(CliError::Guest(reason))
     }
 }
 
-fn standby(args: StandbyArgs) -> Result<(), String> {
+fn standby(args: StandbyArgs) -> Result<(), CliError> {
     let opts = StandbyOptions {
         listen: args.listen,
         serial: args.serial,
@@ -291,15 +284,50 @@ fn standby(args: StandbyArgs) -> Result<(), String> {
         ack_delay: args.ft_ack_delay_ms.map(Duration::from_millis),
         api: args.api,
     };
-    match run_standby(&opts).map_err(|e| e.to_string())? {
+    match run_standby(&opts)? {
         None => Ok(()),
         Some(reason) if reason.is_clean() => Ok(()),
-        Some(reason) => Err(reason.to_string()),
+        Some(reason) => Err(CliError::Guest(reason)),
     }
 }
 
 /// The request a `ctl` command line names.
-fn ctl_request(words: &[String]) -> Result<Request, String> {
+/// Why a command failed: one line on stderr, a non-zero exit.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    /// `--vcpus` out of range.
+    #[error("--vcpus {0} is invalid: it must be between 1 and 254")]
+    Vcpus(u64),
+    /// `--transport rdma` in a build without it.
+    #[error("--transport rdma is not available in this build; use --transport tcp")]
+    NoRdma,
+    /// The control API's mailbox.
+    #[error("cannot set up the API: {0}")]
+    Mailbox(std::io::Error),
+    /// The control API.
+    #[error(transparent)]
+    Api(#[from] ftvmm::api::ApiError),
+    /// Running the VM, protected or not, or the standby.
+    #[error(transparent)]
+    Ft(#[from] FtError),
+    /// The guest ended in error (a triple fault, an unexpected exit).
+    #[error("{0}")]
+    Guest(ftvmm::vcpu::VmExit),
+    /// `ctl set interval-ms` with a word that is not a number.
+    #[error("set interval-ms: '{0}' is not a number")]
+    NotANumber(String),
+    /// An unknown `ctl` command.
+    #[error("unknown ctl command '{0}' (expected status, stats, pause, resume, failover, protect HOST:PORT, set interval-ms N)")]
+    UnknownCtl(String),
+    /// The VMM answered a `ctl` request with an error.
+    #[error("{0}")]
+    Refused(String),
+    /// The demo.
+    #[error(transparent)]
+    Demo(#[from] ftvmm::demo::DemoError),
+}
+
+fn ctl_request(words: &[String]) -> Result<Request, CliError> {
     let w: Vec<&str> = words.iter().map(String::as_str).collect();
     Ok(match w.as_slice() {
         ["status"] => Request::Status,
@@ -311,22 +339,15 @@ fn ctl_request(words: &[String]) -> Result<Request, String> {
             peer: peer.to_string(),
         },
         ["set", "interval-ms", n] => Request::SetIntervalMs {
-            ms: n
-                .parse()
-                .map_err(|_| format!("set interval-ms: '{n}' is not a number"))?,
+            ms: n.parse().map_err(|_| CliError::NotANumber(n.to_string()))?,
         },
-        _ => {
-            return Err(format!(
-                "unknown ctl command '{}' (expected status, stats, pause, resume, failover, protect HOST:PORT, set interval-ms N)",
-                words.join(" ")
-            ))
-        }
+        _ => return Err(CliError::UnknownCtl(words.join(" "))),
     })
 }
 
-fn ctl(args: CtlArgs) -> Result<(), String> {
+fn ctl(args: CtlArgs) -> Result<(), CliError> {
     let req = ctl_request(&args.command)?;
-    let resp = ftvmm::api::call(&args.api, &req).map_err(|e| e.to_string())?;
+    let resp = ftvmm::api::call(&args.api, &req)?;
     if resp.ok {
         println!(
             "{}",
@@ -334,7 +355,9 @@ fn ctl(args: CtlArgs) -> Result<(), String> {
         );
         Ok(())
     } else {
-        Err(resp.error.unwrap_or_else(|| "request failed".into()))
+        Err(CliError::Refused(
+            resp.error.unwrap_or_else(|| "request failed".into()),
+        ))
     }
 }
 
@@ -359,7 +382,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Standby(args) => standby(args),
         Command::Ctl(args) => ctl(args),
-        Command::Demo(args) => ftvmm::demo::run(&args).map_err(|e| e.to_string()),
+        Command::Demo(args) => ftvmm::demo::run(&args).map_err(CliError::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -87,6 +87,20 @@ pub enum FtError {
         /// The standby.
         peer: String,
     },
+    /// The control API.
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
+    /// A thread could not be started.
+    #[error("cannot start the {what} thread: {source}")]
+    Spawn {
+        /// Which thread.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The standby's acceptor thread ended.
+    #[error("the standby's acceptor thread ended")]
+    AcceptorEnded,
     /// An I/O error on the channel.
     #[error("checkpoint channel: {0}")]
     Io(#[from] std::io::Error),

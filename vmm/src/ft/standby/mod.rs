@@ -125,7 +125,7 @@ pub fn run_standby(opts: &StandbyOptions) -> Result<Option<VmExit>, FtError> {
     let api = match &opts.api {
         Some(path) => Some(
             crate::api::ApiServer::start(path, standby_handler(shared.clone()))
-                .map_err(|e| FtError::Io(std::io::Error::other(e.to_string())))?,
+                .map_err(FtError::Api)?,
         ),
         None => None,
     };
@@ -165,16 +165,15 @@ pub fn run_standby(opts: &StandbyOptions) -> Result<Option<VmExit>, FtError> {
                     }
                 }
             })
-            .map_err(|e| {
-                FtError::Io(std::io::Error::other(format!("cannot spawn acceptor: {e}")))
+            .map_err(|source| FtError::Spawn {
+                what: "acceptor",
+                source,
             })?;
     }
 
     let mut fencing = Fencing { max_generation: 0 };
     loop {
-        let (chan, hb) = rx
-            .recv()
-            .map_err(|_| FtError::Io(std::io::Error::other("acceptor thread ended")))?;
+        let (chan, hb) = rx.recv().map_err(|_| FtError::AcceptorEnded)?;
         let set_busy = |r: Option<String>| *busy.lock().unwrap_or_else(|e| e.into_inner()) = r;
         set_busy(Some("this standby is already paired with a primary".into()));
         let end = serve(chan, hb, opts, &mut fencing, &busy, &shared);
