@@ -3,9 +3,10 @@
 //! Requests are served on the device's worker thread, synchronously, one
 //! chain at a time: reads land in guest memory through vm-memory (so they
 //! are dirty-tracked), and every guest write to the disk goes through one
-//! function, [`Disk::write_at`] — the seam where disk replication will copy
-//! each write into the epoch's stream (DESIGN "Disk").
+//! function, [`Disk::write_at`]; while the VM is protected its data passes
+//! through the disk's [`Journal`] on the way (docs/design.md "Disk").
 
+pub mod journal;
 pub mod persist;
 
 use std::fs::{File, OpenOptions};
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
+pub use journal::{Journal, JournalCounts, JournalEpoch};
 pub use persist::BlockDeviceState;
 
 use super::mmio::{VirtioDevice, VirtioMmioDevice};
@@ -152,8 +154,7 @@ impl Disk {
         self.file.read_exact_at(buf, offset)
     }
 
-    /// Every guest write to the disk goes through here: the one place disk
-    /// replication hooks in (DESIGN "Disk").
+    /// Every guest write to the disk goes through here.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         self.file.write_all_at(buf, offset)
     }
@@ -220,6 +221,7 @@ pub struct Block {
     disk: Disk,
     id: [u8; DISK_ID_LEN],
     metrics: Arc<BlockMetrics>,
+    journal: Arc<Journal>,
     buf: Vec<u8>,
     readable: Vec<Seg>,
     writable: Vec<Seg>,
@@ -233,6 +235,7 @@ impl Block {
             disk,
             id,
             metrics: Arc::new(BlockMetrics::default()),
+            journal: Arc::new(Journal::new()),
             buf: vec![0; CHUNK],
             readable: Vec::new(),
             writable: Vec::new(),
@@ -242,6 +245,11 @@ impl Block {
     /// The counters.
     pub fn metrics(&self) -> Arc<BlockMetrics> {
         self.metrics.clone()
+    }
+
+    /// The write journal (recording while the VM is protected).
+    pub fn journal(&self) -> Arc<Journal> {
+        self.journal.clone()
     }
 
     /// The disk.
@@ -302,13 +310,26 @@ impl Block {
                 if self.disk.readonly || w_data != 0 || !in_range(len) {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 }
-                let mut offset = sector * SECTOR_SIZE;
-                let (disk, buf) = (&self.disk, &mut self.buf);
-                let ok = pieces(&self.readable, 16, len, |a, n| {
-                    let r = mem.read_slice(&mut buf[..n], a).is_ok()
-                        && disk.write_at(&buf[..n], offset).is_ok();
-                    offset += n as u64;
-                    r
+                let start = sector * SECTOR_SIZE;
+                let (disk, readable) = (&self.disk, &self.readable);
+                // Protected: the data goes from guest memory into the
+                // journal and from there to the file (no copy added).
+                let journaled = self.journal.write(start, len as usize, |data| {
+                    let mut done = 0usize;
+                    pieces(readable, 16, len, |a, n| {
+                        let r = mem.read_slice(&mut data[done..done + n], a).is_ok();
+                        done += n;
+                        r
+                    }) && disk.write_at(data, start).is_ok()
+                });
+                let ok = journaled.unwrap_or_else(|| {
+                    let (mut offset, buf) = (start, &mut self.buf);
+                    pieces(readable, 16, len, |a, n| {
+                        let r = mem.read_slice(&mut buf[..n], a).is_ok()
+                            && disk.write_at(&buf[..n], offset).is_ok();
+                        offset += n as u64;
+                        r
+                    })
                 });
                 if !ok {
                     return (VIRTIO_BLK_S_IOERR, 0);
@@ -317,7 +338,10 @@ impl Block {
                 (VIRTIO_BLK_S_OK, 0)
             }
             VIRTIO_BLK_T_FLUSH => match self.disk.flush() {
-                Ok(()) => (VIRTIO_BLK_S_OK, 0),
+                Ok(()) => {
+                    self.journal.flush();
+                    (VIRTIO_BLK_S_OK, 0)
+                }
                 Err(e) => {
                     log::warn!("disk '{}': flush failed: {e}", self.disk.path.display());
                     (VIRTIO_BLK_S_IOERR, 0)

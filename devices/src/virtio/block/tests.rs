@@ -148,6 +148,46 @@ fn write_reaches_the_file() {
 }
 
 #[test]
+fn protected_writes_and_flushes_are_journaled_in_completion_order() {
+    use super::journal::{records, Record};
+    let mut f = fixture("journal", 8192, false);
+    let journal = f.dev.with_device(|d| d.journal());
+    let a = pattern(1024, 7);
+    f.mem.write_slice(&a, GuestAddress(DATA)).unwrap();
+    // Not protected yet: the file only.
+    assert_eq!(f.request(VIRTIO_BLK_T_OUT, 1, &[(DATA, 1024, false)]).0, 0);
+    assert!(journal.seal().as_bytes().is_empty());
+    journal.start();
+    let b = pattern(1536, 8);
+    f.mem.write_slice(&b, GuestAddress(DATA + 0x2000)).unwrap();
+    // Two segments: the journal holds them as one contiguous write.
+    let segs = [(DATA + 0x2000, 512, false), (DATA + 0x2200, 1024, false)];
+    assert_eq!(f.request(VIRTIO_BLK_T_OUT, 4, &segs).0, VIRTIO_BLK_S_OK);
+    assert_eq!(f.request(VIRTIO_BLK_T_FLUSH, 0, &[]).0, VIRTIO_BLK_S_OK);
+    // A failed write (out of range) is not journaled.
+    assert_eq!(
+        f.request(VIRTIO_BLK_T_OUT, 16, &[(DATA, 512, false)]).0,
+        VIRTIO_BLK_S_IOERR
+    );
+    let epoch = journal.seal();
+    let recs: Vec<_> = records(epoch.as_bytes()).collect::<Result<_, _>>().unwrap();
+    assert_eq!(
+        recs,
+        [
+            Record::Write {
+                offset: 4 * 512,
+                data: &b[..]
+            },
+            Record::Flush
+        ]
+    );
+    assert_eq!(epoch.counts().writes, 1);
+    assert_eq!(epoch.counts().flushes, 1);
+    let file = std::fs::read(f.path()).unwrap();
+    assert_eq!(&file[2048..3584], &b[..], "the file got the journaled data");
+}
+
+#[test]
 fn get_id_is_the_file_name() {
     let mut f = fixture("id", 4096, false);
     let (st, len) = f.request(VIRTIO_BLK_T_GET_ID, 0, &[(DATA, 20, true)]);
