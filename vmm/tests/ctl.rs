@@ -81,10 +81,12 @@ fn api_commands_and_bad_requests_leave_the_vm_unaffected() {
     let st = ctl_ok(&psock, &["status"]);
     assert_eq!(st["role"], "primary");
     assert_eq!(st["protected"], true);
+    assert!(st["took_over_from_epoch"].is_null(), "{st}");
     let ssock = dir.path("standby.sock");
     let sst = ctl_ok(&ssock, &["status"]);
     assert_eq!(sst["role"], "standby");
     assert_eq!(sst["paired"], true);
+    assert_eq!(sst["listen"], format!("127.0.0.1:{port}"));
     assert!(
         ctl_ok(&psock, &["stats"])["summary"]["epochs"]
             .as_u64()
@@ -167,6 +169,16 @@ fn reprotection_chains_three_hosts_exactly_once() {
     assert_eq!(st["role"], "standby (took over)");
     assert_eq!(st["protected"], false);
     assert_eq!(st["generation"], 2);
+    // How it took over: the checkpoint it resumed, its own timing, why.
+    assert!(
+        st["took_over_from_epoch"].as_u64().unwrap_or(0) >= 1,
+        "{st}"
+    );
+    assert!(
+        st["takeover_ms"].as_f64().is_some_and(|ms| ms >= 0.0),
+        "{st}"
+    );
+    assert!(st["takeover_reason"].is_string(), "{st}");
 
     let mut b = standby(&dir, "b", pb);
     let st = ctl_ok(&asock, &["protect", &format!("127.0.0.1:{pb}")]);

@@ -33,6 +33,9 @@ impl Runner {
             "paused": self.user_paused,
             "mem_bytes": self.shape.mem_bytes,
             "vcpus": self.shape.vcpus,
+            "took_over_from_epoch": self.took_over.as_ref().map(|t| t.from_epoch),
+            "takeover_ms": self.took_over.as_ref().map(|t| t.after_loss.as_secs_f64() * 1e3),
+            "takeover_reason": self.took_over.as_ref().map(|t| t.reason.clone()),
         })
     }
 

@@ -76,6 +76,17 @@ impl Protection {
     }
 }
 
+/// How a standby that took over came to run the guest, for `status`.
+#[derive(Debug, Clone)]
+pub struct TookOver {
+    /// The committed checkpoint it resumed.
+    pub from_epoch: u64,
+    /// From the loss of the primary to the guest running here.
+    pub after_loss: Duration,
+    /// Why the primary was considered lost.
+    pub reason: String,
+}
+
 /// A running VM and the machinery that protects it, with or without a
 /// standby at the moment. `ctl protect` pairs it with a new one.
 pub struct Runner {
@@ -90,6 +101,8 @@ pub struct Runner {
     pub(super) user_paused: bool,
     /// "primary", or "standby (took over)".
     pub(super) role: &'static str,
+    /// Set on a standby that took over.
+    pub(super) took_over: Option<TookOver>,
     /// The wait's event sources; `None` after the protection changed.
     waiter: Option<Waiter>,
 }
@@ -116,8 +129,15 @@ impl Runner {
             mailbox,
             user_paused: false,
             role,
+            took_over: None,
             waiter: None,
         })
+    }
+
+    /// Records how a standby took over (shown by `status`).
+    pub fn with_took_over(mut self, t: TookOver) -> Self {
+        self.took_over = Some(t);
+        self
     }
 
     /// Pairs with the standby at `peer`: handshake, dirty tracking on,

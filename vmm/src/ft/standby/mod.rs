@@ -60,13 +60,15 @@ fn lock(s: &SharedStatus) -> std::sync::MutexGuard<'_, Shared> {
     s.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The API of a standby that mirrors (or waits for) a primary.
-fn standby_handler(shared: SharedStatus) -> crate::api::Handler {
+/// The API of a standby that mirrors (or waits for) a primary, listening
+/// on `listen`.
+fn standby_handler(shared: SharedStatus, listen: std::net::SocketAddr) -> crate::api::Handler {
     use crate::api::{Request, Response};
     Box::new(move |req| {
         let status = |sh: &Shared| {
             serde_json::json!({
                 "role": "standby",
+                "listen": listen.to_string(),
                 "paired": sh.peer.is_some(),
                 "peer": sh.peer,
                 "generation": sh.generation,
@@ -122,18 +124,23 @@ struct Fencing {
 /// guest's exit reason), or until a primary said goodbye.
 pub fn run_standby(opts: &StandbyOptions) -> Result<Option<VmExit>, FtError> {
     let shared: SharedStatus = Arc::default();
-    let api = match &opts.api {
-        Some(path) => Some(
-            crate::api::ApiServer::start(path, standby_handler(shared.clone()))
-                .map_err(FtError::Api)?,
-        ),
-        None => None,
-    };
     let mut listener =
         ChannelListener::bind(opts.listen.as_str()).map_err(|source| FtError::Listen {
             addr: opts.listen.clone(),
             source,
         })?;
+    // The API answers once the standby listens: clients take an answer to
+    // `status` as readiness.
+    let api = match &opts.api {
+        Some(path) => Some(
+            crate::api::ApiServer::start(
+                path,
+                standby_handler(shared.clone(), listener.local_addr()),
+            )
+            .map_err(FtError::Api)?,
+        ),
+        None => None,
+    };
     log::info!("standby listening on {}", listener.local_addr());
     let busy: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let (tx, rx) = mpsc::channel::<(TcpChannel, HeartbeatStream)>();

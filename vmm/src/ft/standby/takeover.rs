@@ -9,7 +9,7 @@ use ftvmm_checkpoint::{decode_state, GuestShape, DEFAULT_STATE_LIMIT};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::super::console::HeldOutput;
-use super::super::runner::Runner;
+use super::super::runner::{Runner, TookOver};
 use super::super::{FtError, FtOptions, DEFAULT_INTERVAL};
 use super::StandbyOptions;
 use crate::config::{KernelSource, NetConfig, VmConfig};
@@ -55,10 +55,11 @@ pub fn take_over(
     let announce = announce_nics(&vm);
     vm.start()?;
     ftvmm_netbuf::announce::spawn_announcer(announce);
+    let after_loss = lost_at.elapsed();
     log::info!(
         target: crate::REPORT,
         "standby took over from checkpoint {epoch} ({why}); guest running {:.1} ms after the primary was lost",
-        lost_at.elapsed().as_secs_f64() * 1e3
+        after_loss.as_secs_f64() * 1e3
     );
     let mailbox = match api {
         Some(server) => {
@@ -78,7 +79,14 @@ pub fn take_over(
         hash_epoch: None,
         netbuf: ftvmm_netbuf::NetbufConfig::default(),
     };
-    Runner::new(*vm, shape, console, ft, mailbox, "standby (took over)")?.run()
+    let took_over = TookOver {
+        from_epoch: epoch,
+        after_loss,
+        reason: why,
+    };
+    Runner::new(*vm, shape, console, ft, mailbox, "standby (took over)")?
+        .with_took_over(took_over)
+        .run()
 }
 
 /// Takeover announce (DESIGN "Standby and failover"): each NIC's transmit
