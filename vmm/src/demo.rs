@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 use ftvmm_checkpoint::EpochMetrics;
 
+use crate::transcript::{check_exactly_once, hb_line};
+
 /// `ftvmm demo` options.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
@@ -403,98 +405,6 @@ impl Tail {
         self.partial.drain(..=end);
         Ok(())
     }
-}
-
-/// Heartbeat number of a test-guest console line.
-pub fn hb_line(line: &str) -> Option<u64> {
-    line.trim_end_matches('\r')
-        .strip_prefix("ftguest hb=")?
-        .parse()
-        .ok()
-}
-
-/// What an exactly-once transcript showed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Continuity {
-    /// First heartbeat the primary released.
-    pub primary_first: u64,
-    /// Last heartbeat the primary released.
-    pub primary_last: u64,
-    /// First heartbeat of the standby (possibly the line the primary's
-    /// released output ended in the middle of).
-    pub standby_first: u64,
-    /// Last heartbeat of the standby.
-    pub standby_last: u64,
-    /// Heartbeats lost with the in-flight epoch.
-    pub lost: u64,
-}
-
-fn complete_lines(text: &str) -> Vec<u64> {
-    text.split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .filter_map(|l| hb_line(l.trim_end_matches('\n')))
-        .collect()
-}
-
-fn consecutive(who: &str, nums: &[u64]) -> Result<(), String> {
-    for w in nums.windows(2) {
-        if w[1] != w[0] + 1 {
-            return Err(format!(
-                "the {who}'s output is not consecutive: hb={} followed by hb={}",
-                w[0], w[1]
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Checks DESIGN's exactly-once property of a failover transcript: the
-/// primary's released console output `primary` followed by the standby's
-/// `standby` shows every heartbeat at most once and in order, consecutive
-/// within each process, with a gap only at the takeover (the in-flight
-/// epoch's output), and the standby goes on counting.
-pub fn check_exactly_once(primary: &str, standby: &str) -> Result<Continuity, String> {
-    // The line the primary's released output ends in the middle of is
-    // finished by the standby's first bytes (it resumes at that same
-    // checkpoint): judge the two halves as one junction line.
-    let p_tail = primary.rsplit_once('\n').map_or(primary, |(_, t)| t);
-    let (s_head, s_rest) = if p_tail.is_empty() {
-        ("", standby)
-    } else {
-        standby.split_once('\n').unwrap_or((standby, ""))
-    };
-    let p = complete_lines(primary);
-    let junction = hb_line(&format!("{p_tail}{s_head}"));
-    let s = complete_lines(s_rest);
-    let (Some(&primary_first), Some(&primary_last)) = (p.first(), p.last()) else {
-        return Err("the primary released no heartbeat before it was killed".into());
-    };
-    consecutive("primary", &p)?;
-    let (Some(&s_first), Some(&standby_last)) = (s.first(), s.last()) else {
-        return Err("the standby printed no heartbeat after the takeover".into());
-    };
-    consecutive("standby", &s)?;
-    // A junction the standby finished correctly reads as the number just
-    // before its next line; anything else is the primary's half-released
-    // line glued to output after a lost in-flight epoch: garbled, not
-    // repeated (the complete lines on both sides are still checked).
-    let standby_first = match junction {
-        Some(j) if j + 1 == s_first && j > primary_last => j,
-        _ => s_first,
-    };
-    if standby_first <= primary_last {
-        return Err(format!(
-            "output repeated across the takeover: the primary released up to hb={primary_last}, \
-             the standby restarted at hb={standby_first}"
-        ));
-    }
-    Ok(Continuity {
-        primary_first,
-        primary_last,
-        standby_first,
-        standby_last,
-        lost: standby_first - primary_last - 1,
-    })
 }
 
 /// The exact nearest-rank quantile of `sorted` (0 when empty).
@@ -946,15 +856,18 @@ impl<'a> Demo<'a> {
                     source,
                 })
         };
-        let c = check_exactly_once(&read("primary.console")?, &read("standby.console")?).map_err(
-            |e| {
-                DemoError::ExactlyOnce(format!(
-                    "{e} (transcripts: {} and {})",
-                    self.path("primary.console").display(),
-                    self.path("standby.console").display()
-                ))
-            },
-        )?;
+        let c = check_exactly_once(
+            &read("primary.console")?,
+            &read("standby.console")?,
+            hb_line,
+        )
+        .map_err(|e| {
+            DemoError::ExactlyOnce(format!(
+                "{e} (transcripts: {} and {})",
+                self.path("primary.console").display(),
+                self.path("standby.console").display()
+            ))
+        })?;
         println!(
             "exactly-once: OK (primary released hb {}..={}, standby continued from hb {}, {} lost with the in-flight epoch; standby reached hb {})",
             c.primary_first, c.primary_last, c.standby_first, c.lost, c.standby_last
@@ -1331,58 +1244,6 @@ fn plot_svg(epochs: &[EpochMetrics], kill_epoch: u64, takeover_ms: f64, args: &D
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hbs(range: std::ops::RangeInclusive<u64>) -> String {
-        range.map(|n| format!("ftguest hb={n}\n")).collect()
-    }
-
-    #[test]
-    fn exactly_once_ok_with_a_gap() {
-        let p = format!("ftguest ready\n{}", hbs(1..=10));
-        let c = check_exactly_once(&p, &hbs(13..=20)).unwrap();
-        assert_eq!(
-            c,
-            Continuity {
-                primary_first: 1,
-                primary_last: 10,
-                standby_first: 13,
-                standby_last: 20,
-                lost: 2
-            }
-        );
-        assert_eq!(check_exactly_once(&p, &hbs(11..=12)).unwrap().lost, 0);
-    }
-
-    #[test]
-    fn junction_line_split_across_the_takeover() {
-        let p = format!("{}ftguest hb=1", hbs(1..=10));
-        let s = format!("1\n{}", hbs(12..=14));
-        let c = check_exactly_once(&p, &s).unwrap();
-        assert_eq!((c.primary_last, c.standby_first, c.lost), (10, 11, 0));
-        // The in-flight epoch lost mid-line: the half line the primary
-        // released glues to the standby's next output ("ftguest hb=1" +
-        // "" reads as hb=1): garbled, counted as lost, not as a repeat.
-        let p = format!("{}ftguest hb=1", hbs(1..=10));
-        let s = format!("\n{}", hbs(13..=14));
-        let c = check_exactly_once(&p, &s).unwrap();
-        assert_eq!((c.primary_last, c.standby_first, c.lost), (10, 13, 2));
-    }
-
-    #[test]
-    fn repeats_reboots_and_holes_fail() {
-        let p = hbs(1..=10);
-        let e = check_exactly_once(&p, &hbs(10..=12)).unwrap_err();
-        assert!(e.contains("repeated"), "{e}");
-        let e = check_exactly_once(&p, &format!("ftguest ready\n{}", hbs(1..=3))).unwrap_err();
-        assert!(e.contains("repeated"), "{e}");
-        let holey = format!("{}{}", hbs(1..=3), hbs(5..=6));
-        let e = check_exactly_once(&holey, &hbs(8..=9)).unwrap_err();
-        assert!(e.contains("primary's output is not consecutive"), "{e}");
-        let e = check_exactly_once(&p, &format!("{}{}", hbs(11..=12), hbs(14..=15))).unwrap_err();
-        assert!(e.contains("standby's output is not consecutive"), "{e}");
-        assert!(check_exactly_once("", &hbs(1..=2)).is_err());
-        assert!(check_exactly_once(&p, "").is_err());
-    }
 
     #[test]
     fn takeover_line_parses() {

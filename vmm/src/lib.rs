@@ -13,6 +13,7 @@ pub mod ft;
 pub mod memory;
 pub mod persist;
 pub mod quirks;
+pub mod transcript;
 pub mod vcpu;
 pub mod vm;
 

@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+// Each test binary uses its own subset of these.
+#[allow(unused_imports)]
+pub use ftvmm::transcript::{self, complete_lines, hb_line, heartbeats};
 pub use host::*;
 
 /// The `ftvmm` binary cargo built for these tests.
@@ -76,15 +79,6 @@ pub fn run(args: &[&str], timeout: Duration) -> Output {
         .spawn()
         .expect("spawn ftvmm");
     wait_with_timeout(child, timeout)
-}
-
-/// The heartbeat numbers in a console transcript, in order.
-///
-/// Only complete lines count: a guest stopped or paused in the middle of a
-/// line leaves a prefix ("ftguest hb=1" of "ftguest hb=18") that is not a
-/// heartbeat.
-pub fn heartbeats(transcript: &str) -> Vec<u64> {
-    complete_lines(transcript, hb_line)
 }
 
 /// The tiny Linux guest built by resources/linux/build.sh: (vmlinux,
@@ -153,80 +147,24 @@ pub fn start_standby(name: &'static str, dir: &TempDir, port: u16, extra: &[&str
     p
 }
 
-/// Parses the complete lines (those ending in '\n') of `text` with `parse`.
-pub fn complete_lines<T>(text: &str, parse: impl Fn(&str) -> Option<T>) -> Vec<T> {
-    text.split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .filter_map(|l| parse(l.trim_end_matches('\n')))
-        .collect()
-}
-
-fn parse_hb(line: &str) -> Option<u64> {
-    line.strip_prefix("ftguest hb=")?.parse().ok()
-}
-
-/// Checks DESIGN's exactly-once property of a failover transcript: the
-/// primary's released output `p` followed by the standby's output `s` shows
-/// every number at most once and in order, consecutive within each process,
-/// with a gap only at the takeover (the epoch that was in flight), and the
-/// standby goes on counting. Returns (last number of the primary, first
-/// number of the standby, gap).
+/// DESIGN's exactly-once property of a failover transcript (the primary's
+/// released output `p`, then the standby's `s`), checked by the library's
+/// one checker; panics with both transcripts when it does not hold.
+/// Returns (last number of the primary, first number of the standby, gap).
 pub fn check_exactly_once(
     p: &str,
     s: &str,
-    parse: impl Fn(&str) -> Option<u64> + Copy,
+    parse: impl Fn(&str) -> Option<u64>,
 ) -> (u64, u64, u64) {
-    // The line the primary was in the middle of when it died may be
-    // finished by the standby's first bytes (same epoch boundary), or be
-    // lost with the in-flight epoch; it is judged as one junction line.
-    let p_tail = p.rsplit_once('\n').map(|(_, t)| t).unwrap_or(p);
-    let (s_head, s_rest) = if p_tail.is_empty() {
-        ("", s)
-    } else {
-        match s.split_once('\n') {
-            Some((h, r)) => (h, r),
-            None => (s, ""),
+    match transcript::check_exactly_once(p, s, parse) {
+        Ok(c) => {
+            if let Some(j) = c.garbled_junction {
+                println!("takeover junction garbled by the lost in-flight epoch (reads as {j}); counted as lost");
+            }
+            (c.primary_last, c.standby_first, c.lost)
         }
-    };
-    let p_nums = complete_lines(p, parse);
-    let junction = parse(&format!("{p_tail}{s_head}"));
-    let s_nums = complete_lines(s_rest, parse);
-    assert!(!p_nums.is_empty(), "primary released nothing:\n{p}");
-    assert_eq!(
-        p_nums,
-        (p_nums[0]..p_nums[0] + p_nums.len() as u64).collect::<Vec<_>>(),
-        "primary's output is not consecutive"
-    );
-    assert!(
-        !s_nums.is_empty(),
-        "the standby printed nothing after the takeover:\n{s}"
-    );
-    assert_eq!(
-        s_nums,
-        (s_nums[0]..s_nums[0] + s_nums.len() as u64).collect::<Vec<_>>(),
-        "standby's output is not consecutive"
-    );
-    let last_p = *p_nums.last().unwrap();
-    // A junction line that the standby finished correctly reads as the
-    // number just before its next line. Anything else there is the primary's
-    // half-released line glued to the standby's output after a lost
-    // in-flight epoch: a garbled line at the takeover, not a repeated one.
-    let first_s = match junction {
-        Some(j) if j + 1 == s_nums[0] && j > last_p => j,
-        Some(j) => {
-            println!("takeover junction garbled by the lost in-flight epoch (reads as {j}); counted as lost");
-            s_nums[0]
+        Err(e) => {
+            panic!("exactly-once: {e}\nprimary's transcript:\n{p}\nstandby's transcript:\n{s}")
         }
-        None => s_nums[0],
-    };
-    assert!(
-        first_s > last_p,
-        "output repeated across the takeover: primary ended at {last_p}, standby restarted at {first_s}"
-    );
-    (last_p, first_s, first_s - last_p - 1)
-}
-
-/// Heartbeat number of a test-guest console line.
-pub fn hb_line(line: &str) -> Option<u64> {
-    parse_hb(line)
+    }
 }
