@@ -1,12 +1,13 @@
 //! ftvmm: a KVM micro-VMM whose virtual machines survive the loss of their
 //! host. This library holds the VMM proper (configuration, KVM VM and vCPUs,
-//! guest memory, boot, device manager); the binary `ftvmm` is a thin CLI.
+//! guest memory, boot, device manager, control API, fault tolerance); the
+//! binary `ftvmm` is a thin CLI, plus `ftvmm demo`, a client of the roles
+//! that lives in the binary (src/demo/).
 
 pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod config;
-pub mod demo;
 pub mod device_manager;
 pub mod dirty_log;
 pub mod ft;

@@ -1,5 +1,7 @@
 //! The `ftvmm` command line.
 
+mod demo;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -31,7 +33,7 @@ enum Command {
     /// Send a command to a running VMM's control API.
     Ctl(CtlArgs),
     /// A primary and a standby on this machine, a failover, a summary.
-    Demo(ftvmm::demo::DemoArgs),
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Args, Debug)]
@@ -324,7 +326,7 @@ enum CliError {
     Refused(String),
     /// The demo.
     #[error(transparent)]
-    Demo(#[from] ftvmm::demo::DemoError),
+    Demo(#[from] demo::DemoError),
 }
 
 fn ctl_request(words: &[String]) -> Result<Request, CliError> {
@@ -382,7 +384,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Standby(args) => standby(args),
         Command::Ctl(args) => ctl(args),
-        Command::Demo(args) => ftvmm::demo::run(&args).map_err(CliError::from),
+        Command::Demo(args) => demo::run(&args).map_err(CliError::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use ftvmm_checkpoint::EpochMetrics;
 
-use crate::transcript::{check_exactly_once, hb_line};
+use ftvmm::transcript::{check_exactly_once, hb_line};
 
 /// `ftvmm demo` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -55,7 +55,7 @@ pub struct DemoArgs {
 pub enum DemoError {
     /// KVM is not usable.
     #[error("the demo needs KVM: {0}")]
-    Kvm(#[from] crate::vm::VmError),
+    Kvm(#[from] ftvmm::vm::VmError),
     /// The output directory.
     #[error("cannot create the demo directory '{path}': {source}")]
     Dir {
@@ -569,7 +569,7 @@ impl PrimaryView {
 /// Runs the demo; prints as it goes.
 pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
     // Fail early, with KVM's own message, rather than in a child.
-    drop(crate::vm::open_kvm()?);
+    drop(ftvmm::vm::open_kvm()?);
     let exe = std::env::current_exe().map_err(DemoError::Exe)?;
     let dir = match &args.dir {
         Some(d) => {
