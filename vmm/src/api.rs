@@ -321,8 +321,19 @@ impl Mailbox {
     }
 }
 
-/// Sends `req` to the server at `path` and returns its answer.
+/// Sends `req` to the server at `path` and returns its answer, waiting for
+/// it as long as the server may take ([`REPLY_TIMEOUT`]) and a little more.
 pub fn call(path: &Path, req: &Request) -> Result<Response, ApiError> {
+    call_with_timeout(path, req, REPLY_TIMEOUT + Duration::from_secs(5))
+}
+
+/// [`call`], giving up on the answer after `timeout` (a client that polls
+/// and would rather report a stuck VMM than wait with it).
+pub fn call_with_timeout(
+    path: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Response, ApiError> {
     let p = path.display().to_string();
     let stream = UnixStream::connect(path).map_err(|source| ApiError::Connect {
         path: p.clone(),
@@ -333,7 +344,10 @@ pub fn call(path: &Path, req: &Request) -> Result<Response, ApiError> {
         reason,
     };
     stream
-        .set_read_timeout(Some(REPLY_TIMEOUT + Duration::from_secs(5)))
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| ex(e.to_string()))?;
+    stream
+        .set_write_timeout(Some(timeout))
         .map_err(|e| ex(e.to_string()))?;
     let mut out = serde_json::to_vec(req).map_err(|e| ex(e.to_string()))?;
     out.push(b'\n');
@@ -342,7 +356,12 @@ pub fn call(path: &Path, req: &Request) -> Result<Response, ApiError> {
     BufReader::new(&stream)
         .take(16 << 20)
         .read_until(b'\n', &mut line)
-        .map_err(|e| ex(e.to_string()))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                ex(format!("no answer within {} ms", timeout.as_millis()))
+            }
+            _ => ex(e.to_string()),
+        })?;
     serde_json::from_slice(&line).map_err(|e| ex(format!("malformed response: {e}")))
 }
 
@@ -403,6 +422,28 @@ mod tests {
         );
         drop(server);
         assert!(!sock.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_client_can_give_up_on_a_slow_server() {
+        let dir = std::env::temp_dir().join(format!("ftvmm-api-slow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("api.sock");
+        let _server = ApiServer::start(
+            &sock,
+            Box::new(|_| {
+                std::thread::sleep(Duration::from_millis(500));
+                Response::ok(serde_json::Value::Null)
+            }),
+        )
+        .unwrap();
+        let e = call_with_timeout(&sock, &Request::Status, Duration::from_millis(50))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no answer within 50 ms"), "{e}");
+        assert!(call(&sock, &Request::Status).unwrap().ok);
+        drop(_server);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
