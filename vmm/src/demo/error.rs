@@ -39,9 +39,6 @@ pub enum DemoError {
         /// What failed.
         source: std::io::Error,
     },
-    /// No loopback port could be had.
-    #[error("cannot find a free TCP port on 127.0.0.1: {0}")]
-    Port(String),
     /// A role ended when it should have been running.
     #[error("the {role} exited early ({status}): {last} (log: {log})")]
     DiedEarly {
@@ -72,20 +69,38 @@ pub enum DemoError {
         /// The line.
         line: String,
     },
-    /// The pair came apart before the kill.
-    #[error("the primary and the standby came apart before the demo killed the primary; the {role} said: {line}")]
-    Unpaired {
-        /// Who said so.
+    /// A role's control API failed or gave an answer the demo cannot read.
+    #[error("the {role}'s control API: {reason}")]
+    Api {
+        /// "primary" or "standby".
         role: &'static str,
-        /// Its log line.
-        line: String,
+        /// What went wrong.
+        reason: String,
     },
-    /// The primary died before its first checkpoint committed.
+    /// The pair came apart before the kill.
+    #[error("the primary and the standby came apart before the demo killed the primary: the {role} reports {state} (log: {log})")]
+    Unpaired {
+        /// Who reports it.
+        role: &'static str,
+        /// What its status says.
+        state: String,
+        /// Its stderr file.
+        log: PathBuf,
+    },
+    /// The standby had nothing to take over from when the primary was to be
+    /// killed.
     #[error("the standby had no committed checkpoint to take over from (log: {})", .0.display())]
     NothingToRun(PathBuf),
     /// The transcript check failed.
-    #[error("exactly-once: FAIL: {0}")]
-    ExactlyOnce(String),
+    #[error("exactly-once: FAIL: {source} (transcripts: {primary} and {standby})")]
+    ExactlyOnce {
+        /// How.
+        source: ftvmm::transcript::TranscriptError,
+        /// The primary's console.
+        primary: PathBuf,
+        /// The standby's console.
+        standby: PathBuf,
+    },
     /// Ctrl-C or a termination signal.
     #[error("interrupted; the primary and the standby were stopped (files in {0})")]
     Interrupted(PathBuf),

@@ -3,19 +3,28 @@
 //!
 //! The demo runs the real roles as separate processes (this executable's
 //! `standby` and `run` subcommands) on loopback, with the embedded test guest
-//! dirtying pages. It follows the run from the files the roles write — the
-//! primary's per-epoch metrics (JSON lines) and both consoles — and shows a
-//! live status line. After a few seconds it SIGKILLs the primary, times the
-//! standby's takeover, lets the guest run on the standby, then checks that the
-//! console transcript (the primary's released output followed by the
-//! standby's) shows every heartbeat exactly once, prints a summary table and
-//! writes an SVG plot of per-epoch pause time and dirty pages.
+//! dirtying pages. It is a client of the roles, like `ftvmm ctl`: it learns
+//! their state from their control APIs (the standby is ready when its API
+//! answers `status`, and has taken over when its role says so), the run's
+//! figures from the primary's per-epoch metrics file, and the guest's output
+//! from the two console files. It never reads log text to learn what a role
+//! does (only to quote the error line of a role that exited early), and
+//! leaves `FTVMM_LOG` to the user. It shows a live status line; after a few seconds
+//! it SIGKILLs the primary, times the standby's takeover, lets the guest run
+//! on the standby, then checks with [`ftvmm::transcript`] that the console
+//! transcript (the primary's released output followed by the standby's)
+//! shows every heartbeat exactly once, prints a summary table and writes an
+//! SVG plot of per-epoch pause time and dirty pages.
+//!
+//! It lives in the binary rather than in the VMM library: nothing in the
+//! VMM uses it, and its job is to print to the terminal.
 //!
 //! Everything lands in one directory (a fresh temporary one by default) that
 //! is kept for inspection. The children run in their own process group (a
 //! terminal's Ctrl-C reaches only the demo, which then stops them) with a
 //! parent-death signal, and a guard kills them on every path out.
 
+mod control;
 mod error;
 mod live;
 mod plot;
@@ -67,10 +76,10 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
             })?;
             d.clone()
         }
-        None => fresh_dir()?,
+        None => fresh_dir("ftvmm-demo")?,
     };
     let _signals = SignalGuard::install();
-    let result = Demo::new(args, exe, dir.clone()).run();
+    let result = Demo::new(args, exe, dir.clone()).and_then(|mut d| d.run());
     if result.is_err() {
         // The roles are stopped by now (their guards dropped). End a status
         // line left open, and say where the evidence is.
@@ -82,12 +91,12 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
     result
 }
 
-/// A fresh directory under the system temp dir.
-fn fresh_dir() -> Result<PathBuf, DemoError> {
+/// A fresh directory `PREFIX-PID-N` under the system temp dir.
+fn fresh_dir(prefix: &str) -> Result<PathBuf, DemoError> {
     let base = std::env::temp_dir();
     let mut last = None;
     for n in 0..100 {
-        let p = base.join(format!("ftvmm-demo-{}-{n}", std::process::id()));
+        let p = base.join(format!("{prefix}-{}-{n}", std::process::id()));
         match std::fs::create_dir(&p) {
             Ok(()) => return Ok(p),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),

@@ -81,7 +81,6 @@ impl RoleProc {
         exe: &Path,
         dir: &Path,
         args: &[String],
-        log_level: Option<&str>,
     ) -> Result<RoleProc, DemoError> {
         let stderr = dir.join(format!("{role}.stderr"));
         let create = |path: PathBuf| {
@@ -101,9 +100,6 @@ impl RoleProc {
             // Its own process group: a terminal's Ctrl-C goes to the demo
             // alone, which stops the roles in order.
             .process_group(0);
-        if let Some(level) = log_level {
-            cmd.env("FTVMM_LOG", level);
-        }
         let parent = std::process::id() as libc::pid_t;
         // SAFETY: the closure runs in the forked child before exec and calls
         // only prctl(2), getppid(2) and _exit(2), which are async-signal-safe.

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use ftvmm::transcript::{check_exactly_once, hb_line};
 
+use super::control::{check_primary, check_standby, socket_dir, Control, Role, RoleStatus};
 use super::error::DemoError;
 use super::live::LiveLine;
 use super::plot::{plot_svg, PlotInfo};
@@ -17,7 +18,7 @@ use super::takeover::{watch_takeover, Takeover};
 use super::view::PrimaryView;
 use super::DemoArgs;
 
-/// How long the standby gets to start listening.
+/// How long the standby gets to listen (its control API to answer).
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the primary gets to commit its first checkpoint (initial sync).
 const FIRST_EPOCH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -25,9 +26,9 @@ const FIRST_EPOCH_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_GRACE: Duration = Duration::from_secs(2);
 /// Polling period of the status loops.
 const TICK: Duration = Duration::from_millis(20);
-/// Attempts at a free port (another process may take it between our probe
-/// and the standby's bind).
-const PORT_ATTEMPTS: usize = 3;
+/// How often the protected run asks both roles whether they are still
+/// paired.
+const PAIR_CHECK: Duration = Duration::from_millis(250);
 /// The pair's heartbeat interval (the peer is lost after 5 missed). A
 /// SIGKILL closes the sockets, so the takeover does not wait for
 /// heartbeats; a longer miss window only keeps a busy host (a build next to
@@ -41,12 +42,31 @@ pub struct Demo<'a> {
     dir: PathBuf,
     cmdline: String,
     live: LiveLine,
+    /// Where the control sockets are: `dir`, or a short temporary one
+    /// (removed on drop) when `dir`'s path is too long for them.
+    sock_dir: PathBuf,
+    sock_dir_is_temp: bool,
+}
+
+impl Drop for Demo<'_> {
+    /// The roles are gone by now (reaped when `run` returned): their
+    /// sockets would only be stale files among the kept ones.
+    fn drop(&mut self) {
+        if self.sock_dir_is_temp {
+            let _ = std::fs::remove_dir_all(&self.sock_dir);
+        } else {
+            for name in ["primary.sock", "standby.sock"] {
+                let _ = std::fs::remove_file(self.sock_dir.join(name));
+            }
+        }
+    }
 }
 
 impl<'a> Demo<'a> {
     /// A demo that runs the roles with the executable `exe`.
-    pub fn new(args: &'a DemoArgs, exe: PathBuf, dir: PathBuf) -> Demo<'a> {
-        Demo {
+    pub fn new(args: &'a DemoArgs, exe: PathBuf, dir: PathBuf) -> Result<Demo<'a>, DemoError> {
+        let (sock_dir, sock_dir_is_temp) = socket_dir(&dir)?;
+        Ok(Demo {
             args,
             exe,
             cmdline: format!(
@@ -56,7 +76,9 @@ impl<'a> Demo<'a> {
             ),
             dir,
             live: LiveLine::new(),
-        }
+            sock_dir,
+            sock_dir_is_temp,
+        })
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -77,12 +99,12 @@ impl<'a> Demo<'a> {
             "files (consoles, metrics, logs, plot): {}",
             self.dir.display()
         );
-        let (mut standby, port) = self.start_standby()?;
-        let mut primary = self.start_primary(port)?;
+        let (mut standby, addr) = self.start_standby()?;
+        let mut primary = self.start_primary(&addr)?;
         println!(
-            "standby (pid {}) listening on 127.0.0.1:{port}; primary (pid {}) protected by it",
-            standby.pid(),
-            primary.pid()
+            "standby (pid {}) listening on {addr}; primary (pid {}) protected by it",
+            standby.proc.pid(),
+            primary.proc.pid()
         );
         let mut view = PrimaryView::new(&self.path("metrics.jsonl"), &self.path("primary.console"));
         self.protected_run(&mut view, &mut primary, &mut standby)?;
@@ -90,76 +112,52 @@ impl<'a> Demo<'a> {
         // The failure. Timing starts at the signal; the dead primary is
         // reaped while the takeover is watched.
         let killed = Instant::now();
-        primary.signal_kill();
+        primary.proc.signal_kill();
         self.live.finish();
         let console = self.path("standby.console");
-        let takeover = watch_takeover(&mut standby, &mut primary, &console, killed, &self.dir)?;
-        primary.kill();
+        let takeover =
+            watch_takeover(&mut standby, &mut primary.proc, &console, killed, &self.dir)?;
+        primary.proc.kill();
         let reaped = takeover.primary_gone.unwrap_or_else(|| killed.elapsed());
         view.poll()?;
-        report_kill(&view, &primary, &takeover, reaped);
+        report_kill(&view, &primary.proc, &takeover, reaped);
 
         self.on_standby(&mut standby)?;
         self.check_transcript()?;
         self.report(&view, &takeover)
     }
 
-    /// Starts the standby and waits until it listens; retries on port trouble.
-    fn start_standby(&self) -> Result<(RoleProc, u16), DemoError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let port = free_port()?;
-            let args = vec![
-                "standby".to_string(),
-                "--listen".into(),
-                format!("127.0.0.1:{port}"),
-                "--serial".into(),
-                format!("file:{}", self.path("standby.console").display()),
-            ];
-            let mut standby =
-                RoleProc::spawn("standby", &self.exe, &self.dir, &args, Some("info"))?;
-            let mut log = Tail::new(standby.stderr.clone());
-            let deadline = Instant::now() + LISTEN_TIMEOUT;
-            let mut listening = false;
-            while !listening {
-                log.poll(|l| listening |= l.contains("standby listening on"))?;
-                if listening {
-                    break;
-                }
-                if let Some(status) = standby.exited() {
-                    let err = standby.died(status);
-                    let port_trouble = std::fs::read_to_string(&standby.stderr)
-                        .unwrap_or_default()
-                        .contains("cannot listen on");
-                    if port_trouble && attempt < PORT_ATTEMPTS {
-                        break;
-                    }
-                    return Err(err);
-                }
-                if Instant::now() >= deadline {
-                    return Err(DemoError::Timeout {
-                        what: "the standby did not start listening",
-                        secs: LISTEN_TIMEOUT.as_secs(),
-                        log: standby.stderr.clone(),
-                    });
-                }
-                self.nap(Duration::from_millis(5))?;
-            }
-            if listening {
-                return Ok((standby, port));
-            }
-        }
+    /// Starts the standby on a port of its choosing and waits until its
+    /// control API answers (it listens by then); returns it and its address.
+    fn start_standby(&self) -> Result<(Role, String), DemoError> {
+        let api = Control::new("standby", self.sock_dir.join("standby.sock"));
+        let args = vec![
+            "standby".to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--serial".into(),
+            format!("file:{}", self.path("standby.console").display()),
+            "--api".into(),
+            api.socket().display().to_string(),
+        ];
+        let mut proc = RoleProc::spawn("standby", &self.exe, &self.dir, &args)?;
+        let status = api.wait_ready(&mut proc, LISTEN_TIMEOUT, &self.dir)?;
+        let addr = status.listen.ok_or_else(|| DemoError::Api {
+            role: "standby",
+            reason: "its status does not say where it listens".into(),
+        })?;
+        Ok((Role { proc, api }, addr))
     }
 
-    /// Starts the primary, protected by the standby on `port`.
-    fn start_primary(&self, port: u16) -> Result<RoleProc, DemoError> {
+    /// Starts the primary, protected by the standby at `addr`.
+    fn start_primary(&self, addr: &str) -> Result<Role, DemoError> {
+        let api = Control::new("primary", self.sock_dir.join("primary.sock"));
         let args = vec![
             "run".to_string(),
             "--cmdline".into(),
             self.cmdline.clone(),
             "--ft-peer".into(),
-            format!("127.0.0.1:{port}"),
+            addr.to_string(),
             "--ft-interval-ms".into(),
             self.args.interval_ms.to_string(),
             "--heartbeat-ms".into(),
@@ -168,69 +166,65 @@ impl<'a> Demo<'a> {
             format!("file:{}", self.path("primary.console").display()),
             "--ft-metrics".into(),
             self.path("metrics.jsonl").display().to_string(),
+            "--api".into(),
+            api.socket().display().to_string(),
         ];
-        RoleProc::spawn("primary", &self.exe, &self.dir, &args, None)
+        let proc = RoleProc::spawn("primary", &self.exe, &self.dir, &args)?;
+        Ok(Role { proc, api })
     }
 
     /// Shows the live status until `--kill-after-secs` after the first
-    /// committed checkpoint; the pair must stay paired meanwhile.
+    /// committed checkpoint. The pair must stay paired meanwhile, and the
+    /// standby must have a checkpoint to take over from at the end.
     fn protected_run(
         &mut self,
         view: &mut PrimaryView,
-        primary: &mut RoleProc,
-        standby: &mut RoleProc,
+        primary: &mut Role,
+        standby: &mut Role,
     ) -> Result<(), DemoError> {
-        let mut p_log = Tail::new(primary.stderr.clone());
-        let mut s_log = Tail::new(standby.stderr.clone());
         let started = Instant::now();
         let mut first_epoch: Option<Instant> = None;
         let mut rate_mark = (Instant::now(), 0u64);
+        let mut pair_checked = Instant::now();
         let kill_after = Duration::from_secs(self.args.kill_after_secs);
         loop {
             view.poll()?;
-            primary.check_alive()?;
-            standby.check_alive()?;
-            let mut broken = None;
-            p_log.poll(|l| {
-                if l.contains("running unprotected") {
-                    broken.get_or_insert_with(|| ("primary", l.trim().to_string()));
-                }
-            })?;
-            s_log.poll(|l| {
-                if l.contains("nothing to run") || l.contains("took over") {
-                    broken.get_or_insert_with(|| ("standby", l.trim().to_string()));
-                }
-            })?;
-            if let Some((role, line)) = broken {
-                return Err(DemoError::Unpaired { role, line });
-            }
-            match first_epoch {
-                None if view.epochs.is_empty() => {
-                    if started.elapsed() > FIRST_EPOCH_TIMEOUT {
-                        return Err(DemoError::Timeout {
-                            what: "the primary committed no checkpoint (initial sync)",
-                            secs: FIRST_EPOCH_TIMEOUT.as_secs(),
-                            log: primary.stderr.clone(),
-                        });
-                    }
-                }
-                None => {
+            primary.proc.check_alive()?;
+            standby.proc.check_alive()?;
+            let Some(t0) = first_epoch else {
+                if !view.epochs.is_empty() {
                     // The first status line comes a period later, with a
                     // rate measured over it.
                     first_epoch = Some(Instant::now());
                     rate_mark = (Instant::now(), view.bytes_sent());
                     self.live.start_period();
+                } else if started.elapsed() > FIRST_EPOCH_TIMEOUT {
+                    return Err(DemoError::Timeout {
+                        what: "the primary committed no checkpoint (initial sync)",
+                        secs: FIRST_EPOCH_TIMEOUT.as_secs(),
+                        log: primary.proc.stderr.clone(),
+                    });
                 }
-                Some(t0) if t0.elapsed() >= kill_after => return Ok(()),
-                Some(t0) => {
-                    if self.live.due() {
-                        let sent = view.bytes_sent();
-                        let secs = rate_mark.0.elapsed().as_secs_f64().max(1e-3);
-                        let mbps = (sent - rate_mark.1) as f64 / secs / 1e6;
-                        rate_mark = (Instant::now(), sent);
-                        self.live.show(&view.status_line(t0.elapsed(), mbps));
-                    }
+                self.nap(TICK)?;
+                continue;
+            };
+            let kill_now = t0.elapsed() >= kill_after;
+            if kill_now || pair_checked.elapsed() >= PAIR_CHECK {
+                let committed = still_paired(primary, standby)?;
+                pair_checked = Instant::now();
+                if kill_now {
+                    return match committed {
+                        Some(_) => Ok(()),
+                        None => Err(DemoError::NothingToRun(standby.proc.stderr.clone())),
+                    };
                 }
+            }
+            if self.live.due() {
+                let sent = view.bytes_sent();
+                let secs = rate_mark.0.elapsed().as_secs_f64().max(1e-3);
+                let mbps = (sent - rate_mark.1) as f64 / secs / 1e6;
+                rate_mark = (Instant::now(), sent);
+                self.live.show(&view.status_line(t0.elapsed(), mbps));
             }
             self.nap(TICK)?;
         }
@@ -238,7 +232,7 @@ impl<'a> Demo<'a> {
 
     /// Lets the guest run on the standby for `--keep-running-secs`, then
     /// stops the standby.
-    fn on_standby(&mut self, standby: &mut RoleProc) -> Result<(), DemoError> {
+    fn on_standby(&mut self, standby: &mut Role) -> Result<(), DemoError> {
         let mut console = Tail::new(self.path("standby.console"));
         let (mut count, mut last) = (0u64, 0u64);
         let since = Instant::now();
@@ -249,23 +243,25 @@ impl<'a> Demo<'a> {
                     (count, last) = (count + 1, n);
                 }
             })?;
-            standby.check_alive()?;
+            standby.proc.check_alive()?;
             if since.elapsed() >= keep {
                 break;
             }
             if self.live.due() {
+                let status = standby.status()?;
                 self.live.show(&format!(
-                    "[standby {:4.1}s] guest running unprotected on the standby | hb={last} ({count} since the takeover)",
+                    "[standby {:4.1}s] guest running {} on the standby | hb={last} ({count} since the takeover)",
                     since.elapsed().as_secs_f64(),
+                    protection(&status),
                 ));
             }
             self.nap(TICK)?;
         }
-        standby.stop(STOP_GRACE);
+        standby.proc.stop(STOP_GRACE);
         self.live.finish();
         println!(
             "stopped the standby (pid {}) after {:.1} s on its own",
-            standby.pid(),
+            standby.proc.pid(),
             since.elapsed().as_secs_f64()
         );
         Ok(())
@@ -274,12 +270,12 @@ impl<'a> Demo<'a> {
     /// The exactly-once check of the two consoles.
     fn check_transcript(&self) -> Result<(), DemoError> {
         let (p, s) = (self.path("primary.console"), self.path("standby.console"));
-        let c = check_exactly_once(&read(&p)?, &read(&s)?, hb_line).map_err(|e| {
-            DemoError::ExactlyOnce(format!(
-                "{e} (transcripts: {} and {})",
-                p.display(),
-                s.display()
-            ))
+        let c = check_exactly_once(&read(&p)?, &read(&s)?, hb_line).map_err(|source| {
+            DemoError::ExactlyOnce {
+                source,
+                primary: p.clone(),
+                standby: s.clone(),
+            }
         })?;
         println!(
             "exactly-once: OK (primary released hb {}..={}, standby continued from hb {}, {} lost with the in-flight epoch; standby reached hb {})",
@@ -337,12 +333,31 @@ fn report_kill(view: &PrimaryView, primary: &RoleProc, t: &Takeover, reaped: Dur
     );
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> Result<u16, DemoError> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| DemoError::Port(e.to_string()))
+/// Asks both roles whether they are still paired (the primary first: a
+/// standby that is gone or stuck shows there as a lost standby); returns the
+/// standby's last committed checkpoint.
+fn still_paired(primary: &mut Role, standby: &mut Role) -> Result<Option<u64>, DemoError> {
+    let p = primary.status()?;
+    check_primary(&p).map_err(|state| unpaired("primary", state, &primary.proc))?;
+    let s = standby.status()?;
+    check_standby(&s).map_err(|state| unpaired("standby", state, &standby.proc))
+}
+
+fn unpaired(role: &'static str, state: String, proc: &RoleProc) -> DemoError {
+    DemoError::Unpaired {
+        role,
+        state,
+        log: proc.stderr.clone(),
+    }
+}
+
+/// How the standby runs the guest, in words.
+fn protection(status: &RoleStatus) -> &'static str {
+    match status.protected {
+        Some(false) => "unprotected",
+        Some(true) => "protected by a new standby",
+        None => "(protection unknown)",
+    }
 }
 
 /// A whole file, as text.

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use ftvmm::transcript::hb_line;
 
+use super::control::{took_over, Role};
 use super::error::DemoError;
 use super::proc::{nap, RoleProc};
 use super::tail::Tail;
@@ -21,8 +22,8 @@ pub struct Takeover {
     pub checkpoint: u64,
     /// From the SIGKILL to the guest running on the standby.
     pub running_after_kill: Duration,
-    /// The standby's own measure: from its seeing the loss to the guest
-    /// running.
+    /// The standby's own measure (its `status`): from its seeing the loss
+    /// to the guest running, ms.
     pub standby_own_ms: f64,
     /// From the SIGKILL to the first heartbeat on the standby's console.
     pub first_hb_after_kill: Duration,
@@ -32,43 +33,40 @@ pub struct Takeover {
     pub primary_gone: Option<Duration>,
 }
 
-/// Polls the standby (1 ms) from the SIGKILL at `killed` until the guest
-/// runs there and prints its first heartbeat on `console`; reaps the
-/// primary meanwhile. `dir` holds the demo's files.
+/// Polls the standby (1 ms) from the SIGKILL at `killed` until its
+/// control API says it took over and the guest printed its first heartbeat
+/// on `console`; reaps the primary meanwhile. `dir` holds the demo's files.
 pub fn watch_takeover(
-    standby: &mut RoleProc,
+    standby: &mut Role,
     primary: &mut RoleProc,
     console: &Path,
     killed: Instant,
     dir: &Path,
 ) -> Result<Takeover, DemoError> {
-    let mut log = Tail::new(standby.stderr.clone());
     let mut console = Tail::new(console.to_path_buf());
     let mut took: Option<(u64, f64, Duration)> = None;
     let mut first: Option<(u64, Duration)> = None;
-    let mut nothing = false;
     let mut primary_gone = None;
     let deadline = killed + TAKEOVER_TIMEOUT;
     loop {
         if primary_gone.is_none() && primary.exited().is_some() {
             primary_gone = Some(killed.elapsed());
         }
-        if took.is_none() {
-            log.poll(|l| {
-                if let Some((cp, own)) = parse_takeover(l) {
-                    took = Some((cp, own, killed.elapsed()));
-                }
-                nothing |= l.contains("nothing to run");
-            })?;
-        }
         if first.is_none() {
             console.poll(|l| {
                 if first.is_none() {
-                    if let Some(n) = hb_line(l) {
-                        first = Some((n, killed.elapsed()));
-                    }
+                    first = hb_line(l).map(|n| (n, killed.elapsed()));
                 }
             })?;
+        }
+        if took.is_none() {
+            let status = standby.status()?;
+            took = took_over(&status)
+                .map_err(|reason| DemoError::Api {
+                    role: "standby",
+                    reason,
+                })?
+                .map(|(cp, own_ms)| (cp, own_ms, killed.elapsed()));
         }
         if let (Some((checkpoint, standby_own_ms, running)), Some((first_hb, hb_at))) =
             (took, first)
@@ -76,7 +74,7 @@ pub fn watch_takeover(
             return Ok(Takeover {
                 checkpoint,
                 // The guest ran by the time its first heartbeat showed,
-                // even if the stderr line was seen later.
+                // even if the status said so later.
                 running_after_kill: running.min(hb_at),
                 standby_own_ms,
                 first_hb_after_kill: hb_at,
@@ -84,10 +82,7 @@ pub fn watch_takeover(
                 primary_gone,
             });
         }
-        if nothing {
-            return Err(DemoError::NothingToRun(standby.stderr.clone()));
-        }
-        standby.check_alive()?;
+        standby.proc.check_alive()?;
         if Instant::now() >= deadline {
             return Err(DemoError::Timeout {
                 what: if took.is_none() {
@@ -96,40 +91,9 @@ pub fn watch_takeover(
                     "the guest printed no heartbeat on the standby"
                 },
                 secs: TAKEOVER_TIMEOUT.as_secs(),
-                log: standby.stderr.clone(),
+                log: standby.proc.stderr.clone(),
             });
         }
         nap(FAST_TICK, dir)?;
-    }
-}
-
-/// The standby's "took over" line: (checkpoint, ms from loss to running).
-fn parse_takeover(line: &str) -> Option<(u64, f64)> {
-    let rest = line.split("standby took over from checkpoint ").nth(1)?;
-    let epoch = rest
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()?;
-    let ms = rest
-        .split("guest running ")
-        .nth(1)?
-        .split(" ms")
-        .next()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some((epoch, ms))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn takeover_line_parses() {
-        let l = "ftvmm: standby took over from checkpoint 207 (checkpoint channel closed); guest running 1.4 ms after the primary was lost";
-        assert_eq!(parse_takeover(l), Some((207, 1.4)));
-        assert_eq!(parse_takeover("ftvmm: something else"), None);
     }
 }
