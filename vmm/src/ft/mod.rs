@@ -16,6 +16,7 @@
 
 pub mod console;
 pub mod control;
+pub mod disk;
 pub mod engine;
 pub mod error;
 pub mod fault;

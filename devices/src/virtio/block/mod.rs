@@ -150,7 +150,8 @@ impl Disk {
         self.readonly
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    /// Reads `buf.len()` bytes at byte `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         self.file.read_exact_at(buf, offset)
     }
 
@@ -159,8 +160,20 @@ impl Disk {
         self.file.write_all_at(buf, offset)
     }
 
-    fn flush(&self) -> std::io::Result<()> {
+    /// Makes every write so far durable (fdatasync).
+    pub fn flush(&self) -> std::io::Result<()> {
         self.file.sync_data()
+    }
+
+    /// A second handle on the same file (for replication: hashing, applying
+    /// a primary's writes on a standby).
+    pub fn try_clone(&self) -> std::io::Result<Disk> {
+        Ok(Disk {
+            file: self.file.try_clone()?,
+            path: self.path.clone(),
+            readonly: self.readonly,
+            capacity: self.capacity,
+        })
     }
 }
 
