@@ -40,7 +40,15 @@ pub struct Config {
     pub disk: Switch,
     /// `disk_verify=on|off`: read each heartbeat's sector back and compare.
     pub disk_verify: bool,
+    /// `disk_flush=on|off`: flush the disk after each heartbeat's sector.
+    pub disk_flush: bool,
+    /// `disk_bytes=N`: bytes written to the disk's bulk area each round
+    /// (0: none; at most `MAX_DISK_BYTES`).
+    pub disk_bytes: u64,
 }
+
+/// The largest `disk_bytes=`: one request of 128 sectors.
+pub const MAX_DISK_BYTES: u64 = 64 << 10;
 
 /// How many `virtio_mmio.device=` entries are kept.
 pub const MAX_MMIO_DEVICES: usize = 8;
@@ -90,6 +98,8 @@ impl Default for Config {
             gw_mac: None,
             disk: Switch::Auto,
             disk_verify: false,
+            disk_flush: false,
+            disk_bytes: 0,
         }
     }
 }
@@ -127,7 +137,7 @@ pub fn parse(cmdline: &[u8], mut bad: impl FnMut(&[u8], &[u8])) -> Config {
                 }
                 continue;
             }
-            b"net" | b"disk" | b"disk_verify" => {
+            b"net" | b"disk" | b"disk_verify" | b"disk_flush" => {
                 let Some(on) = parse_switch(value) else {
                     bad(key, value);
                     continue;
@@ -136,7 +146,8 @@ pub fn parse(cmdline: &[u8], mut bad: impl FnMut(&[u8], &[u8])) -> Config {
                 match key {
                     b"net" => cfg.net = switch,
                     b"disk" => cfg.disk = switch,
-                    _ => cfg.disk_verify = on,
+                    b"disk_verify" => cfg.disk_verify = on,
+                    _ => cfg.disk_flush = on,
                 }
                 continue;
             }
@@ -165,6 +176,13 @@ pub fn parse(cmdline: &[u8], mut bad: impl FnMut(&[u8], &[u8])) -> Config {
             b"gw_mac" => {
                 match parse_mac(value) {
                     Some(mac) => cfg.gw_mac = Some(mac),
+                    None => bad(key, value),
+                }
+                continue;
+            }
+            b"disk_bytes" => {
+                match parse_size(value).filter(|&n| n <= MAX_DISK_BYTES) {
+                    Some(n) => cfg.disk_bytes = n,
                     None => bad(key, value),
                 }
                 continue;

@@ -11,6 +11,7 @@
 #![no_main]
 
 mod arch;
+mod blk;
 mod bootparams;
 mod cmdline;
 mod disk;

@@ -38,7 +38,7 @@ impl Peripherals {
         match (cfg.disk, found.blk) {
             (Switch::Off, _) => {}
             (_, Some(t)) => {
-                disk = Disk::new(t, cfg.disk_verify, tsc_khz);
+                disk = Disk::new(t, cfg, tsc_khz);
                 if let Some(d) = &disk {
                     d.print();
                 }
@@ -60,6 +60,13 @@ impl Peripherals {
     pub fn poll(&mut self) {
         if let Some(net) = &mut self.net {
             net.poll();
+        }
+    }
+
+    /// Round `r`'s disk traffic (the bulk write of `disk_bytes=`).
+    pub fn round(&mut self, r: u64) {
+        if let Some(disk) = &mut self.disk {
+            disk.round(r, self.net.as_mut());
         }
     }
 

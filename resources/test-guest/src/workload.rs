@@ -109,8 +109,9 @@ impl Workload {
         }
     }
 
-    /// Dirties `dirty` pages from `cursor` on, waits out the round (polling
-    /// `io`), and returns the next cursor.
+    /// Dirties `dirty` pages from `cursor` on, lets `io` do the round's disk
+    /// writes, waits out the round (polling `io`), and returns the next
+    /// cursor.
     fn round(&self, mut cursor: u64, io: &mut Peripherals) -> u64 {
         let start = rdtsc();
         let round = ROUND.load(Ordering::Relaxed) + 1;
@@ -127,6 +128,7 @@ impl Workload {
                 }
             }
         }
+        io.round(round);
         io.poll();
         while rdtsc().wrapping_sub(start) < self.round_cycles {
             pause();

@@ -40,6 +40,8 @@ fn defaults() {
             gw_mac: None,
             disk: Switch::Auto,
             disk_verify: false,
+            disk_flush: false,
+            disk_bytes: 0,
         }
     );
 }
@@ -167,6 +169,75 @@ fn bad_device_and_network_values() {
     );
     assert_eq!(cfg, Config::default());
     assert_eq!(bad.len(), 9, "{bad:?}");
+}
+
+#[test]
+fn disk_flush_and_bytes() {
+    let cfg = parse_ok("disk_flush=on disk_bytes=4096");
+    assert!(cfg.disk_flush);
+    assert_eq!(cfg.disk_bytes, 4096);
+    assert!(!cfg.disk_verify);
+    for (word, on) in [
+        ("disk_flush=1", true),
+        ("disk_flush=yes", true),
+        ("disk_flush=true", true),
+        ("disk_flush=off", false),
+        ("disk_flush=0", false),
+        ("disk_flush=on disk_flush=no", false),
+    ] {
+        assert_eq!(parse_ok(word).disk_flush, on, "{word}");
+    }
+    // Sizes as `virtio_mmio.device=` takes them; the byte count is kept as
+    // given (the guest rounds it up to sectors); 64 KiB at most.
+    for (word, bytes) in [
+        ("disk_bytes=0", 0),
+        ("disk_bytes=1", 1),
+        ("disk_bytes=513", 513),
+        ("disk_bytes=0x200", 512),
+        ("disk_bytes=8K", 8192),
+        ("disk_bytes=64k", 65536),
+        ("disk_bytes=65536", 65536),
+        ("disk_bytes=4K disk_bytes=0", 0),
+    ] {
+        assert_eq!(parse_ok(word).disk_bytes, bytes, "{word}");
+    }
+    assert_eq!(cmdline::MAX_DISK_BYTES, 65536);
+}
+
+#[test]
+fn bad_disk_flush_and_bytes() {
+    let mut bad = Vec::new();
+    let cfg = parse(
+        b"disk_flush=maybe disk_flush= disk_bytes=65537 disk_bytes=1M disk_bytes=-1 \
+          disk_bytes=4KB disk_bytes=",
+        |k, v| {
+            bad.push(format!(
+                "{}={}",
+                String::from_utf8_lossy(k),
+                String::from_utf8_lossy(v)
+            ))
+        },
+    );
+    assert_eq!(cfg, Config::default());
+    assert_eq!(
+        bad,
+        [
+            "disk_flush=maybe",
+            "disk_flush=",
+            "disk_bytes=65537",
+            "disk_bytes=1M",
+            "disk_bytes=-1",
+            "disk_bytes=4KB",
+            "disk_bytes="
+        ]
+    );
+    // A bad value leaves an earlier good one alone.
+    let cfg = parse(
+        b"disk_bytes=512 disk_bytes=70000 disk_flush=on disk_flush=2",
+        |_, _| {},
+    );
+    assert_eq!(cfg.disk_bytes, 512);
+    assert!(cfg.disk_flush);
 }
 
 #[test]

@@ -302,3 +302,85 @@ fn records() {
     assert_eq!(records::sector_lba(9, 8), 0);
     assert_eq!(records::sector_lba(5, 0), 0);
 }
+
+#[test]
+fn bulk_area_layout() {
+    use records::BulkArea;
+    // 8 MiB, 4 KiB a round: records in 0..8192, 1024 slots of 8 sectors.
+    let a = BulkArea::new(16384, 4096).unwrap();
+    assert_eq!(
+        a,
+        BulkArea {
+            first: 8192,
+            sectors: 8,
+            slots: 1024
+        }
+    );
+    assert_eq!(a.records(), 8192);
+    assert_eq!(records::sector_lba(8192, a.records()), 8191);
+    assert_eq!(records::sector_lba(8193, a.records()), 0);
+    assert_eq!(a.lba(1), 8192);
+    assert_eq!(a.lba(2), 8200);
+    assert_eq!(a.lba(1024), 16384 - 8);
+    assert_eq!(a.lba(1025), 8192);
+    // Bytes round up to sectors; an odd capacity gives the bulk area the
+    // extra sector; what does not fill a whole slot is left unused.
+    assert_eq!(
+        BulkArea::new(101, 1).unwrap(),
+        BulkArea {
+            first: 50,
+            sectors: 1,
+            slots: 51
+        }
+    );
+    assert_eq!(
+        BulkArea::new(100, 513).unwrap(),
+        BulkArea {
+            first: 50,
+            sectors: 2,
+            slots: 25
+        }
+    );
+    assert_eq!(
+        BulkArea::new(300, 65536).unwrap(),
+        BulkArea {
+            first: 150,
+            sectors: 128,
+            slots: 1
+        }
+    );
+    let a = BulkArea::new(1 << 20, 65536).unwrap();
+    for r in 1..5000 {
+        let lba = a.lba(r);
+        assert!(
+            lba >= a.records() && lba + a.sectors <= 1 << 20,
+            "round {r}"
+        );
+    }
+    // No room, or nothing to write.
+    assert_eq!(BulkArea::new(16384, 0), None);
+    assert_eq!(BulkArea::new(1, 512), None);
+    assert_eq!(BulkArea::new(0, 512), None);
+    assert_eq!(BulkArea::new(254, 65536), None);
+    assert_eq!(BulkArea::new(255, 65536).unwrap().slots, 1);
+}
+
+#[test]
+fn bulk_sector_format() {
+    let mut sector = [0u8; 512];
+    records::bulk_sector(&mut sector, 7, 8193);
+    let text = b"ftguest bulk round=7 sector=8193\n";
+    assert_eq!(&sector[..text.len()], text);
+    for (i, &b) in sector.iter().enumerate().skip(text.len()) {
+        assert_eq!(b, ((7 + i) % 256) as u8, "byte {i}");
+        assert_eq!(b, records::bulk_byte(7, i));
+    }
+    // Only the first sector of a longer buffer is written.
+    let mut buf = [0xaau8; 1024];
+    records::bulk_sector(&mut buf, u64::MAX, u64::MAX);
+    let text = b"ftguest bulk round=18446744073709551615 sector=18446744073709551615\n";
+    assert_eq!(&buf[..text.len()], text);
+    // (2^64 - 1 + 511) mod 256
+    assert_eq!(buf[511], 254);
+    assert!(buf[512..].iter().all(|&b| b == 0xaa));
+}
