@@ -20,6 +20,7 @@ use crate::arch::x86_64::{cpuid, layout, mptable, regs};
 use crate::boot::{self, BootError};
 use crate::config::{SerialConfig, VmConfig};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
+use crate::dirty_log::{self, DirtyLogError, DirtyRing};
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::persist::{
     self, DevicesState, MachineState, PersistError, VcpuCapture, VcpuState, VmState,
@@ -96,7 +97,7 @@ pub enum VmError {
     },
     /// Dirty tracking set-up.
     #[error("dirty tracking: {0}")]
-    DirtyTrack(String),
+    DirtyTrack(#[from] DirtyLogError),
     /// Bus set-up.
     #[error("cannot register device: {0}")]
     Bus(#[from] ftvmm_devices::bus::BusError),
@@ -150,7 +151,7 @@ pub struct Vm {
     exit: Arc<ExitSignal>,
     reset_evt: EventFd,
     pending: Vec<Vcpu>,
-    dirty_rings: Vec<crate::dirty_log::DirtyRing>,
+    dirty_rings: Vec<DirtyRing>,
     ring_full: Arc<EventFd>,
     vcpus: Vec<VcpuHandle>,
     states: Vec<VcpuState>,
@@ -243,10 +244,10 @@ impl Vm {
         memory::register_slots(&fd, &memory, false)?;
         // The dirty ring must be on before the first vCPU exists.
         let ring_entries = if config.dirty_ring {
-            Some(
-                crate::dirty_log::enable_dirty_ring(&fd, crate::dirty_log::DIRTY_RING_ENTRIES)
-                    .map_err(|e| VmError::DirtyTrack(e.to_string()))?,
-            )
+            Some(dirty_log::enable_dirty_ring(
+                &fd,
+                dirty_log::DIRTY_RING_ENTRIES,
+            )?)
         } else {
             None
         };
@@ -309,10 +310,7 @@ impl Vm {
                 sync_regs,
             );
             if let Some(entries) = ring_entries {
-                dirty_rings.push(
-                    crate::dirty_log::DirtyRing::map(&vfd, entries)
-                        .map_err(|e| VmError::DirtyTrack(e.to_string()))?,
-                );
+                dirty_rings.push(DirtyRing::map(&vfd, id, entries)?);
             }
             let mut vcpu = Vcpu::new(
                 id,
@@ -347,7 +345,7 @@ impl Vm {
 
     /// The vCPUs' dirty rings (`--dirty-track ring`), handed to the
     /// checkpoint engine, their one reader.
-    pub fn take_dirty_rings(&mut self) -> Vec<crate::dirty_log::DirtyRing> {
+    pub fn take_dirty_rings(&mut self) -> Vec<DirtyRing> {
         std::mem::take(&mut self.dirty_rings)
     }
 
