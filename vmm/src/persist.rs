@@ -13,9 +13,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
-use ftvmm_devices::legacy::persist::SerialDeviceState;
-use ftvmm_devices::virtio::block::BlockDeviceState;
-use ftvmm_devices::virtio::net::NetDeviceState;
+use crate::device_manager::persist::DevicesState;
 
 /// Errors capturing or restoring machine state.
 #[derive(Debug, thiserror::Error)]
@@ -135,19 +133,6 @@ pub struct VmState {
     pub pit: kvm_pit_state2,
     /// kvmclock.
     pub clock: kvm_clock_data,
-}
-
-/// State of the VMM's own devices.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct DevicesState {
-    /// COM1.
-    pub serial: SerialDeviceState,
-    /// virtio-net devices, in `--net` order.
-    #[serde(default)]
-    pub net: Vec<NetDeviceState>,
-    /// virtio-blk devices, in `--disk` order.
-    #[serde(default)]
-    pub blk: Vec<BlockDeviceState>,
 }
 
 /// The whole machine, less its memory.

@@ -3,28 +3,25 @@
 //! threads; pausing and resuming all vCPUs; waiting for the guest to end.
 
 use std::fs::File;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
+use ftvmm_checkpoint::Persist;
 use ftvmm_devices::bus::Bus;
-use ftvmm_devices::legacy::{
-    SerialConsole, SerialOutput, COM1_BASE, COM1_IRQ, COM1_LEN, I8042, I8042_BASE, I8042_LEN,
-};
-use ftvmm_devices::EventFdTrigger;
+use ftvmm_devices::legacy::SerialOutput;
 
 use crate::arch::x86_64::{cpuid, layout, mptable, regs};
 use crate::boot::{self, BootError};
 use crate::config::{SerialConfig, VmConfig};
+use crate::device_manager::persist::{DevicesRestoreError, DevicesState};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::dirty_log::{self, DirtyLogError, DirtyRing};
 use crate::memory::{self, GuestMemory, MemoryError};
-use crate::persist::{
-    self, DevicesState, MachineState, PersistError, VcpuCapture, VcpuState, VmState,
-};
+use crate::persist::{self, MachineState, PersistError, VcpuCapture, VcpuState, VmState};
 use crate::vcpu::{ExitSignal, Vcpu, VcpuError, VcpuHandle, VmExit};
 
 /// Path of the KVM device.
@@ -98,12 +95,12 @@ pub enum VmError {
     /// Dirty tracking set-up.
     #[error("dirty tracking: {0}")]
     DirtyTrack(#[from] DirtyLogError),
-    /// Bus set-up.
-    #[error("cannot register device: {0}")]
-    Bus(#[from] ftvmm_devices::bus::BusError),
-    /// The virtio devices.
+    /// The devices.
     #[error(transparent)]
     Devices(#[from] DeviceManagerError),
+    /// Restoring the devices.
+    #[error(transparent)]
+    DevicesState(#[from] DevicesRestoreError),
 }
 
 fn kvm_hint(e: &std::io::Error) -> &'static str {
@@ -142,8 +139,6 @@ pub struct Vm {
     pub fd: Arc<VmFd>,
     /// Guest memory.
     pub memory: GuestMemory,
-    /// COM1.
-    pub serial: Arc<Mutex<SerialConsole>>,
     /// Port I/O bus.
     pub pio: Arc<Bus>,
     /// MMIO bus.
@@ -157,7 +152,7 @@ pub struct Vm {
     states: Vec<VcpuState>,
     vm_state: Option<VmState>,
     devices_state: DevicesState,
-    /// The virtio devices.
+    /// The devices.
     pub devices: DeviceManager,
 }
 
@@ -261,24 +256,17 @@ impl Vm {
         let mut dirty_rings = Vec::new();
 
         let host = |what| move |source| VmError::Host { what, source };
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host("serial irqfd"))?;
-        fd.register_irqfd(&serial_irq, COM1_IRQ)
-            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        let serial = Arc::new(Mutex::new(
-            SerialConsole::new(EventFdTrigger::new(serial_irq), serial_out)
-                .map_err(host("serial irqfd"))?,
-        ));
         let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host("reset eventfd"))?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(EventFdTrigger::new(
-            reset_evt.try_clone().map_err(host("reset eventfd"))?,
-        ))));
-        let mut pio = Bus::new();
-        pio.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
-        pio.insert(i8042, I8042_BASE, I8042_LEN)?;
-        let pio = Arc::new(pio);
-        let mut mmio = Bus::new();
-        let devices = DeviceManager::new(config, &fd, &memory, &mut mmio)?;
-        let mmio = Arc::new(mmio);
+        let (mut pio, mut mmio) = (Bus::new(), Bus::new());
+        let devices = DeviceManager::new(
+            config,
+            &fd,
+            &memory,
+            serial_out,
+            &reset_evt,
+            (&mut pio, &mut mmio),
+        )?;
+        let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
         let exit = Arc::new(ExitSignal::new().map_err(host("exit eventfd"))?);
 
         let supported = kvm
@@ -327,7 +315,6 @@ impl Vm {
             kvm,
             fd,
             memory,
-            serial,
             pio,
             mmio,
             exit,
@@ -380,7 +367,7 @@ impl Vm {
     /// Restores a checkpointed machine into this freshly created VM (whose
     /// memory already holds the checkpoint's pages): VM-wide state, every
     /// vCPU, and the devices. The vCPU threads are not started.
-    pub fn restore(&self, state: &MachineState) -> Result<(), VmError> {
+    pub fn restore(&mut self, state: &MachineState) -> Result<(), VmError> {
         if state.vcpus.len() != self.pending.len() {
             return Err(VmError::Persist {
                 source: PersistError::Mismatch(format!(
@@ -395,16 +382,7 @@ impl Vm {
         for (v, s) in self.pending.iter().zip(&state.vcpus) {
             persist::restore_vcpu(&v.fd, s).map_err(p)?;
         }
-        self.serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .restore(&state.devices.serial)
-            .map_err(|source| VmError::Host {
-                what: "serial device from checkpoint",
-                source,
-            })?;
-        self.devices
-            .restore(&state.devices.net, &state.devices.blk)?;
+        self.devices.restore(&state.devices)?;
         Ok(())
     }
 
@@ -451,13 +429,7 @@ impl Vm {
             v.save_now(slot)?;
         }
         let vm = persist::capture_vm(&self.fd).map_err(|source| VmError::Persist { source })?;
-        let DevicesState { serial, net, blk } = &mut self.devices_state;
-        self.devices.save_into(net, blk);
-        *serial = self
-            .serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .state();
+        let Ok(()) = self.devices.save_into(&mut self.devices_state);
         self.vm_state = Some(vm);
         Ok(MachineStateRef {
             vm: self.vm_state.as_ref().expect("just set"),

@@ -51,9 +51,8 @@ fn every_state_type_round_trips() {
 
     // Restore into a fresh VM through the same builder, then save again:
     // equal (the VM-wide state has no PartialEq: compare encodings).
-    let fresh = Vm::create(&config(2)).unwrap();
+    let mut fresh = Vm::create(&config(2)).unwrap();
     fresh.restore(&state).unwrap();
-    let mut fresh = fresh;
     let saved = fresh.pause_and_save(Duration::from_secs(2)).unwrap();
     let mut resaved = Vec::new();
     encode_state(&saved, &mut resaved).unwrap();
@@ -81,7 +80,7 @@ fn hostile_state_is_refused_not_applied() {
 
     let state: MachineState = decode_state(&bytes, DEFAULT_STATE_LIMIT).unwrap();
     // Wrong vCPU count for this VM.
-    let two = Vm::create(&config(2)).unwrap();
+    let mut two = Vm::create(&config(2)).unwrap();
     let err = two.restore(&state).unwrap_err().to_string();
     assert!(err.contains("vCPUs"), "{err}");
     // A damaged FPU/XSAVE blob.
@@ -90,7 +89,7 @@ fn hostile_state_is_refused_not_applied() {
         Some(x) => x.0.truncate(10),
         None => bad.vcpus[0].fpu = PodBytes(vec![0; 3]),
     }
-    let one = Vm::create(&config(1)).unwrap();
+    let mut one = Vm::create(&config(1)).unwrap();
     let err = one.restore(&bad).unwrap_err().to_string();
     assert!(err.contains("state is") && err.contains("bytes"), "{err}");
     // An irqchip slot holding the wrong chip.
