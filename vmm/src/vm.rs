@@ -17,11 +17,11 @@ use ftvmm_devices::legacy::SerialOutput;
 use crate::arch::x86_64::{cpuid, layout, mptable, regs};
 use crate::boot::{self, BootError};
 use crate::config::{SerialConfig, VmConfig};
-use crate::device_manager::persist::{DevicesRestoreError, DevicesState};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::dirty_log::{self, DirtyLogError, DirtyRing};
 use crate::memory::{self, GuestMemory, MemoryError};
-use crate::persist::{self, MachineState, PersistError, VcpuCapture, VcpuState, VmState};
+use crate::persist::{MachineState, VmSaveError};
+use crate::vcpu::persist::{saveable_msrs, VcpuCapture};
 use crate::vcpu::{ExitSignal, Vcpu, VcpuError, VcpuHandle, VmExit};
 
 /// Path of the KVM device.
@@ -86,21 +86,15 @@ pub enum VmError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// Capturing or restoring machine state.
-    #[error("{source}")]
-    Persist {
-        /// What failed.
-        source: PersistError,
-    },
+    /// Saving the machine's state.
+    #[error(transparent)]
+    Save(#[from] VmSaveError),
     /// Dirty tracking set-up.
     #[error("dirty tracking: {0}")]
     DirtyTrack(#[from] DirtyLogError),
     /// The devices.
     #[error(transparent)]
     Devices(#[from] DeviceManagerError),
-    /// Restoring the devices.
-    #[error(transparent)]
-    DevicesState(#[from] DevicesRestoreError),
 }
 
 fn kvm_hint(e: &std::io::Error) -> &'static str {
@@ -145,28 +139,16 @@ pub struct Vm {
     pub mmio: Arc<Bus>,
     exit: Arc<ExitSignal>,
     reset_evt: EventFd,
-    pending: Vec<Vcpu>,
+    /// vCPUs whose threads have not started (a VM just built or restored).
+    pub(crate) pending: Vec<Vcpu>,
     dirty_rings: Vec<DirtyRing>,
     ring_full: Arc<EventFd>,
-    vcpus: Vec<VcpuHandle>,
-    states: Vec<VcpuState>,
-    vm_state: Option<VmState>,
-    devices_state: DevicesState,
+    /// vCPUs whose threads run.
+    pub(crate) vcpus: Vec<VcpuHandle>,
+    /// The state [`Vm::finish_save`] saves into, kept from epoch to epoch.
+    state: MachineState,
     /// The devices.
     pub devices: DeviceManager,
-}
-
-/// A borrowed view of the machine state, serialised exactly like
-/// [`MachineState`] (so the standby decodes it as one) without copying the
-/// vCPU states out of their reusable buffers.
-#[derive(Debug, serde::Serialize)]
-pub struct MachineStateRef<'a> {
-    /// VM-wide state.
-    pub vm: &'a VmState,
-    /// vCPU states.
-    pub vcpus: &'a [VcpuState],
-    /// Devices.
-    pub devices: &'a DevicesState,
 }
 
 impl std::fmt::Debug for Vm {
@@ -210,7 +192,7 @@ impl Vm {
     /// Creates the machine `config` describes — KVM VM, irqchip, PIT,
     /// memory, devices and vCPUs — without loading a guest: the common part
     /// of a boot ([`Vm::boot`]) and of a restore from a checkpoint
-    /// ([`Vm::restore`]).
+    /// ([`Persist::restore`]).
     pub fn create(config: &VmConfig) -> Result<Vm, VmError> {
         let out = open_serial_output(&config.serial)?;
         Vm::create_with_output(config, out)
@@ -286,10 +268,8 @@ impl Vm {
             cpuid::filter(&mut cpuid, id, vcpu_count);
             vfd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
             if msr_indices.is_none() {
-                msr_indices = Some(
-                    persist::saveable_msrs(&kvm, &vfd)
-                        .map_err(|source| VmError::Persist { source })?,
-                );
+                msr_indices =
+                    Some(saveable_msrs(&kvm, &vfd).map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?);
             }
             let capture = VcpuCapture::new(
                 msr_indices.as_deref().unwrap_or(&[]),
@@ -321,9 +301,7 @@ impl Vm {
             reset_evt,
             pending,
             vcpus: Vec::new(),
-            states: Vec::new(),
-            vm_state: None,
-            devices_state: DevicesState::default(),
+            state: MachineState::default(),
             devices,
             dirty_rings,
             ring_full,
@@ -364,32 +342,10 @@ impl Vm {
         Ok(())
     }
 
-    /// Restores a checkpointed machine into this freshly created VM (whose
-    /// memory already holds the checkpoint's pages): VM-wide state, every
-    /// vCPU, and the devices. The vCPU threads are not started.
-    pub fn restore(&mut self, state: &MachineState) -> Result<(), VmError> {
-        if state.vcpus.len() != self.pending.len() {
-            return Err(VmError::Persist {
-                source: PersistError::Mismatch(format!(
-                    "checkpoint has {} vCPUs, this VM {}",
-                    state.vcpus.len(),
-                    self.pending.len()
-                )),
-            });
-        }
-        let p = |source| VmError::Persist { source };
-        persist::restore_vm(&self.fd, &state.vm).map_err(p)?;
-        for (v, s) in self.pending.iter().zip(&state.vcpus) {
-            persist::restore_vcpu(&v.fd, s).map_err(p)?;
-        }
-        self.devices.restore(&state.devices)?;
-        Ok(())
-    }
-
-    /// Pauses every vCPU and captures the whole machine's state into
-    /// `self`'s reusable state buffers; returns it borrowed. The vCPUs stay
+    /// Pauses every vCPU and device and saves the whole machine's state
+    /// into `self`'s reusable state; returns it borrowed. The VM stays
     /// paused until [`Vm::resume`].
-    pub fn pause_and_save(&mut self, timeout: Duration) -> Result<MachineStateRef<'_>, VmError> {
+    pub fn pause_and_save(&mut self, timeout: Duration) -> Result<&MachineState, VmError> {
         self.begin_save(timeout)?;
         self.finish_save(timeout)
     }
@@ -409,33 +365,19 @@ impl Vm {
         Ok(())
     }
 
-    /// Second half of [`Vm::pause_and_save`]: waits for the vCPUs' saved
-    /// state and captures the rest of the machine.
-    pub fn finish_save(&mut self, timeout: Duration) -> Result<MachineStateRef<'_>, VmError> {
+    /// Second half of [`Vm::pause_and_save`]: waits for the vCPU threads to
+    /// have saved their state, then saves the machine ([`Persist::save_into`])
+    /// into `self`'s reusable state, without allocating once it has grown.
+    pub fn finish_save(&mut self, timeout: Duration) -> Result<&MachineState, VmError> {
         let deadline = Instant::now() + timeout;
         for v in &self.vcpus {
             v.wait_parked(deadline, timeout)?;
         }
-        let count = self.vcpus.len() + self.pending.len();
-        if self.states.len() != count {
-            self.states = (0..count).map(|_| crate::vcpu::empty_state()).collect();
-        }
-        for (v, slot) in self.vcpus.iter().zip(self.states.iter_mut()) {
-            v.take_saved(slot)?;
-        }
-        // vCPUs not started yet (a VM just built or restored) are captured
-        // directly.
-        for (v, slot) in self.pending.iter_mut().zip(self.states.iter_mut()) {
-            v.save_now(slot)?;
-        }
-        let vm = persist::capture_vm(&self.fd).map_err(|source| VmError::Persist { source })?;
-        let Ok(()) = self.devices.save_into(&mut self.devices_state);
-        self.vm_state = Some(vm);
-        Ok(MachineStateRef {
-            vm: self.vm_state.as_ref().expect("just set"),
-            vcpus: &self.states,
-            devices: &self.devices_state,
-        })
+        let mut state = std::mem::take(&mut self.state);
+        let saved = self.save_into(&mut state);
+        self.state = state;
+        saved?;
+        Ok(&self.state)
     }
 
     /// Starts every vCPU thread.

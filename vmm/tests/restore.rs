@@ -10,6 +10,7 @@ use common::*;
 use ftvmm::config::{SerialConfig, VmConfig};
 use ftvmm::persist::MachineState;
 use ftvmm::vm::Vm;
+use ftvmm_checkpoint::Persist;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
 fn hbs(path: &std::path::Path) -> Vec<u64> {
