@@ -47,8 +47,13 @@ pub enum DirtyLogError {
     #[error("KVM_CAP_DIRTY_LOG_RING is not available on this host (use --dirty-track bitmap)")]
     NoDirtyRing,
     /// Mapping a vCPU's dirty ring failed.
-    #[error("cannot map a vCPU's dirty ring: {0}")]
-    MapRing(std::io::Error),
+    #[error("cannot map the dirty ring of vCPU {vcpu}: {source}")]
+    MapRing {
+        /// vCPU index.
+        vcpu: u8,
+        /// OS error.
+        source: std::io::Error,
+    },
     /// KVM_RESET_DIRTY_RINGS failed.
     #[error("KVM_RESET_DIRTY_RINGS failed: {0}")]
     ResetRings(std::io::Error),
@@ -239,8 +244,8 @@ pub struct DirtyRing {
 unsafe impl Send for DirtyRing {}
 
 impl DirtyRing {
-    /// Maps the ring of `vcpu`, which has `entries` entries.
-    pub fn map(vcpu: &kvm_ioctls::VcpuFd, entries: u32) -> Result<Self, DirtyLogError> {
+    /// Maps the ring of vCPU `id`, `vcpu`, which has `entries` entries.
+    pub fn map(vcpu: &kvm_ioctls::VcpuFd, id: u8, entries: u32) -> Result<Self, DirtyLogError> {
         use std::os::fd::AsRawFd;
         let bytes = entries as usize * std::mem::size_of::<kvm_dirty_gfn>();
         let page = 4096i64;
@@ -257,7 +262,10 @@ impl DirtyRing {
             )
         };
         if ptr == libc::MAP_FAILED {
-            return Err(DirtyLogError::MapRing(std::io::Error::last_os_error()));
+            return Err(DirtyLogError::MapRing {
+                vcpu: id,
+                source: std::io::Error::last_os_error(),
+            });
         }
         Ok(DirtyRing {
             gfns: std::ptr::NonNull::new(ptr.cast()).expect("mmap does not return null on success"),

@@ -1,129 +1,27 @@
-//! Plain-data state of the whole machine — vCPUs, in-kernel irqchip, PIT,
-//! kvmclock and devices — and the KVM calls that capture and restore it.
+//! Save/restore of the whole machine, less its memory: the VM's in-kernel
+//! devices (irqchip, PIT, kvmclock), every vCPU and the devices.
 //!
-//! Composed upward: device → device manager → VM. Everything here is
-//! serialisable and holds no file descriptors, so it can travel in a
-//! checkpoint; state read from the wire is validated on restore.
+//! Composed upward: device → device manager ([`DevicesState`]) → VM
+//! ([`MachineState`]), each level through its own [`Persist`] implementation.
+//! Everything here is serialisable and holds no file descriptors, so it can
+//! travel in a checkpoint; state read from the wire is validated on restore.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_sync_regs, kvm_vcpu_events, kvm_xcrs,
-    kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
 };
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
-use ftvmm_devices::legacy::persist::SerialDeviceState;
-use ftvmm_devices::virtio::block::BlockDeviceState;
-use ftvmm_devices::virtio::net::NetDeviceState;
+use ftvmm_checkpoint::Persist;
 
-/// Errors capturing or restoring machine state.
-#[derive(Debug, thiserror::Error)]
-pub enum PersistError {
-    /// A KVM ioctl failed.
-    #[error("{what} failed: {source}")]
-    Kvm {
-        /// Which ioctl.
-        what: &'static str,
-        /// KVM's error.
-        source: kvm_ioctls::Error,
-    },
-    /// KVM read or wrote fewer MSRs than asked.
-    #[error("{what}: KVM handled {done} of {wanted} MSRs (first missing: {first:#x})")]
-    Msrs {
-        /// Get or set.
-        what: &'static str,
-        /// How many were handled.
-        done: usize,
-        /// How many were asked.
-        wanted: usize,
-        /// The index of the first one not handled.
-        first: u32,
-    },
-    /// The state does not match the machine it is restored into.
-    #[error("state does not fit this VM: {0}")]
-    Mismatch(String),
-}
+use crate::device_manager::persist::{DevicesRestoreError, DevicesState};
+use crate::vcpu::persist::{VcpuRestoreError, VcpuSaveError, VcpuState};
+use crate::vm::Vm;
 
-fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PersistError {
-    move |source| PersistError::Kvm { what, source }
-}
-
-/// The raw bytes of a plain C struct that kvm-bindings gives no serde or
-/// `Clone` for (`kvm_fpu`, `kvm_xsave`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PodBytes(pub Vec<u8>);
-
-/// Marker for the KVM structs [`PodBytes`] may hold: plain C structs of
-/// integers and arrays, for which every bit pattern is valid.
-pub trait Pod: Default {}
-impl Pod for kvm_fpu {}
-impl Pod for kvm_xsave {}
-
-fn pod_bytes<T: Pod>(v: &T) -> &[u8] {
-    // SAFETY: T is a plain C struct of integers and arrays (the Pod marker is
-    // implemented only for such KVM structs), initialised by KVM's GET ioctl
-    // wrappers, which zero it first; viewing it as bytes is sound.
-    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
-}
-
-impl PodBytes {
-    fn set<T: Pod>(&mut self, v: &T) {
-        self.0.clear();
-        self.0.extend_from_slice(pod_bytes(v));
-    }
-
-    fn of<T: Pod>(v: &T) -> Self {
-        PodBytes(pod_bytes(v).to_vec())
-    }
-
-    fn get<T: Pod>(&self, what: &str) -> Result<T, PersistError> {
-        let size = std::mem::size_of::<T>();
-        if self.0.len() != size {
-            return Err(PersistError::Mismatch(format!(
-                "{what} state is {} bytes, expected {size}",
-                self.0.len()
-            )));
-        }
-        let mut v = T::default();
-        // SAFETY: the length matches and every bit pattern is a valid T
-        // (Pod: integers and arrays only).
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.0.as_ptr(), (&mut v as *mut T).cast::<u8>(), size)
-        };
-        Ok(v)
-    }
-}
-
-/// Everything KVM holds for one vCPU.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct VcpuState {
-    /// vCPU index (APIC ID).
-    pub id: u8,
-    /// General registers.
-    pub regs: kvm_regs,
-    /// Segment and control registers.
-    pub sregs: kvm_sregs,
-    /// Legacy FPU/SSE state (used when XSAVE is unavailable).
-    pub fpu: PodBytes,
-    /// Extended state.
-    pub xsave: Option<PodBytes>,
-    /// Extended control registers.
-    pub xcrs: Option<kvm_xcrs>,
-    /// Local APIC registers.
-    pub lapic: kvm_lapic_state,
-    /// Every MSR KVM lists as saveable that this vCPU answers.
-    pub msrs: Vec<kvm_msr_entry>,
-    /// Pending exceptions, interrupts, NMIs.
-    pub events: kvm_vcpu_events,
-    /// Multiprocessing state (running, halted, waiting for SIPI...).
-    pub mp_state: kvm_mp_state,
-    /// Debug registers.
-    pub debugregs: kvm_debugregs,
-}
-
-/// VM-wide in-kernel device state.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// The VM's in-kernel devices, which KVM emulates and the VM saves as its
+/// own.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct VmState {
     /// Master 8259.
     pub pic_master: kvm_irqchip,
@@ -137,248 +35,131 @@ pub struct VmState {
     pub clock: kvm_clock_data,
 }
 
-/// State of the VMM's own devices.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct DevicesState {
-    /// COM1.
-    pub serial: SerialDeviceState,
-    /// virtio-net devices, in `--net` order.
-    #[serde(default)]
-    pub net: Vec<NetDeviceState>,
-    /// virtio-blk devices, in `--disk` order.
-    #[serde(default)]
-    pub blk: Vec<BlockDeviceState>,
-}
-
 /// The whole machine, less its memory.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct MachineState {
-    /// VM-wide state.
+    /// The in-kernel devices.
     pub vm: VmState,
     /// One per vCPU, in index order.
     pub vcpus: Vec<VcpuState>,
-    /// Devices.
+    /// The VMM's devices.
     pub devices: DevicesState,
 }
 
-/// The MSRs worth saving on this host: those KVM lists that a vCPU answers.
-/// Probed once per VM, on a vCPU that has not run yet.
-pub fn saveable_msrs(sys: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, PersistError> {
-    let list = sys
-        .get_msr_index_list()
-        .map_err(kvm("KVM_GET_MSR_INDEX_LIST"))?;
-    let mut ok = Vec::new();
-    for &index in list.as_slice() {
-        let mut one = Msrs::from_entries(&[kvm_msr_entry {
-            index,
+/// Why the machine's state cannot be saved.
+#[derive(Debug, thiserror::Error)]
+pub enum VmSaveError {
+    /// A vCPU.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuSaveError),
+    /// A KVM VM ioctl failed.
+    #[error("cannot save the VM's in-kernel devices: {ioctl} failed: {source}")]
+    Kvm {
+        /// Which ioctl.
+        ioctl: &'static str,
+        /// KVM's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Why a machine state cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum VmRestoreError {
+    /// The vCPU threads run already.
+    #[error("cannot restore a checkpoint into a VM whose vCPUs have started")]
+    Started,
+    /// Another number of vCPUs.
+    #[error("cannot restore a checkpoint of {state} vCPUs into a VM of {vm}")]
+    VcpuCount {
+        /// vCPUs in the checkpoint.
+        state: usize,
+        /// vCPUs of this VM.
+        vm: usize,
+    },
+    /// An irqchip slot holds another chip's state.
+    #[error(
+        "cannot restore the VM's {slot} from the state of irqchip {chip_id} (expected {expected})"
+    )]
+    Irqchip {
+        /// Which slot.
+        slot: &'static str,
+        /// The chip id in the state.
+        chip_id: u32,
+        /// The slot's chip id.
+        expected: u32,
+    },
+    /// A KVM VM ioctl failed.
+    #[error("cannot restore the VM's in-kernel devices: {ioctl} failed: {source}")]
+    Kvm {
+        /// Which ioctl.
+        ioctl: &'static str,
+        /// KVM's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A vCPU.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuRestoreError),
+    /// The devices.
+    #[error(transparent)]
+    Devices(#[from] DevicesRestoreError),
+}
+
+/// The irqchips: id, name, and the ioctls that get and set them, named with
+/// the chip for messages.
+const IRQCHIPS: [(u32, &str, &str, &str); 3] = [
+    (
+        KVM_IRQCHIP_PIC_MASTER,
+        "PIC master",
+        "KVM_GET_IRQCHIP (PIC master)",
+        "KVM_SET_IRQCHIP (PIC master)",
+    ),
+    (
+        KVM_IRQCHIP_PIC_SLAVE,
+        "PIC slave",
+        "KVM_GET_IRQCHIP (PIC slave)",
+        "KVM_SET_IRQCHIP (PIC slave)",
+    ),
+    (
+        KVM_IRQCHIP_IOAPIC,
+        "IOAPIC",
+        "KVM_GET_IRQCHIP (IOAPIC)",
+        "KVM_SET_IRQCHIP (IOAPIC)",
+    ),
+];
+
+/// Captures the in-kernel irqchip, PIT and kvmclock.
+fn save_kernel_devices(vm: &VmFd, out: &mut VmState) -> Result<(), VmSaveError> {
+    let kvm = |ioctl| move |source| VmSaveError::Kvm { ioctl, source };
+    let chips = [&mut out.pic_master, &mut out.pic_slave, &mut out.ioapic];
+    for ((chip_id, _, get, _), chip) in IRQCHIPS.into_iter().zip(chips) {
+        *chip = kvm_irqchip {
+            chip_id,
             ..Default::default()
-        }])
-        .expect("one entry fits");
-        if vcpu.get_msrs(&mut one).unwrap_or(0) == 1 {
-            ok.push(index);
-        }
-    }
-    Ok(ok)
-}
-
-/// Reusable buffers for capturing a vCPU, so an epoch's capture does not
-/// allocate.
-#[derive(Debug)]
-pub struct VcpuCapture {
-    msrs: Msrs,
-    has_xsave: bool,
-    has_xcrs: bool,
-    sync_regs: bool,
-}
-
-impl VcpuCapture {
-    /// Prepares capture of the MSRs in `msr_indices`; `sync_regs` says the
-    /// host offers `KVM_CAP_SYNC_REGS` for registers, sregs and events.
-    pub fn new(msr_indices: &[u32], has_xsave: bool, has_xcrs: bool, sync_regs: bool) -> Self {
-        let entries: Vec<kvm_msr_entry> = msr_indices
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        VcpuCapture {
-            msrs: Msrs::from_entries(&entries).expect("MSR list fits a kvm_msrs"),
-            has_xsave,
-            has_xcrs,
-            sync_regs,
-        }
-    }
-
-    /// Whether registers can be read from the `kvm_run` sync area.
-    pub fn sync_regs(&self) -> bool {
-        self.sync_regs
-    }
-
-    /// Captures `vcpu` into `out` (whose buffers are reused).
-    ///
-    /// With `sync`, the general and segment registers and the vCPU events
-    /// come from the `kvm_run` sync area (`KVM_CAP_SYNC_REGS`), which KVM
-    /// fills at the end of every `KVM_RUN`: three ioctls fewer in the epoch
-    /// pause (each vCPU ioctl costs ≈5 µs on the PVM development hosts). The
-    /// caller passes it only when a `KVM_RUN` returned after the last change
-    /// of those registers.
-    pub fn capture(
-        &mut self,
-        id: u8,
-        vcpu: &VcpuFd,
-        sync: Option<&kvm_sync_regs>,
-        out: &mut Option<VcpuState>,
-    ) -> Result<(), PersistError> {
-        let n = vcpu.get_msrs(&mut self.msrs).map_err(kvm("KVM_GET_MSRS"))?;
-        let wanted = self.msrs.as_slice().len();
-        if n != wanted {
-            return Err(PersistError::Msrs {
-                what: "KVM_GET_MSRS",
-                done: n,
-                wanted,
-                first: self.msrs.as_slice()[n].index,
-            });
-        }
-        let mp_state = vcpu.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?;
-        let (regs, sregs, events) = match sync {
-            Some(s) => (s.regs, s.sregs, s.events),
-            None => (
-                vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?,
-                vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
-                vcpu.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
-            ),
         };
-        // XSAVE covers the legacy FPU area; KVM_GET_FPU only without it.
-        let (fpu, xsave) = if self.has_xsave {
-            (
-                kvm_fpu::default(),
-                Some(vcpu.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?),
-            )
-        } else {
-            (vcpu.get_fpu().map_err(kvm("KVM_GET_FPU"))?, None)
-        };
-        let xsave = xsave.as_ref();
-        let xcrs = if self.has_xcrs {
-            Some(vcpu.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?)
-        } else {
-            None
-        };
-        let lapic = vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
-        let debugregs = vcpu.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?;
-        match out {
-            Some(s) => {
-                s.id = id;
-                s.regs = regs;
-                s.sregs = sregs;
-                s.fpu.set(&fpu);
-                match (xsave, &mut s.xsave) {
-                    (Some(x), Some(buf)) => buf.set(x),
-                    (x, buf) => *buf = x.map(PodBytes::of),
-                }
-                s.xcrs = xcrs;
-                s.lapic = lapic;
-                s.msrs.clear();
-                s.msrs.extend_from_slice(self.msrs.as_slice());
-                s.events = events;
-                s.mp_state = mp_state;
-                s.debugregs = debugregs;
-            }
-            None => {
-                *out = Some(VcpuState {
-                    id,
-                    regs,
-                    sregs,
-                    fpu: PodBytes::of(&fpu),
-                    xsave: xsave.map(PodBytes::of),
-                    xcrs,
-                    lapic,
-                    msrs: self.msrs.as_slice().to_vec(),
-                    events,
-                    mp_state,
-                    debugregs,
-                })
-            }
-        }
-        Ok(())
+        vm.get_irqchip(chip).map_err(kvm(get))?;
     }
-}
-
-/// Restores `state` into a vCPU that has its CPUID set but has not run.
-pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), PersistError> {
-    vcpu.set_mp_state(state.mp_state)
-        .map_err(kvm("KVM_SET_MP_STATE"))?;
-    vcpu.set_regs(&state.regs).map_err(kvm("KVM_SET_REGS"))?;
-    vcpu.set_sregs(&state.sregs).map_err(kvm("KVM_SET_SREGS"))?;
-    match &state.xsave {
-        Some(x) => {
-            let xsave: kvm_xsave = x.get("XSAVE")?;
-            // SAFETY: a kvm_xsave is exactly what KVM_SET_XSAVE reads.
-            unsafe { vcpu.set_xsave(&xsave) }.map_err(kvm("KVM_SET_XSAVE"))?
-        }
-        None => vcpu
-            .set_fpu(&state.fpu.get::<kvm_fpu>("FPU")?)
-            .map_err(kvm("KVM_SET_FPU"))?,
-    }
-    if let Some(x) = &state.xcrs {
-        vcpu.set_xcrs(x).map_err(kvm("KVM_SET_XCRS"))?;
-    }
-    vcpu.set_debug_regs(&state.debugregs)
-        .map_err(kvm("KVM_SET_DEBUGREGS"))?;
-    vcpu.set_lapic(&state.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
-    if !state.msrs.is_empty() {
-        let msrs = Msrs::from_entries(&state.msrs).map_err(|_| {
-            PersistError::Mismatch(format!("{} MSRs are too many", state.msrs.len()))
-        })?;
-        let n = vcpu.set_msrs(&msrs).map_err(kvm("KVM_SET_MSRS"))?;
-        if n != state.msrs.len() {
-            return Err(PersistError::Msrs {
-                what: "KVM_SET_MSRS",
-                done: n,
-                wanted: state.msrs.len(),
-                first: state.msrs[n].index,
-            });
-        }
-    }
-    vcpu.set_vcpu_events(&state.events)
-        .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+    out.pit = vm.get_pit2().map_err(kvm("KVM_GET_PIT2"))?;
+    out.clock = vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?;
     Ok(())
 }
 
-fn irqchip(vm: &VmFd, chip_id: u32, what: &'static str) -> Result<kvm_irqchip, PersistError> {
-    let mut chip = kvm_irqchip {
-        chip_id,
-        ..Default::default()
-    };
-    vm.get_irqchip(&mut chip).map_err(kvm(what))?;
-    Ok(chip)
-}
-
-/// Captures the in-kernel irqchip, PIT and kvmclock.
-pub fn capture_vm(vm: &VmFd) -> Result<VmState, PersistError> {
-    Ok(VmState {
-        pic_master: irqchip(vm, KVM_IRQCHIP_PIC_MASTER, "KVM_GET_IRQCHIP (PIC master)")?,
-        pic_slave: irqchip(vm, KVM_IRQCHIP_PIC_SLAVE, "KVM_GET_IRQCHIP (PIC slave)")?,
-        ioapic: irqchip(vm, KVM_IRQCHIP_IOAPIC, "KVM_GET_IRQCHIP (IOAPIC)")?,
-        pit: vm.get_pit2().map_err(kvm("KVM_GET_PIT2"))?,
-        clock: vm.get_clock().map_err(kvm("KVM_GET_CLOCK"))?,
-    })
-}
-
-/// Restores VM-wide state into a VM whose irqchip and PIT exist.
-pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), PersistError> {
-    for (chip, id) in [
-        (&state.pic_master, KVM_IRQCHIP_PIC_MASTER),
-        (&state.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
-        (&state.ioapic, KVM_IRQCHIP_IOAPIC),
-    ] {
-        if chip.chip_id != id {
-            return Err(PersistError::Mismatch(format!(
-                "irqchip id {} where {id} was expected",
-                chip.chip_id
-            )));
+/// Restores the in-kernel devices into a VM whose irqchip and PIT exist.
+fn restore_kernel_devices(vm: &VmFd, state: &VmState) -> Result<(), VmRestoreError> {
+    let chips = [&state.pic_master, &state.pic_slave, &state.ioapic];
+    for ((expected, slot, _, _), chip) in IRQCHIPS.into_iter().zip(chips) {
+        if chip.chip_id != expected {
+            return Err(VmRestoreError::Irqchip {
+                slot,
+                chip_id: chip.chip_id,
+                expected,
+            });
         }
-        vm.set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;
+    }
+    let kvm = |ioctl| move |source| VmRestoreError::Kvm { ioctl, source };
+    for ((_, _, _, set), chip) in IRQCHIPS.into_iter().zip(chips) {
+        vm.set_irqchip(chip).map_err(kvm(set))?;
     }
     vm.set_pit2(&state.pit).map_err(kvm("KVM_SET_PIT2"))?;
     // Only the clock value travels: the flags describe the source host.
@@ -388,4 +169,225 @@ pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), PersistError> {
     };
     vm.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))?;
     Ok(())
+}
+
+impl Persist for Vm {
+    type State = MachineState;
+    type SaveError = VmSaveError;
+    type RestoreError = VmRestoreError;
+
+    /// Saves the machine, less its memory. Call it with the VM paused by
+    /// [`Vm::begin_save`] and its vCPUs parked ([`Vm::finish_save`] does
+    /// both), or before the vCPUs started. Once `state`'s vectors have grown,
+    /// this allocates nothing.
+    fn save_into(&mut self, state: &mut MachineState) -> Result<(), VmSaveError> {
+        let MachineState { vm, vcpus, devices } = state;
+        // The vCPUs are all started or none is.
+        vcpus.resize_with(self.vcpus.len() + self.pending.len(), Default::default);
+        let (running, pending) = vcpus.split_at_mut(self.vcpus.len());
+        for (v, slot) in self.vcpus.iter().zip(running) {
+            v.copy_saved(slot)?;
+        }
+        for (v, slot) in self.pending.iter_mut().zip(pending) {
+            v.save_into(slot)?;
+        }
+        save_kernel_devices(&self.fd, vm)?;
+        let Ok(()) = self.devices.save_into(devices);
+        Ok(())
+    }
+
+    /// Restores a checkpointed machine into this VM, created through the
+    /// same builder as a boot ([`Vm::create`]) and not started, whose memory
+    /// already holds the checkpoint's pages: in-kernel devices, every vCPU,
+    /// the devices.
+    fn restore(&mut self, state: &MachineState) -> Result<(), VmRestoreError> {
+        if !self.vcpus.is_empty() {
+            return Err(VmRestoreError::Started);
+        }
+        if state.vcpus.len() != self.pending.len() {
+            return Err(VmRestoreError::VcpuCount {
+                state: state.vcpus.len(),
+                vm: self.pending.len(),
+            });
+        }
+        restore_kernel_devices(&self.fd, &state.vm)?;
+        for (v, s) in self.pending.iter_mut().zip(&state.vcpus) {
+            v.restore(s)?;
+        }
+        self.devices.restore(&state.devices)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use ftvmm_checkpoint::persist_roundtrip_tests;
+    use ftvmm_checkpoint::test_utils::PersistPair;
+
+    use super::*;
+    use crate::config::{DiskConfig, SerialConfig, VmConfig};
+    use crate::device_manager::DeviceManager;
+    use crate::vcpu::Vcpu;
+
+    const T: Duration = Duration::from_secs(5);
+    /// `IA32_TIME_STAMP_COUNTER`: reads the host's TSC plus the vCPU's offset.
+    const MSR_IA32_TSC: u32 = 0x10;
+
+    /// A directory removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("ftvmm-persist-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Two vCPUs, the test guest beating quickly, a disk named `disk`.
+    fn config(dir: &TempDir, disk: &str) -> VmConfig {
+        let path = dir.0.join(disk);
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        VmConfig {
+            cmdline: "dirty=64 rounds=2 round_us=500".into(),
+            vcpus: 2,
+            mem_mib: 32,
+            serial: SerialConfig::None,
+            disks: vec![DiskConfig {
+                path,
+                readonly: false,
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// A primary whose guest ran a while (its disk driven), then paused with
+    /// a save; and a standby machine created from the same configuration with
+    /// its own disk, its devices paused.
+    struct Machines {
+        primary: Vm,
+        standby: Vm,
+        _dir: TempDir,
+    }
+
+    fn machines(tag: &str) -> Machines {
+        let dir = TempDir::new(tag);
+        let mut primary = Vm::build(&config(&dir, "primary.img")).unwrap();
+        primary.start().unwrap();
+        assert!(primary
+            .wait_exit(Some(Duration::from_millis(300)))
+            .is_none());
+        let saved = primary.pause_and_save(T).unwrap();
+        assert!(
+            saved.devices.blk[0].transport.activated,
+            "the guest never set its disk up"
+        );
+        let standby = Vm::create(&config(&dir, "standby.img")).unwrap();
+        standby.pause(T).unwrap();
+        Machines {
+            primary,
+            standby,
+            _dir: dir,
+        }
+    }
+
+    /// Host time runs on between two saves: the TSC MSR.
+    fn normalize_vcpu(state: &mut VcpuState) {
+        for msr in &mut state.msrs {
+            if msr.index == MSR_IA32_TSC {
+                msr.data = 0;
+            }
+        }
+    }
+
+    /// The disk file is a host resource: each machine names its own.
+    fn normalize_devices(state: &mut DevicesState) {
+        for blk in &mut state.blk {
+            blk.device.path.clear();
+        }
+    }
+
+    struct Vcpus(Machines);
+
+    impl PersistPair for Vcpus {
+        type Component = Vcpu;
+
+        /// vCPU 1 of a booted machine (set up for the 64-bit entry, not run)
+        /// and of a created one.
+        fn pair(&mut self) -> (&mut Vcpu, &mut Vcpu) {
+            (
+                &mut self.0.primary.pending[1],
+                &mut self.0.standby.pending[1],
+            )
+        }
+
+        fn normalize(state: &mut VcpuState) {
+            normalize_vcpu(state);
+        }
+    }
+
+    fn booted_vcpus() -> Vcpus {
+        let dir = TempDir::new("vcpu");
+        let primary = Vm::build(&config(&dir, "primary.img")).unwrap();
+        let standby = Vm::create(&config(&dir, "standby.img")).unwrap();
+        Vcpus(Machines {
+            primary,
+            standby,
+            _dir: dir,
+        })
+    }
+
+    struct Devices(Machines);
+
+    impl PersistPair for Devices {
+        type Component = DeviceManager;
+
+        fn pair(&mut self) -> (&mut DeviceManager, &mut DeviceManager) {
+            (&mut self.0.primary.devices, &mut self.0.standby.devices)
+        }
+
+        fn normalize(state: &mut DevicesState) {
+            normalize_devices(state);
+        }
+    }
+
+    struct Machine(Machines);
+
+    impl PersistPair for Machine {
+        type Component = Vm;
+
+        fn pair(&mut self) -> (&mut Vm, &mut Vm) {
+            (&mut self.0.primary, &mut self.0.standby)
+        }
+
+        /// Host time: kvmclock, when the PIT's counters were loaded, the TSCs.
+        fn normalize(state: &mut MachineState) {
+            state.vm.clock = Default::default();
+            for ch in &mut state.vm.pit.channels {
+                ch.count_load_time = 0;
+            }
+            state.vcpus.iter_mut().for_each(normalize_vcpu);
+            normalize_devices(&mut state.devices);
+        }
+    }
+
+    persist_roundtrip_tests! {
+        vcpu: booted_vcpus();
+        device_manager: Devices(machines("devices"));
+        vm: Machine(machines("vm"));
+    }
 }

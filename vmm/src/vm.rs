@@ -3,27 +3,25 @@
 //! threads; pausing and resuming all vCPUs; waiting for the guest to end.
 
 use std::fs::File;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
+use ftvmm_checkpoint::Persist;
 use ftvmm_devices::bus::Bus;
-use ftvmm_devices::legacy::{
-    SerialConsole, SerialOutput, COM1_BASE, COM1_IRQ, COM1_LEN, I8042, I8042_BASE, I8042_LEN,
-};
-use ftvmm_devices::EventFdTrigger;
+use ftvmm_devices::legacy::SerialOutput;
 
 use crate::arch::x86_64::{cpuid, layout, mptable, regs};
 use crate::boot::{self, BootError};
 use crate::config::{SerialConfig, VmConfig};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
+use crate::dirty_log::{self, DirtyLogError, DirtyRing};
 use crate::memory::{self, GuestMemory, MemoryError};
-use crate::persist::{
-    self, DevicesState, MachineState, PersistError, VcpuCapture, VcpuState, VmState,
-};
+use crate::persist::{MachineState, VmSaveError};
+use crate::vcpu::persist::{saveable_msrs, VcpuCapture};
 use crate::vcpu::{ExitSignal, Vcpu, VcpuError, VcpuHandle, VmExit};
 
 /// Path of the KVM device.
@@ -88,19 +86,13 @@ pub enum VmError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// Capturing or restoring machine state.
-    #[error("{source}")]
-    Persist {
-        /// What failed.
-        source: PersistError,
-    },
+    /// Saving the machine's state.
+    #[error(transparent)]
+    Save(#[from] VmSaveError),
     /// Dirty tracking set-up.
     #[error("dirty tracking: {0}")]
-    DirtyTrack(String),
-    /// Bus set-up.
-    #[error("cannot register device: {0}")]
-    Bus(#[from] ftvmm_devices::bus::BusError),
-    /// The virtio devices.
+    DirtyTrack(#[from] DirtyLogError),
+    /// The devices.
     #[error(transparent)]
     Devices(#[from] DeviceManagerError),
 }
@@ -141,36 +133,22 @@ pub struct Vm {
     pub fd: Arc<VmFd>,
     /// Guest memory.
     pub memory: GuestMemory,
-    /// COM1.
-    pub serial: Arc<Mutex<SerialConsole>>,
     /// Port I/O bus.
     pub pio: Arc<Bus>,
     /// MMIO bus.
     pub mmio: Arc<Bus>,
     exit: Arc<ExitSignal>,
     reset_evt: EventFd,
-    pending: Vec<Vcpu>,
-    dirty_rings: Vec<crate::dirty_log::DirtyRing>,
+    /// vCPUs whose threads have not started (a VM just built or restored).
+    pub(crate) pending: Vec<Vcpu>,
+    dirty_rings: Vec<DirtyRing>,
     ring_full: Arc<EventFd>,
-    vcpus: Vec<VcpuHandle>,
-    states: Vec<VcpuState>,
-    vm_state: Option<VmState>,
-    devices_state: DevicesState,
-    /// The virtio devices.
+    /// vCPUs whose threads run.
+    pub(crate) vcpus: Vec<VcpuHandle>,
+    /// The state [`Vm::finish_save`] saves into, kept from epoch to epoch.
+    state: MachineState,
+    /// The devices.
     pub devices: DeviceManager,
-}
-
-/// A borrowed view of the machine state, serialised exactly like
-/// [`MachineState`] (so the standby decodes it as one) without copying the
-/// vCPU states out of their reusable buffers.
-#[derive(Debug, serde::Serialize)]
-pub struct MachineStateRef<'a> {
-    /// VM-wide state.
-    pub vm: &'a VmState,
-    /// vCPU states.
-    pub vcpus: &'a [VcpuState],
-    /// Devices.
-    pub devices: &'a DevicesState,
 }
 
 impl std::fmt::Debug for Vm {
@@ -214,7 +192,7 @@ impl Vm {
     /// Creates the machine `config` describes — KVM VM, irqchip, PIT,
     /// memory, devices and vCPUs — without loading a guest: the common part
     /// of a boot ([`Vm::boot`]) and of a restore from a checkpoint
-    /// ([`Vm::restore`]).
+    /// ([`Persist::restore`]).
     pub fn create(config: &VmConfig) -> Result<Vm, VmError> {
         let out = open_serial_output(&config.serial)?;
         Vm::create_with_output(config, out)
@@ -243,10 +221,10 @@ impl Vm {
         memory::register_slots(&fd, &memory, false)?;
         // The dirty ring must be on before the first vCPU exists.
         let ring_entries = if config.dirty_ring {
-            Some(
-                crate::dirty_log::enable_dirty_ring(&fd, crate::dirty_log::DIRTY_RING_ENTRIES)
-                    .map_err(|e| VmError::DirtyTrack(e.to_string()))?,
-            )
+            Some(dirty_log::enable_dirty_ring(
+                &fd,
+                dirty_log::DIRTY_RING_ENTRIES,
+            )?)
         } else {
             None
         };
@@ -260,24 +238,17 @@ impl Vm {
         let mut dirty_rings = Vec::new();
 
         let host = |what| move |source| VmError::Host { what, source };
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host("serial irqfd"))?;
-        fd.register_irqfd(&serial_irq, COM1_IRQ)
-            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        let serial = Arc::new(Mutex::new(
-            SerialConsole::new(EventFdTrigger::new(serial_irq), serial_out)
-                .map_err(host("serial irqfd"))?,
-        ));
         let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host("reset eventfd"))?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(EventFdTrigger::new(
-            reset_evt.try_clone().map_err(host("reset eventfd"))?,
-        ))));
-        let mut pio = Bus::new();
-        pio.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
-        pio.insert(i8042, I8042_BASE, I8042_LEN)?;
-        let pio = Arc::new(pio);
-        let mut mmio = Bus::new();
-        let devices = DeviceManager::new(config, &fd, &memory, &mut mmio)?;
-        let mmio = Arc::new(mmio);
+        let (mut pio, mut mmio) = (Bus::new(), Bus::new());
+        let devices = DeviceManager::new(
+            config,
+            &fd,
+            &memory,
+            serial_out,
+            &reset_evt,
+            (&mut pio, &mut mmio),
+        )?;
+        let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
         let exit = Arc::new(ExitSignal::new().map_err(host("exit eventfd"))?);
 
         let supported = kvm
@@ -297,10 +268,8 @@ impl Vm {
             cpuid::filter(&mut cpuid, id, vcpu_count);
             vfd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
             if msr_indices.is_none() {
-                msr_indices = Some(
-                    persist::saveable_msrs(&kvm, &vfd)
-                        .map_err(|source| VmError::Persist { source })?,
-                );
+                msr_indices =
+                    Some(saveable_msrs(&kvm, &vfd).map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?);
             }
             let capture = VcpuCapture::new(
                 msr_indices.as_deref().unwrap_or(&[]),
@@ -309,10 +278,7 @@ impl Vm {
                 sync_regs,
             );
             if let Some(entries) = ring_entries {
-                dirty_rings.push(
-                    crate::dirty_log::DirtyRing::map(&vfd, entries)
-                        .map_err(|e| VmError::DirtyTrack(e.to_string()))?,
-                );
+                dirty_rings.push(DirtyRing::map(&vfd, id, entries)?);
             }
             let mut vcpu = Vcpu::new(
                 id,
@@ -329,16 +295,13 @@ impl Vm {
             kvm,
             fd,
             memory,
-            serial,
             pio,
             mmio,
             exit,
             reset_evt,
             pending,
             vcpus: Vec::new(),
-            states: Vec::new(),
-            vm_state: None,
-            devices_state: DevicesState::default(),
+            state: MachineState::default(),
             devices,
             dirty_rings,
             ring_full,
@@ -347,7 +310,7 @@ impl Vm {
 
     /// The vCPUs' dirty rings (`--dirty-track ring`), handed to the
     /// checkpoint engine, their one reader.
-    pub fn take_dirty_rings(&mut self) -> Vec<crate::dirty_log::DirtyRing> {
+    pub fn take_dirty_rings(&mut self) -> Vec<DirtyRing> {
         std::mem::take(&mut self.dirty_rings)
     }
 
@@ -379,41 +342,10 @@ impl Vm {
         Ok(())
     }
 
-    /// Restores a checkpointed machine into this freshly created VM (whose
-    /// memory already holds the checkpoint's pages): VM-wide state, every
-    /// vCPU, and the devices. The vCPU threads are not started.
-    pub fn restore(&self, state: &MachineState) -> Result<(), VmError> {
-        if state.vcpus.len() != self.pending.len() {
-            return Err(VmError::Persist {
-                source: PersistError::Mismatch(format!(
-                    "checkpoint has {} vCPUs, this VM {}",
-                    state.vcpus.len(),
-                    self.pending.len()
-                )),
-            });
-        }
-        let p = |source| VmError::Persist { source };
-        persist::restore_vm(&self.fd, &state.vm).map_err(p)?;
-        for (v, s) in self.pending.iter().zip(&state.vcpus) {
-            persist::restore_vcpu(&v.fd, s).map_err(p)?;
-        }
-        self.serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .restore(&state.devices.serial)
-            .map_err(|source| VmError::Host {
-                what: "serial device from checkpoint",
-                source,
-            })?;
-        self.devices
-            .restore(&state.devices.net, &state.devices.blk)?;
-        Ok(())
-    }
-
-    /// Pauses every vCPU and captures the whole machine's state into
-    /// `self`'s reusable state buffers; returns it borrowed. The vCPUs stay
+    /// Pauses every vCPU and device and saves the whole machine's state
+    /// into `self`'s reusable state; returns it borrowed. The VM stays
     /// paused until [`Vm::resume`].
-    pub fn pause_and_save(&mut self, timeout: Duration) -> Result<MachineStateRef<'_>, VmError> {
+    pub fn pause_and_save(&mut self, timeout: Duration) -> Result<&MachineState, VmError> {
         self.begin_save(timeout)?;
         self.finish_save(timeout)
     }
@@ -433,39 +365,19 @@ impl Vm {
         Ok(())
     }
 
-    /// Second half of [`Vm::pause_and_save`]: waits for the vCPUs' saved
-    /// state and captures the rest of the machine.
-    pub fn finish_save(&mut self, timeout: Duration) -> Result<MachineStateRef<'_>, VmError> {
+    /// Second half of [`Vm::pause_and_save`]: waits for the vCPU threads to
+    /// have saved their state, then saves the machine ([`Persist::save_into`])
+    /// into `self`'s reusable state, without allocating once it has grown.
+    pub fn finish_save(&mut self, timeout: Duration) -> Result<&MachineState, VmError> {
         let deadline = Instant::now() + timeout;
         for v in &self.vcpus {
             v.wait_parked(deadline, timeout)?;
         }
-        let count = self.vcpus.len() + self.pending.len();
-        if self.states.len() != count {
-            self.states = (0..count).map(|_| crate::vcpu::empty_state()).collect();
-        }
-        for (v, slot) in self.vcpus.iter().zip(self.states.iter_mut()) {
-            v.take_saved(slot)?;
-        }
-        // vCPUs not started yet (a VM just built or restored) are captured
-        // directly.
-        for (v, slot) in self.pending.iter_mut().zip(self.states.iter_mut()) {
-            v.save_now(slot)?;
-        }
-        let vm = persist::capture_vm(&self.fd).map_err(|source| VmError::Persist { source })?;
-        let DevicesState { serial, net, blk } = &mut self.devices_state;
-        self.devices.save_into(net, blk);
-        *serial = self
-            .serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .state();
-        self.vm_state = Some(vm);
-        Ok(MachineStateRef {
-            vm: self.vm_state.as_ref().expect("just set"),
-            vcpus: &self.states,
-            devices: &self.devices_state,
-        })
+        let mut state = std::mem::take(&mut self.state);
+        let saved = self.save_into(&mut state);
+        self.state = state;
+        saved?;
+        Ok(&self.state)
     }
 
     /// Starts every vCPU thread.

@@ -10,6 +10,7 @@ use common::*;
 use ftvmm::config::{SerialConfig, VmConfig};
 use ftvmm::persist::MachineState;
 use ftvmm::vm::Vm;
+use ftvmm_checkpoint::Persist;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
 fn hbs(path: &std::path::Path) -> Vec<u64> {
@@ -39,7 +40,7 @@ fn restored_guest_continues_counting() {
     let json = serde_json::to_vec(&state).unwrap();
     let state: MachineState = serde_json::from_slice(&json).unwrap();
 
-    let b = Vm::create(&VmConfig {
+    let mut b = Vm::create(&VmConfig {
         serial: SerialConfig::File(log_b.clone()),
         ..base.clone()
     })
@@ -56,7 +57,6 @@ fn restored_guest_continues_counting() {
     drop(a);
 
     b.restore(&state).unwrap();
-    let mut b = b;
     b.start().unwrap();
     assert!(
         wait_until(Duration::from_secs(30), || hbs(&log_b).len() >= 5),

@@ -3,7 +3,6 @@ use std::io::Write;
 use vm_superio::serial::NoEvents;
 use vm_superio::Serial;
 
-use super::persist::SerialDeviceState;
 use crate::bus::BusDevice;
 use crate::EventFdTrigger;
 
@@ -20,8 +19,8 @@ pub type SerialOutput = Box<dyn Write + Send>;
 
 /// COM1: a vm-superio 16550 whose interrupt is an irqfd.
 pub struct SerialConsole {
-    serial: Serial<EventFdTrigger, NoEvents, SerialOutput>,
-    interrupt: EventFdTrigger,
+    pub(super) serial: Serial<EventFdTrigger, NoEvents, SerialOutput>,
+    pub(super) interrupt: EventFdTrigger,
 }
 
 impl std::fmt::Debug for SerialConsole {
@@ -37,26 +36,6 @@ impl SerialConsole {
             serial: Serial::new(interrupt.try_clone()?, out),
             interrupt,
         })
-    }
-
-    /// Restores the registers and FIFO from `state`, keeping the interrupt
-    /// line and the output sink.
-    pub fn restore(&mut self, state: &SerialDeviceState) -> std::io::Result<()> {
-        let out = std::mem::replace(self.serial.writer_mut(), Box::new(std::io::sink()));
-        let serial = Serial::from_state(
-            &state.to_superio(),
-            self.interrupt.try_clone()?,
-            NoEvents,
-            out,
-        )
-        .map_err(|e| std::io::Error::other(format!("cannot restore serial state: {e:?}")))?;
-        self.serial = serial;
-        Ok(())
-    }
-
-    /// The plain-data state of the port.
-    pub fn state(&self) -> SerialDeviceState {
-        SerialDeviceState::from_superio(&self.serial.state())
     }
 
     /// The output sink.

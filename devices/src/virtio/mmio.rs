@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::persist::{restore_queues, QueueSnapshot, VirtioMmioState, VirtioStateError};
 use super::{features, GuestMemory, Quiesce, QuiesceError, QUEUE_MAX_SIZE, VENDOR_ID};
 use crate::bus::BusDevice;
 
@@ -144,7 +143,7 @@ pub(crate) struct Shared<D> {
     ctl: EventFd,
     paused: AtomicBool,
     exit: AtomicBool,
-    name: String,
+    pub name: String,
 }
 
 impl<D: VirtioDevice> Shared<D> {
@@ -154,7 +153,7 @@ impl<D: VirtioDevice> Shared<D> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn kick_worker(&self) {
+    pub(crate) fn kick_worker(&self) {
         if let Err(e) = self.ctl.write(1) {
             log::error!("{}: cannot wake worker: {e}", self.name);
         }
@@ -187,28 +186,6 @@ impl Common {
             activated: false,
             queues: new_queues(num_queues),
         }
-    }
-
-    /// Writes the state into `out`, reusing its queue vector (the epoch
-    /// pause does not allocate).
-    pub(crate) fn state_into(&self, out: &mut VirtioMmioState) {
-        out.device_status = self.device_status;
-        out.driver_features = self.driver_features;
-        out.device_features_sel = self.device_features_sel;
-        out.driver_features_sel = self.driver_features_sel;
-        out.queue_sel = self.queue_sel;
-        out.config_generation = self.config_generation;
-        out.interrupt_status = self.interrupt_status;
-        out.activated = self.activated;
-        out.queues.clear();
-        out.queues
-            .extend(self.queues.iter().map(|q| QueueSnapshot::from(q.state())));
-    }
-
-    pub(crate) fn state(&self) -> VirtioMmioState {
-        let mut s = VirtioMmioState::default();
-        self.state_into(&mut s);
-        s
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -456,51 +433,6 @@ impl<D: VirtioDevice> VirtioMmioDevice<D> {
     /// Runs `f` on the device with the device lock held (between requests).
     pub fn with_device<R>(&self, f: impl FnOnce(&mut D) -> R) -> R {
         f(&mut self.shared.lock().dev)
-    }
-
-    /// The transport's state.
-    pub fn mmio_state(&self) -> VirtioMmioState {
-        self.shared.lock().common.state()
-    }
-
-    /// Restores the transport registers and queues from `state` (validated)
-    /// and applies `restore_dev` to the device, all under the device lock;
-    /// then lets the worker serve whatever the queues hold.
-    pub(crate) fn restore_with(
-        &self,
-        state: &VirtioMmioState,
-        restore_dev: impl FnOnce(&mut D) -> Result<(), VirtioStateError>,
-    ) -> Result<(), VirtioStateError> {
-        let mut guard = self.shared.lock();
-        let inner = &mut *guard;
-        let queues = restore_queues(
-            &self.shared.name,
-            state,
-            inner.dev.num_queues(),
-            QUEUE_MAX_SIZE,
-            inner.dev.device_features(),
-            &self.shared.mem,
-        )?;
-        restore_dev(&mut inner.dev)?;
-        inner.common = Common {
-            device_status: state.device_status,
-            driver_features: state.driver_features,
-            device_features_sel: state.device_features_sel,
-            driver_features_sel: state.driver_features_sel,
-            queue_sel: state.queue_sel,
-            config_generation: state.config_generation,
-            interrupt_status: state.interrupt_status,
-            activated: state.activated,
-            queues,
-        };
-        // An interrupt raised just before the checkpoint may not have
-        // reached the guest; a spurious one is harmless.
-        if state.interrupt_status != 0 {
-            let _ = self.shared.irq.write(1);
-        }
-        drop(guard);
-        self.shared.kick_worker();
-        Ok(())
     }
 }
 

@@ -6,6 +6,9 @@ pub enum FtError {
     /// Building or running the VM.
     #[error(transparent)]
     Vm(#[from] crate::vm::VmError),
+    /// Restoring the VM from a checkpoint.
+    #[error(transparent)]
+    Restore(#[from] crate::persist::VmRestoreError),
     /// The network output commit.
     #[error(transparent)]
     Netbuf(#[from] ftvmm_netbuf::NetbufError),

@@ -19,11 +19,10 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 pub use journal::{Journal, JournalCounts, JournalEpoch};
-pub use persist::BlockDeviceState;
+pub use persist::{BlockDeviceState, BlockRestoreError, BlockState, BlockStateError};
 
-use super::mmio::{VirtioDevice, VirtioMmioDevice};
+use super::mmio::VirtioDevice;
 use super::net::read_config_bytes;
-use super::persist::VirtioStateError;
 use super::{features, GuestMemory, QUEUE_MAX_SIZE, TYPE_BLOCK};
 
 /// Sector size.
@@ -493,70 +492,6 @@ impl VirtioDevice for Block {
         stop: &AtomicBool,
     ) -> bool {
         index == 0 && self.process_requests(queues, mem, stop)
-    }
-}
-
-impl VirtioMmioDevice<Block> {
-    /// The device's state (call it paused for a consistent checkpoint).
-    pub fn save(&self) -> BlockDeviceState {
-        let mut s = BlockDeviceState::default();
-        self.save_into(&mut s);
-        s
-    }
-
-    /// Like [`Self::save`], into `out`, reusing its buffers (no allocation
-    /// per epoch).
-    pub fn save_into(&self, out: &mut BlockDeviceState) {
-        use std::fmt::Write;
-        let inner = self.shared.lock();
-        inner.common.state_into(&mut out.mmio);
-        out.path.clear();
-        let _ = write!(out.path, "{}", inner.dev.disk.path.display());
-        out.readonly = inner.dev.disk.readonly;
-        out.capacity = inner.dev.disk.capacity;
-        out.disk_id.clear();
-        out.disk_id.extend_from_slice(&inner.dev.id);
-    }
-
-    /// Restores a checkpointed state into this device, which keeps its own
-    /// disk file (a standby opens its replica): capacity and readonly must
-    /// match; the disk ID comes from the state.
-    pub fn restore(&self, state: &BlockDeviceState) -> Result<(), VirtioStateError> {
-        let name = self.name().to_string();
-        self.restore_with(&state.mmio, |dev| {
-            let mismatch = |reason: String| VirtioStateError::Mismatch {
-                device: name.clone(),
-                reason,
-            };
-            if state.capacity != dev.disk.capacity {
-                return Err(mismatch(format!(
-                    "checkpointed disk has {} sectors, this one {}",
-                    state.capacity, dev.disk.capacity
-                )));
-            }
-            if state.readonly != dev.disk.readonly {
-                return Err(mismatch(format!(
-                    "checkpointed disk is {}, this one {}",
-                    if state.readonly {
-                        "readonly"
-                    } else {
-                        "writable"
-                    },
-                    if dev.disk.readonly {
-                        "readonly"
-                    } else {
-                        "writable"
-                    }
-                )));
-            }
-            dev.id = <[u8; DISK_ID_LEN]>::try_from(state.disk_id.as_slice()).map_err(|_| {
-                mismatch(format!(
-                    "disk id is {} bytes, not {DISK_ID_LEN}",
-                    state.disk_id.len()
-                ))
-            })?;
-            Ok(())
-        })
     }
 }
 

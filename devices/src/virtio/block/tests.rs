@@ -3,10 +3,13 @@ use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use ftvmm_checkpoint::test_utils::PersistPair;
+use ftvmm_checkpoint::{persist_roundtrip_tests, Persist};
+
 use super::*;
 use crate::bus::BusDevice;
 use crate::virtio::features;
-use crate::virtio::mmio::{regs, status};
+use crate::virtio::mmio::{regs, status, VirtioMmioDevice};
 use crate::virtio::test_utils::*;
 use crate::virtio::Quiesce;
 
@@ -320,82 +323,158 @@ fn paused_device_serves_nothing_until_resumed() {
     // A negative check: no completion may come while paused.
     assert!(!wait_evt(&f.irq, Duration::from_millis(200)));
     assert_eq!(f.q.used_idx(&f.mem), 0);
-    let before = f.dev.save();
+    let before = f.dev.save().unwrap();
     f.dev.resume();
     assert!(wait_used(&f.mem, &f.q, 1, &f.irq, T));
-    assert_eq!(before.mmio.queues[0].next_avail, 0);
-    assert_eq!(f.dev.save().mmio.queues[0].next_avail, 1);
+    assert_eq!(before.transport.queues[0].next_avail, 0);
+    assert_eq!(f.dev.save().unwrap().transport.queues[0].next_avail, 1);
 }
 
-#[test]
-fn state_round_trip_and_restore_goes_on() {
-    let mut f = fixture("state", 4096, false);
+/// The primary's disk after a request, paused, and a standby's on its own
+/// replica of the disk file.
+struct BlockPair {
+    f: Fixture,
+    standby: VirtioMmioDevice<Block>,
+    standby_irq: EventFd,
+}
+
+impl PersistPair for BlockPair {
+    type Component = VirtioMmioDevice<Block>;
+
+    fn pair(&mut self) -> (&mut Self::Component, &mut Self::Component) {
+        (&mut self.f.dev, &mut self.standby)
+    }
+
+    /// The disk file is a host resource: each device names its own.
+    fn normalize(state: &mut BlockDeviceState) {
+        state.device.path.clear();
+    }
+}
+
+fn after_a_request(tag: &str) -> BlockPair {
+    let mut f = fixture(tag, 4096, false);
     assert_eq!(
         f.request(VIRTIO_BLK_T_IN, 1, &[(DATA, 512, true)]).0,
         VIRTIO_BLK_S_OK
     );
     f.dev.pause(T).unwrap();
-    let saved = f.dev.save();
-    assert!(saved.mmio.activated);
-    let json = serde_json::to_string(&saved).unwrap();
-    let decoded: BlockDeviceState = serde_json::from_str(&json).unwrap();
-    // A second device on its own copy of the disk (a standby's replica).
     let replica = f.dir.join("replica.img");
     std::fs::copy(f.path(), &replica).unwrap();
-    let irq2 = EventFd::new(EFD_NONBLOCK).unwrap();
-    let dev2 = VirtioMmioDevice::new(
+    let standby_irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let standby = VirtioMmioDevice::new(
         Block::new(Disk::open(&replica, false).unwrap()),
         f.mem.clone(),
-        irq2.try_clone().unwrap(),
+        standby_irq.try_clone().unwrap(),
     )
     .unwrap();
-    dev2.restore(&decoded).unwrap();
-    let again = dev2.save();
-    assert_eq!(again.mmio, saved.mmio);
-    assert_eq!(again.disk_id, saved.disk_id);
-    // The restored device serves the next request on the same rings.
+    BlockPair {
+        f,
+        standby,
+        standby_irq,
+    }
+}
+
+persist_roundtrip_tests! {
+    virtio_blk: after_a_request("roundtrip");
+}
+
+#[test]
+fn a_restored_disk_serves_the_next_request() {
+    let mut p = after_a_request("goes-on");
+    let saved = p.f.dev.save().unwrap();
+    assert!(saved.transport.activated);
+    p.standby.restore(&saved).unwrap();
+    let again = p.standby.save().unwrap();
+    assert_eq!(again.device.disk_id, saved.device.disk_id);
+    assert!(again.device.path.ends_with("replica.img"));
+    let f = &mut p.f;
     f.mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(HDR)).unwrap();
     f.q.add_chain(
         &f.mem,
         &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
     );
     w32(
-        &mut *dev2.transport().lock().unwrap(),
+        &mut *p.standby.transport().lock().unwrap(),
         regs::QUEUE_NOTIFY,
         0,
     );
-    assert!(wait_used(&f.mem, &f.q, 2, &irq2, T));
-    // Validation: a different capacity, a bad queue.
-    let small = f.dir.join("small.img");
+    assert!(wait_used(&f.mem, &f.q, 2, &p.standby_irq, T));
+}
+
+#[test]
+fn a_hostile_or_misfit_state_is_refused() {
+    let mut p = after_a_request("hostile");
+    let saved = p.f.dev.save().unwrap();
+    // Another capacity, another access.
+    let small = p.f.dir.join("small.img");
     std::fs::write(&small, [0u8; 512]).unwrap();
-    let dev3 = VirtioMmioDevice::new(
+    let mut other = VirtioMmioDevice::new(
         Block::new(Disk::open(&small, false).unwrap()),
-        f.mem.clone(),
+        p.f.mem.clone(),
         EventFd::new(0).unwrap(),
     )
     .unwrap();
+    let err = other.restore(&saved).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BlockRestoreError::Device(BlockStateError::Capacity {
+                state: 8,
+                disk: 1,
+                ..
+            })
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("has 8 sectors, this one 1"),
+        "{err}"
+    );
+    let mut ro = VirtioMmioDevice::new(
+        Block::new(Disk::open(&p.f.path(), true).unwrap()),
+        p.f.mem.clone(),
+        EventFd::new(0).unwrap(),
+    )
+    .unwrap();
+    let err = ro.restore(&saved).unwrap_err().to_string();
+    assert!(
+        err.contains("checkpointed disk is writable, this one readonly"),
+        "{err}"
+    );
+    // Queues virtio-queue rejects, or outside guest memory, or missing.
+    let mut bad = saved.clone();
+    bad.transport.queues[0].size = 3;
+    let err = p.standby.restore(&bad).unwrap_err();
+    assert!(
+        matches!(err, BlockRestoreError::Queue { index: 0, .. }),
+        "{err}"
+    );
+    let mut bad = saved.clone();
+    bad.transport.queues[0].used_ring = 0x7fff_f000;
     assert!(matches!(
-        dev3.restore(&decoded),
-        Err(VirtioStateError::Mismatch { .. })
+        p.standby.restore(&bad),
+        Err(BlockRestoreError::QueueOutsideMemory { .. })
     ));
-    let mut bad = decoded.clone();
-    bad.mmio.queues[0].size = 3;
+    let mut bad = saved.clone();
+    bad.transport.queues[0].max_size = 1024;
     assert!(matches!(
-        dev2.restore(&bad),
-        Err(VirtioStateError::Queue { .. })
+        p.standby.restore(&bad),
+        Err(BlockRestoreError::QueueMaxSize { got: 1024, .. })
     ));
-    let mut bad = decoded.clone();
-    bad.mmio.queues[0].used_ring = 0x7fff_f000;
-    assert!(matches!(
-        dev2.restore(&bad),
-        Err(VirtioStateError::Queue { .. })
-    ));
-    let mut bad = decoded;
-    bad.mmio.queues.pop();
-    assert!(matches!(
-        dev2.restore(&bad),
-        Err(VirtioStateError::QueueCount { .. })
-    ));
+    let mut bad = saved;
+    bad.transport.queues.pop();
+    let err = p.standby.restore(&bad).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BlockRestoreError::QueueCount {
+                got: 0,
+                want: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -421,7 +500,7 @@ fn empty_disk_is_refused() {
 
 #[test]
 fn transport_identity_and_reset() {
-    let f = fixture("ident", 4096, false);
+    let mut f = fixture("ident", 4096, false);
     let mut t = f.transport.lock().unwrap();
     assert_eq!(r32(&mut *t, regs::MAGIC_VALUE), 0x7472_6976);
     assert_eq!(r32(&mut *t, regs::VERSION), 2);
@@ -432,7 +511,7 @@ fn transport_identity_and_reset() {
     w32(&mut *t, regs::STATUS, 0);
     assert_eq!(r32(&mut *t, regs::STATUS), 0);
     drop(t);
-    assert!(!f.dev.save().mmio.activated);
+    assert!(!f.dev.save().unwrap().transport.activated);
     // Without VERSION_1 the device refuses FEATURES_OK.
     let mut t = f.transport.lock().unwrap();
     let q = TestQueue::new(0x1000, 16);

@@ -16,11 +16,10 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::Bytes;
 
-pub use persist::NetDeviceState;
+pub use persist::{NetDeviceState, NetRestoreError, NetState};
 pub use tap::{Tap, TapError, VNET_HDR_LEN};
 
-use super::mmio::{VirtioDevice, VirtioMmioDevice};
-use super::persist::VirtioStateError;
+use super::mmio::VirtioDevice;
 use super::{features, GuestMemory, TYPE_NET};
 
 /// Receive queue index.
@@ -361,39 +360,6 @@ pub(crate) fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
     if off < cfg.len() {
         let n = data.len().min(cfg.len() - off);
         data[..n].copy_from_slice(&cfg[off..off + n]);
-    }
-}
-
-impl VirtioMmioDevice<Net> {
-    /// The device's state. Call it paused ([`crate::virtio::Quiesce`]) for
-    /// a consistent checkpoint. A frame read from the tap but not yet
-    /// delivered is not part of it (as if lost on the wire).
-    pub fn save(&self) -> NetDeviceState {
-        let mut s = NetDeviceState::default();
-        self.save_into(&mut s);
-        s
-    }
-
-    /// Like [`Self::save`], into `out`, reusing its buffers (no allocation
-    /// per epoch).
-    pub fn save_into(&self, out: &mut NetDeviceState) {
-        let inner = self.shared.lock();
-        inner.common.state_into(&mut out.mmio);
-        out.mac = inner.dev.mac;
-        out.tap.clear();
-        out.tap.push_str(inner.dev.tap.name());
-    }
-
-    /// Restores a checkpointed state into this device, which keeps its own
-    /// tap (a standby attaches its own). The MAC comes from the state: it is
-    /// the guest's identity.
-    pub fn restore(&self, state: &NetDeviceState) -> Result<(), VirtioStateError> {
-        self.restore_with(&state.mmio, |dev| {
-            dev.mac = state.mac;
-            dev.rx_len = 0;
-            dev.rx_blocked = false;
-            Ok(())
-        })
     }
 }
 

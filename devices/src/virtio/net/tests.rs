@@ -5,9 +5,12 @@ use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use ftvmm_checkpoint::test_utils::PersistPair;
+use ftvmm_checkpoint::{persist_roundtrip_tests, Persist};
+
 use super::*;
 use crate::bus::BusDevice;
-use crate::virtio::mmio::{regs, status, MmioTransport};
+use crate::virtio::mmio::{regs, status, MmioTransport, VirtioMmioDevice};
 use crate::virtio::test_utils::*;
 use crate::virtio::Quiesce;
 
@@ -16,7 +19,7 @@ const MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x42];
 
 /// A socketpair behaving like a tap: one frame (with its 12-byte header)
 /// per message. Returns (device end as a Tap, test end).
-fn fake_tap() -> (Tap, std::fs::File) {
+fn fake_tap(name: &str) -> (Tap, std::fs::File) {
     let mut fds = [0; 2];
     // SAFETY: socketpair writes two fds into the array.
     let r = unsafe {
@@ -30,7 +33,7 @@ fn fake_tap() -> (Tap, std::fs::File) {
     assert_eq!(r, 0);
     // SAFETY: both fds were just created and are owned by nobody else.
     let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    (Tap::from_fd(a, "fake0"), std::fs::File::from(b))
+    (Tap::from_fd(a, name), std::fs::File::from(b))
 }
 
 struct Fixture {
@@ -44,7 +47,7 @@ struct Fixture {
 }
 
 fn fixture(sink: Option<Box<dyn FrameSink>>) -> Fixture {
-    let (tap, peer) = fake_tap();
+    let (tap, peer) = fake_tap("fake0");
     let mem = test_mem(1 << 20);
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
     let dev = VirtioMmioDevice::new(
@@ -228,8 +231,29 @@ fn rx_input_waits_while_paused() {
     assert!(wait_used(&f.mem, &f.rx, 1, &f.irq, T));
 }
 
-#[test]
-fn state_round_trip_and_restore_on_another_tap() {
+/// The primary's NIC mid-traffic (a frame delivered, a buffer posted,
+/// paused) and a standby's: its own tap, another default MAC.
+struct NetPair {
+    f: Fixture,
+    standby: VirtioMmioDevice<Net>,
+    standby_irq: EventFd,
+    standby_peer: std::fs::File,
+}
+
+impl PersistPair for NetPair {
+    type Component = VirtioMmioDevice<Net>;
+
+    fn pair(&mut self) -> (&mut Self::Component, &mut Self::Component) {
+        (&mut self.f.dev, &mut self.standby)
+    }
+
+    /// The tap is a host resource: each device names its own.
+    fn normalize(state: &mut NetDeviceState) {
+        state.device.tap.clear();
+    }
+}
+
+fn mid_traffic() -> NetPair {
     let mut f = fixture(None);
     f.rx.add_chain(&f.mem, &[(0x20000, 2048, true)]);
     notify(&f, 0);
@@ -238,27 +262,60 @@ fn state_round_trip_and_restore_on_another_tap() {
     f.rx.add_chain(&f.mem, &[(0x22000, 2048, true)]);
     notify(&f, 0);
     f.dev.pause(T).unwrap();
-    let saved = f.dev.save();
-    let bytes = serde_json::to_vec(&saved).unwrap();
-    let decoded: NetDeviceState = serde_json::from_slice(&bytes).unwrap();
-    assert_eq!(decoded, saved);
-    // The "standby": its own tap, another default MAC; the state wins.
-    let (tap2, peer2) = fake_tap();
-    let irq2 = EventFd::new(EFD_NONBLOCK).unwrap();
-    let dev2 = VirtioMmioDevice::new(
+    let (tap2, standby_peer) = fake_tap("standby0");
+    let standby_irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let standby = VirtioMmioDevice::new(
         Net::new(tap2, default_mac("x"), None).unwrap(),
         f.mem.clone(),
-        irq2.try_clone().unwrap(),
+        standby_irq.try_clone().unwrap(),
     )
     .unwrap();
-    dev2.restore(&decoded).unwrap();
-    let again = dev2.save();
-    assert_eq!(again.mmio, saved.mmio);
-    assert_eq!(again.mac, MAC);
+    NetPair {
+        f,
+        standby,
+        standby_irq,
+        standby_peer,
+    }
+}
+
+persist_roundtrip_tests! {
+    virtio_net: mid_traffic();
+}
+
+#[test]
+fn a_restored_nic_goes_on_on_its_own_tap() {
+    let mut p = mid_traffic();
+    let saved = p.f.dev.save().unwrap();
+    p.standby.restore(&saved).unwrap();
+    let again = p.standby.save().unwrap();
+    assert_eq!(again.device.mac, MAC, "the MAC is the guest's: it travels");
+    assert_eq!(again.device.tap, "standby0");
     // It goes on: the posted buffer receives from the new tap.
-    peer_send(&peer2, &frame(90, 3));
-    assert!(wait_used(&f.mem, &f.rx, 2, &irq2, T));
-    assert_eq!(f.rx.used_elem(&f.mem, 1).1 as usize, 12 + 90);
+    peer_send(&p.standby_peer, &frame(90, 3));
+    assert!(wait_used(&p.f.mem, &p.f.rx, 2, &p.standby_irq, T));
+    assert_eq!(p.f.rx.used_elem(&p.f.mem, 1).1 as usize, 12 + 90);
+}
+
+#[test]
+fn a_hostile_queue_is_refused() {
+    let mut p = mid_traffic();
+    let saved = p.f.dev.save().unwrap();
+    let mut bad = saved.clone();
+    bad.transport.queues[1].used_ring = 0x7fff_f000;
+    let err = p.standby.restore(&bad).unwrap_err();
+    assert!(
+        matches!(err, NetRestoreError::QueueOutsideMemory { index: 1, .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .starts_with("cannot restore virtio-net 'standby0': queue 1"),
+        "{err}"
+    );
+    let mut bad = saved;
+    bad.transport.driver_features |= 1 << 60;
+    let err = p.standby.restore(&bad).unwrap_err();
+    assert!(matches!(err, NetRestoreError::Features { .. }), "{err}");
 }
 
 /// A checkpoint taken mid-traffic — the receive queue out of buffers (the
@@ -285,13 +342,16 @@ fn traffic_and_interrupts_go_on_after_a_restore_mid_traffic() {
         std::thread::sleep(Duration::from_millis(1));
     }
     f.dev.pause(T).unwrap();
-    let saved = f.dev.save();
-    assert_eq!(saved.mmio.interrupt_status, crate::virtio::mmio::INT_VRING);
+    let saved = f.dev.save().unwrap();
+    assert_eq!(
+        saved.transport.interrupt_status,
+        crate::virtio::mmio::INT_VRING
+    );
     drop(f.dev);
 
-    let (tap2, peer2) = fake_tap();
+    let (tap2, peer2) = fake_tap("standby0");
     let irq2 = EventFd::new(EFD_NONBLOCK).unwrap();
-    let dev2 = VirtioMmioDevice::new(
+    let mut dev2 = VirtioMmioDevice::new(
         Net::new(tap2, MAC, None).unwrap(),
         f.mem.clone(),
         irq2.try_clone().unwrap(),

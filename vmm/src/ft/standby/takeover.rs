@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ftvmm_checkpoint::{decode_state, GuestShape, DEFAULT_STATE_LIMIT};
+use ftvmm_checkpoint::{decode_state, GuestShape, Persist, DEFAULT_STATE_LIMIT};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::super::console::HeldOutput;

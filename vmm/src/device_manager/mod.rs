@@ -1,29 +1,36 @@
-//! The virtio devices of a VM: created from the configuration, placed on
-//! the MMIO bus at their fixed addresses, wired to KVM (an ioeventfd per
-//! queue, an irqfd per device), declared on the guest's kernel command
-//! line, quiesced for checkpoints, and saved and restored.
+//! The devices of a VM: COM1 and the i8042 on the port I/O bus, and the
+//! virtio devices, created from the configuration, placed on the MMIO bus at
+//! their fixed addresses, wired to KVM (an ioeventfd per queue, an irqfd per
+//! device), declared on the guest's kernel command line, quiesced for
+//! checkpoints, and saved and restored ([`persist`]).
 //!
 //! Placement (the contract in `ftvmm_devices::virtio`): device `i`, counting
 //! all `--net` devices and then all `--disk` devices, has its registers at
 //! `VIRTIO_MMIO_START + i * 0x1000` and interrupt line `IRQS[i]`.
 
+pub mod persist;
+
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use ftvmm_devices::bus::{Bus, BusError};
-use ftvmm_devices::virtio::block::{Block, BlockDeviceState, BlockError, Disk};
+use ftvmm_devices::legacy::{
+    SerialConsole, SerialOutput, COM1_BASE, COM1_IRQ, COM1_LEN, I8042, I8042_BASE, I8042_LEN,
+};
+use ftvmm_devices::virtio::block::{Block, BlockError, Disk};
 use ftvmm_devices::virtio::mmio::{regs, VirtioDevice, VirtioMmioDevice};
-use ftvmm_devices::virtio::net::{default_mac, FrameSink, Net, NetDeviceState, Tap, TapError};
-use ftvmm_devices::virtio::persist::VirtioStateError;
+use ftvmm_devices::virtio::net::{default_mac, FrameSink, Net, Tap, TapError};
 use ftvmm_devices::virtio::{cmdline_entry, Quiesce, QuiesceError, IRQS, MAX_DEVICES, MMIO_WINDOW};
+use ftvmm_devices::EventFdTrigger;
 
 use crate::arch::x86_64::layout::VIRTIO_MMIO_START;
 use crate::config::VmConfig;
 use crate::memory::GuestMemory;
 
-/// Errors creating, wiring, quiescing or restoring the virtio devices.
+/// Errors creating, wiring or quiescing the devices.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceManagerError {
     /// More devices than addresses and interrupt lines.
@@ -60,7 +67,7 @@ pub enum DeviceManagerError {
         /// KVM's error.
         source: kvm_ioctls::Error,
     },
-    /// The MMIO window is taken.
+    /// The bus window is taken.
     #[error("cannot place {device}: {source}")]
     Bus {
         /// Which device.
@@ -71,21 +78,6 @@ pub enum DeviceManagerError {
     /// A device did not quiesce.
     #[error(transparent)]
     Quiesce(#[from] QuiesceError),
-    /// A checkpointed device state does not fit.
-    #[error(transparent)]
-    State(#[from] VirtioStateError),
-    /// The checkpoint has other devices than this VM.
-    #[error("checkpoint has {ckpt_net} NICs and {ckpt_blk} disks, this VM {net} and {blk}")]
-    Shape {
-        /// NICs in the checkpoint.
-        ckpt_net: usize,
-        /// Disks in the checkpoint.
-        ckpt_blk: usize,
-        /// NICs here.
-        net: usize,
-        /// Disks here.
-        blk: usize,
-    },
 }
 
 /// Where device `index` lives: (MMIO base, interrupt line).
@@ -94,9 +86,10 @@ pub fn placement(index: usize) -> Option<(u64, u32)> {
         .map(|&irq| (VIRTIO_MMIO_START + index as u64 * MMIO_WINDOW, irq))
 }
 
-/// The VM's virtio devices.
-#[derive(Debug, Default)]
+/// The VM's devices.
+#[derive(Debug)]
 pub struct DeviceManager {
+    serial: Arc<Mutex<SerialConsole>>,
     net: Vec<VirtioMmioDevice<Net>>,
     blk: Vec<VirtioMmioDevice<Block>>,
     cmdline: String,
@@ -151,20 +144,73 @@ fn wire<D: VirtioDevice>(
     Ok(device)
 }
 
+/// The legacy devices: COM1, its interrupt an irqfd, writing to
+/// `serial_out`, and the i8042, signalling `reset_evt` when the guest resets;
+/// placed on `pio`.
+fn legacy(
+    vm: &VmFd,
+    serial_out: SerialOutput,
+    reset_evt: &EventFd,
+    pio: &mut Bus,
+) -> Result<Arc<Mutex<SerialConsole>>, DeviceManagerError> {
+    let host = |what, device: &str| {
+        let device = device.to_string();
+        move |source| DeviceManagerError::Host {
+            what,
+            device,
+            source,
+        }
+    };
+    let place = |device: &str| {
+        let device = device.to_string();
+        move |source| DeviceManagerError::Bus { device, source }
+    };
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host("irqfd", "COM1"))?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(|source| DeviceManagerError::Kvm {
+            what: "KVM_IRQFD",
+            device: "COM1".to_string(),
+            source,
+        })?;
+    let serial = Arc::new(Mutex::new(
+        SerialConsole::new(EventFdTrigger::new(serial_irq), serial_out)
+            .map_err(host("irqfd", "COM1"))?,
+    ));
+    let i8042 = Arc::new(Mutex::new(I8042::new(EventFdTrigger::new(
+        reset_evt
+            .try_clone()
+            .map_err(host("reset eventfd", "i8042"))?,
+    ))));
+    pio.insert(serial.clone(), COM1_BASE, COM1_LEN)
+        .map_err(place("COM1"))?;
+    pio.insert(i8042, I8042_BASE, I8042_LEN)
+        .map_err(place("i8042"))?;
+    Ok(serial)
+}
+
 impl DeviceManager {
-    /// Opens every device's host resource (taps, disk files), creates the
-    /// devices and places them on `mmio`, wired to `vm`.
+    /// Creates COM1 (writing to `serial_out`) and the i8042 (signalling
+    /// `reset_evt`) on `pio`; opens every virtio device's host resource
+    /// (taps, disk files), creates the devices and places them on `mmio`; all
+    /// wired to `vm`.
     pub fn new(
         config: &VmConfig,
         vm: &VmFd,
         mem: &GuestMemory,
-        mmio: &mut Bus,
+        serial_out: SerialOutput,
+        reset_evt: &EventFd,
+        (pio, mmio): (&mut Bus, &mut Bus),
     ) -> Result<Self, DeviceManagerError> {
         let count = config.net.len() + config.disks.len();
         if count > MAX_DEVICES {
             return Err(DeviceManagerError::TooMany { count });
         }
-        let mut dm = DeviceManager::default();
+        let mut dm = DeviceManager {
+            serial: legacy(vm, serial_out, reset_evt, pio)?,
+            net: Vec::new(),
+            blk: Vec::new(),
+            cmdline: String::new(),
+        };
         let host = |what, device: &str| {
             let device = device.to_string();
             move |source| DeviceManagerError::Host {
@@ -254,44 +300,6 @@ impl DeviceManager {
         for d in self.all() {
             d.resume();
         }
-    }
-
-    /// The devices' states into `net` and `blk` (pause the devices first
-    /// for a consistent cut), reusing their buffers: after the first epoch,
-    /// saving the devices allocates nothing.
-    pub fn save_into(&self, net: &mut Vec<NetDeviceState>, blk: &mut Vec<BlockDeviceState>) {
-        net.resize_with(self.net.len(), Default::default);
-        for (d, s) in self.net.iter().zip(net.iter_mut()) {
-            d.save_into(s);
-        }
-        blk.resize_with(self.blk.len(), Default::default);
-        for (d, s) in self.blk.iter().zip(blk.iter_mut()) {
-            d.save_into(s);
-        }
-    }
-
-    /// Restores checkpointed device states into these devices, which keep
-    /// their own host resources (this VMM's taps and disks).
-    pub fn restore(
-        &self,
-        net: &[NetDeviceState],
-        blk: &[BlockDeviceState],
-    ) -> Result<(), DeviceManagerError> {
-        if net.len() != self.net.len() || blk.len() != self.blk.len() {
-            return Err(DeviceManagerError::Shape {
-                ckpt_net: net.len(),
-                ckpt_blk: blk.len(),
-                net: self.net.len(),
-                blk: self.blk.len(),
-            });
-        }
-        for (d, s) in self.net.iter().zip(net) {
-            d.restore(s)?;
-        }
-        for (d, s) in self.blk.iter().zip(blk) {
-            d.restore(s)?;
-        }
-        Ok(())
     }
 }
 

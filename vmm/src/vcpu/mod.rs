@@ -7,6 +7,12 @@
 //! inside `KVM_RUN` or about to enter it, `KVM_RUN` returns `EINTR` at once;
 //! the thread then sees `pending`, acknowledges the pause and waits on a
 //! condition variable until it is told to run again or to exit.
+//!
+//! A saving pause has the thread capture its vCPU's state ([`persist`])
+//! before it acknowledges; the controller copies it out with
+//! [`VcpuHandle::copy_saved`].
+
+pub mod persist;
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,28 +25,12 @@ use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use ftvmm_checkpoint::Persist;
 use ftvmm_devices::bus::Bus;
 
 use crate::memory::GuestMemory;
-use crate::persist::{PersistError, VcpuCapture, VcpuState};
 use crate::quirks;
-
-/// An empty vCPU state: a buffer to swap a captured one into.
-pub fn empty_state() -> VcpuState {
-    VcpuState {
-        id: 0,
-        regs: Default::default(),
-        sregs: Default::default(),
-        fpu: crate::persist::PodBytes(Vec::new()),
-        xsave: None,
-        xcrs: None,
-        lapic: Default::default(),
-        msrs: Vec::new(),
-        events: Default::default(),
-        mp_state: Default::default(),
-        debugregs: Default::default(),
-    }
-}
+use persist::{VcpuCapture, VcpuSaveError, VcpuState};
 
 /// Why the VM stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,8 +131,11 @@ struct Ctl {
     parked: bool,
     /// The state captured at the last saving pause (buffers reused).
     saved: VcpuState,
-    /// Why the last capture failed.
-    save_error: Option<String>,
+    /// `saved` was captured at the current pause (and the vCPU has not run
+    /// since).
+    saved_now: bool,
+    /// Why the capture at the current pause failed.
+    save_error: Option<VcpuSaveError>,
     /// The thread left KVM_RUN for the current pause (it may still be
     /// saving its state).
     stopped: bool,
@@ -157,14 +150,15 @@ pub struct VcpuShared {
 }
 
 impl VcpuShared {
-    fn new(initial: VcpuState) -> Self {
+    fn new() -> Self {
         VcpuShared {
             pending: AtomicBool::new(false),
             ctl: Mutex::new(Ctl {
                 request: Request::Run,
                 save: false,
                 parked: false,
-                saved: initial,
+                saved: VcpuState::default(),
+                saved_now: false,
                 save_error: None,
                 stopped: false,
             }),
@@ -218,22 +212,9 @@ pub enum VcpuError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// Capturing the initial state of a vCPU failed.
-    #[error("cannot capture the state of vCPU {id}: {source}")]
-    Capture {
-        /// vCPU index.
-        id: u8,
-        /// What failed.
-        source: PersistError,
-    },
-    /// Capturing a vCPU's state at a pause failed.
-    #[error("cannot save the state of vCPU {id}: {reason}")]
-    Save {
-        /// vCPU index.
-        id: u8,
-        /// What failed.
-        reason: String,
-    },
+    /// Capturing the state of a vCPU failed.
+    #[error(transparent)]
+    Save(#[from] VcpuSaveError),
     /// A vCPU did not acknowledge a pause in time.
     #[error("vCPU {id} did not pause within {timeout:?}")]
     PauseTimeout {
@@ -277,7 +258,7 @@ impl Vcpu {
         buses: (Arc<Bus>, Arc<Bus>),
         mem: GuestMemory,
         exit: Arc<ExitSignal>,
-        mut capture: VcpuCapture,
+        capture: VcpuCapture,
     ) -> Result<Self, VcpuError> {
         if capture.sync_regs() {
             for reg in [
@@ -288,26 +269,24 @@ impl Vcpu {
                 fd.set_sync_valid_reg(reg);
             }
         }
-        let mut initial = None;
-        capture
-            .capture(id, &fd, None, &mut initial)
-            .map_err(|source| VcpuError::Capture { id, source })?;
-        let initial = initial.expect("capture fills the state");
-        let scratch = initial.clone();
-        Ok(Vcpu {
+        let mut vcpu = Vcpu {
             id,
             fd,
             pio: buses.0,
             mmio: buses.1,
             mem,
             exit,
-            shared: Arc::new(VcpuShared::new(initial)),
+            shared: Arc::new(VcpuShared::new()),
             capture,
             io_pending: false,
             synced: false,
-            scratch,
+            scratch: VcpuState::default(),
             ring_full: None,
-        })
+        };
+        let initial = vcpu.save()?;
+        vcpu.scratch.clone_from(&initial);
+        vcpu.shared.lock().saved = initial;
+        Ok(vcpu)
     }
 
     /// Starts the vCPU's thread.
@@ -359,6 +338,7 @@ impl Vcpu {
                 }
                 Request::Run if !stopped => {
                     ctl.parked = false;
+                    ctl.saved_now = false;
                     // A kick that raced with the pause may have left
                     // immediate_exit set; the next KVM_RUN would only bounce.
                     self.fd.set_kvm_immediate_exit(0);
@@ -375,12 +355,17 @@ impl Vcpu {
                             // Save without the lock, so the controller can
                             // harvest and copy pages meanwhile.
                             drop(ctl);
-                            let mut scratch = std::mem::replace(&mut self.scratch, empty_state());
+                            let mut scratch = std::mem::take(&mut self.scratch);
                             let r = self.save_into(&mut scratch);
                             ctl = shared.lock();
-                            std::mem::swap(&mut ctl.saved, &mut scratch);
+                            match r {
+                                Ok(()) => {
+                                    std::mem::swap(&mut ctl.saved, &mut scratch);
+                                    ctl.saved_now = true;
+                                }
+                                Err(e) => ctl.save_error = Some(e),
+                            }
                             self.scratch = scratch;
-                            ctl.save_error = r.err();
                         }
                         ctl.parked = true;
                         shared.cv.notify_all();
@@ -394,39 +379,6 @@ impl Vcpu {
     /// Where to signal a full dirty ring.
     pub fn set_ring_full_signal(&mut self, evt: Arc<EventFd>) {
         self.ring_full = Some(evt);
-    }
-
-    /// Captures the state of this vCPU, whose thread has not started, into
-    /// `slot`.
-    pub fn save_now(&mut self, slot: &mut VcpuState) -> Result<(), VcpuError> {
-        let id = self.id;
-        self.save_into(slot)
-            .map_err(|reason| VcpuError::Save { id, reason })
-    }
-
-    /// Captures this vCPU's state into `slot`, after letting KVM complete an
-    /// I/O instruction whose exit we handled but which it has not retired
-    /// yet (its effects would otherwise be half in the state).
-    fn save_into(&mut self, slot: &mut VcpuState) -> Result<(), String> {
-        if self.io_pending {
-            self.fd.set_kvm_immediate_exit(1);
-            let r = self.fd.run().map(|_| ()).map_err(|e| e.errno());
-            self.fd.set_kvm_immediate_exit(0);
-            match r {
-                Err(libc::EINTR) | Err(libc::EAGAIN) => {}
-                Ok(()) => return Err("KVM_RUN with immediate_exit ran the guest".into()),
-                Err(e) => return Err(format!("completing pending I/O: KVM_RUN failed: errno {e}")),
-            }
-            self.io_pending = false;
-            self.synced = true;
-        }
-        let mut tmp = Some(std::mem::replace(slot, empty_state()));
-        let sync = (self.capture.sync_regs() && self.synced).then(|| self.fd.sync_regs());
-        let r = self
-            .capture
-            .capture(self.id, &self.fd, sync.as_ref(), &mut tmp);
-        *slot = tmp.expect("capture keeps the state");
-        r.map_err(|e| e.to_string())
     }
 
     /// One `KVM_RUN` and the handling of its exit.
@@ -540,6 +492,8 @@ impl VcpuHandle {
         } else {
             ctl.parked = false;
             ctl.stopped = false;
+            ctl.saved_now = false;
+            ctl.save_error = None;
             self.shared.pending.store(true, Ordering::Release);
         }
         self.shared.cv.notify_all();
@@ -555,17 +509,18 @@ impl VcpuHandle {
         self.request(Request::Pause, save);
     }
 
-    /// Swaps the state captured at the last saving pause with `state` (so
-    /// neither side allocates). Call only while the vCPU is paused.
-    pub fn take_saved(&self, state: &mut VcpuState) -> Result<(), VcpuError> {
-        let mut ctl = self.shared.lock();
-        if let Some(reason) = ctl.save_error.take() {
-            return Err(VcpuError::Save {
-                id: self.id,
-                reason,
-            });
+    /// Copies the state this vCPU's thread captured at the current saving
+    /// pause into `state`, reusing its buffers (no allocation once they have
+    /// grown). Call it once the vCPU is parked ([`VcpuHandle::wait_parked`]).
+    pub fn copy_saved(&self, state: &mut VcpuState) -> Result<(), VcpuSaveError> {
+        let ctl = self.shared.lock();
+        if let Some(e) = &ctl.save_error {
+            return Err(e.clone());
         }
-        std::mem::swap(&mut ctl.saved, state);
+        if !(ctl.parked && ctl.saved_now) {
+            return Err(VcpuSaveError::NotSaved { id: self.id });
+        }
+        state.clone_from(&ctl.saved);
         Ok(())
     }
 
