@@ -1,4 +1,4 @@
-//! Standby apply (I2) and epoch fencing (I5).
+//! Standby apply (I2).
 //!
 //! A [`VerifiedCheckpoint`] can only be made by [`crate::wire::FrameReader`], after the
 //! whole frame arrived and its checksum matched: an unverified or partial checkpoint
@@ -6,9 +6,8 @@
 //! against the guest memory map before it writes any, so it either writes all pages or
 //! none.
 //!
-//! [`EpochFence`] keeps the standby's (generation, last applied epoch): a checkpoint of
-//! another generation, or not newer than the last one applied, is refused — an old
-//! primary that comes back after a takeover can never overwrite the new state.
+//! Which checkpoints may be applied at all (generation and epoch fencing, I5) is decided
+//! by [`crate::protocol::EpochFence`].
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
@@ -151,85 +150,6 @@ impl<'a> VerifiedCheckpoint<'a> {
     }
 }
 
-/// Why a checkpoint was fenced off.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum FenceError {
-    /// The checkpoint belongs to another generation (an old primary, I5).
-    #[error(
-        "checkpoint {epoch} of generation {got} refused: this standby follows generation {current}"
-    )]
-    Generation {
-        /// The checkpoint's epoch.
-        epoch: u64,
-        /// Its generation.
-        got: u64,
-        /// The generation in force.
-        current: u64,
-    },
-    /// The checkpoint is not newer than the last one applied.
-    #[error("checkpoint {epoch} refused: checkpoint {last} is already applied")]
-    Stale {
-        /// The checkpoint's epoch.
-        epoch: u64,
-        /// The last epoch applied.
-        last: u64,
-    },
-}
-
-/// Tracks the generation in force and the last applied epoch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EpochFence {
-    generation: u64,
-    last_applied: Option<u64>,
-}
-
-impl EpochFence {
-    /// A fence for `generation` with nothing applied yet.
-    pub fn new(generation: u64) -> Self {
-        EpochFence {
-            generation,
-            last_applied: None,
-        }
-    }
-
-    /// The generation in force.
-    pub fn generation(&self) -> u64 {
-        self.generation
-    }
-
-    /// The last epoch applied.
-    pub fn last_applied(&self) -> Option<u64> {
-        self.last_applied
-    }
-
-    /// Checks that checkpoint `epoch` of `generation` may be applied.
-    pub fn admit(&self, generation: u64, epoch: u64) -> Result<(), FenceError> {
-        if generation != self.generation {
-            return Err(FenceError::Generation {
-                epoch,
-                got: generation,
-                current: self.generation,
-            });
-        }
-        match self.last_applied {
-            Some(last) if epoch <= last => Err(FenceError::Stale { epoch, last }),
-            _ => Ok(()),
-        }
-    }
-
-    /// Records that `epoch` was applied (after [`Self::admit`] accepted it).
-    pub fn commit(&mut self, epoch: u64) {
-        self.last_applied = Some(epoch);
-    }
-
-    /// Takes over: starts generation `generation + 1`, which the old primary's
-    /// checkpoints and acks can never match. Returns the new generation.
-    pub fn take_over(&mut self) -> u64 {
-        self.generation += 1;
-        self.generation
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,24 +258,5 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, vec![(0, 1), (0x1000, 2)]);
-    }
-
-    #[test]
-    fn fence_refuses_old_generations_and_stale_epochs() {
-        let mut fence = EpochFence::new(1);
-        assert!(fence.admit(1, 0).is_ok());
-        fence.commit(0);
-        fence.commit(5);
-        assert_eq!(
-            fence.admit(1, 5),
-            Err(FenceError::Stale { epoch: 5, last: 5 })
-        );
-        assert!(fence.admit(1, 6).is_ok());
-        assert_eq!(fence.take_over(), 2);
-        let e = fence.admit(1, 100).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "checkpoint 100 of generation 1 refused: this standby follows generation 2"
-        );
     }
 }

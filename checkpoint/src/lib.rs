@@ -15,6 +15,9 @@
 //!    yields an [`apply::VerifiedCheckpoint`], the only thing that can be applied (I2);
 //! 6. both sides account the epoch in [`metrics::EpochMetrics`] and [`metrics::Summary`].
 //!
+//! [`protocol`] is the one home of the magic, the version, the frame kinds, the connection
+//! preamble, the heartbeat frame and the fencing rule ([`protocol::EpochFence`], I5).
+//!
 //! The hot paths (staging a page, iterating dirty pages) neither allocate, log nor make
 //! system calls.
 //!
@@ -82,18 +85,20 @@ pub mod codec;
 pub mod dirty;
 pub mod metrics;
 pub mod persist;
+pub mod protocol;
 pub mod slab;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 pub mod wire;
 
-pub use apply::{ApplyError, EpochFence, FenceError, VerifiedCheckpoint};
+pub use apply::{ApplyError, VerifiedCheckpoint};
 pub use codec::{decode_state, encode_state, CodecError, DEFAULT_STATE_LIMIT};
 pub use dirty::{DirtyBitmap, DirtyCounts, DirtyError, DirtyPages, HarvestBuffer, PageBitmap};
 pub use metrics::{EpochMetrics, FieldSummary, Histogram, Summary, SummaryReport};
 pub use persist::Persist;
+pub use protocol::{EpochFence, FenceError, WIRE_VERSION};
 pub use slab::{EpochStats, EpochWriter, Staging, StagingConfig, StagingError, PAGE_SIZE};
 pub use wire::{
     CheckpointFrame, DevicesSummary, Frame, FrameReader, GuestShape, Hello, Limits, Message, Role,
-    WireError, WIRE_VERSION,
+    WireError,
 };

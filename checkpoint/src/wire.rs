@@ -1,18 +1,11 @@
-//! The checkpoint stream's wire format: versioned, framed, checksummed.
+//! The checkpoint stream's message bodies and their framing: versioned, framed, checksummed.
 //!
-//! Every frame is
-//!
-//! ```text
-//! header   16 bytes  magic "FTVM" | version u16 | kind u16 | body_len u64
-//! body     body_len bytes
-//! trailer   4 bytes  CRC-32 (IEEE) of header and body
-//! ```
-//!
-//! all integers little endian. Control frames (`Hello`, `HelloAck`, `Refuse`, `Ack`,
-//! `Heartbeat`, `Bye`) carry one small struct encoded with [`crate::codec`], at most
-//! [`MAX_CONTROL_BODY`] bytes. A checkpoint frame's body is laid out so that the sender
-//! can send it straight from its staging with vectored writes, and checksum it a slab at a
-//! time:
+//! The frame header, the frame kinds and the version live in [`crate::protocol`]; every
+//! frame is a [`FrameHeader`], a body and a CRC-32 trailer over both. Control frames
+//! (`Hello`, `HelloAck`, `Refuse`, `Ack`, `Heartbeat`, `Bye`) carry one small struct
+//! encoded with [`crate::codec`], at most [`MAX_CONTROL_BODY`] bytes. A checkpoint frame's
+//! body is laid out so that the sender can send it straight from its staging with
+//! vectored writes, and checksum it a slab at a time:
 //!
 //! ```text
 //! epoch u64 | generation u64 | page_count u64 | state_len u64     (32 bytes)
@@ -34,18 +27,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::apply::VerifiedCheckpoint;
 use crate::codec::{self, CodecError};
+use crate::protocol::{
+    FrameHeader, FrameKind, HeaderError, Heartbeat, FRAME_HEADER_LEN, MAGIC, TRAILER_LEN,
+    WIRE_VERSION,
+};
 use crate::slab::{EpochStats, Staging, StagingConfig, PAGE_SIZE};
 
-/// First bytes of every frame.
-pub const WIRE_MAGIC: [u8; 4] = *b"FTVM";
-/// The wire version this build speaks.
-pub const WIRE_VERSION: u16 = 1;
-/// Length of the common frame header.
-pub const FRAME_HEADER_LEN: usize = 16;
 /// Length of the fixed part of a checkpoint body.
 pub const CHECKPOINT_HEADER_LEN: usize = 32;
-/// Length of the checksum trailer.
-pub const TRAILER_LEN: usize = 4;
 /// Largest control frame body accepted: 64 KiB.
 pub const MAX_CONTROL_BODY: u32 = 64 * 1024;
 /// Longest guest kernel command line in a handshake.
@@ -59,54 +48,6 @@ pub const MAX_DISKS: u32 = 32;
 
 /// Bytes per page on the wire: an index entry and the page.
 const WIRE_BYTES_PER_PAGE: u64 = 8 + PAGE_SIZE as u64;
-
-/// Frame kinds (the header's `kind` field).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u16)]
-pub enum FrameKind {
-    /// [`Hello`].
-    Hello = 1,
-    /// [`HelloAck`].
-    HelloAck = 2,
-    /// [`Refuse`].
-    Refuse = 3,
-    /// A checkpoint.
-    Checkpoint = 4,
-    /// [`Ack`].
-    Ack = 5,
-    /// [`Heartbeat`].
-    Heartbeat = 6,
-    /// `Bye` (empty body).
-    Bye = 7,
-}
-
-impl FrameKind {
-    fn from_u16(v: u16) -> Option<Self> {
-        Some(match v {
-            1 => FrameKind::Hello,
-            2 => FrameKind::HelloAck,
-            3 => FrameKind::Refuse,
-            4 => FrameKind::Checkpoint,
-            5 => FrameKind::Ack,
-            6 => FrameKind::Heartbeat,
-            7 => FrameKind::Bye,
-            _ => return None,
-        })
-    }
-
-    /// The kind's name, for messages.
-    pub fn name(self) -> &'static str {
-        match self {
-            FrameKind::Hello => "Hello",
-            FrameKind::HelloAck => "HelloAck",
-            FrameKind::Refuse => "Refuse",
-            FrameKind::Checkpoint => "Checkpoint",
-            FrameKind::Ack => "Ack",
-            FrameKind::Heartbeat => "Heartbeat",
-            FrameKind::Bye => "Bye",
-        }
-    }
-}
 
 /// Which side of the protected VM a peer is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,15 +153,6 @@ pub struct Ack {
     pub generation: u64,
 }
 
-/// Liveness, either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Heartbeat {
-    /// The sender's generation.
-    pub generation: u64,
-    /// The sender's latest epoch (sent or applied).
-    pub epoch: u64,
-}
-
 /// A control message (every frame kind but checkpoints).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -232,7 +164,7 @@ pub enum Message {
     Refuse(Refuse),
     /// See [`Ack`].
     Ack(Ack),
-    /// See [`Heartbeat`].
+    /// See [`Heartbeat`] (sent on the heartbeat connection, as a fixed-size frame).
     Heartbeat(Heartbeat),
     /// Orderly end of the session.
     Bye,
@@ -313,9 +245,15 @@ impl Limits {
 /// Errors of encoding and decoding frames. Each says what was wrong, with the value.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
-    /// The channel failed.
-    #[error("i/o error on the checkpoint channel: {0}")]
-    Io(#[from] io::Error),
+    /// Reading from the channel failed (not at a clean end of stream).
+    #[error("cannot read the {what} from the checkpoint channel: {source}")]
+    Io {
+        /// The part being read.
+        what: &'static str,
+        /// The reader's error (a channel's carries the peer's address).
+        #[source]
+        source: io::Error,
+    },
     /// The stream ended cleanly, between frames.
     #[error("the peer closed the stream (between frames)")]
     Closed,
@@ -326,7 +264,7 @@ pub enum WireError {
         what: &'static str,
     },
     /// The frame does not start with the magic.
-    #[error("bad frame magic {got:02x?}, expected {WIRE_MAGIC:02x?} (not an ftvmm checkpoint stream, or out of sync)")]
+    #[error("bad frame magic {got:02x?}, expected {MAGIC:02x?} (not an ftvmm checkpoint stream, or out of sync)")]
     BadMagic {
         /// Bytes found.
         got: [u8; 4],
@@ -469,13 +407,14 @@ pub enum WireError {
     },
 }
 
-fn frame_header(kind: FrameKind, body_len: u64) -> [u8; FRAME_HEADER_LEN] {
-    let mut h = [0u8; FRAME_HEADER_LEN];
-    h[0..4].copy_from_slice(&WIRE_MAGIC);
-    h[4..6].copy_from_slice(&WIRE_VERSION.to_le_bytes());
-    h[6..8].copy_from_slice(&(kind as u16).to_le_bytes());
-    h[8..16].copy_from_slice(&body_len.to_le_bytes());
-    h
+impl From<HeaderError> for WireError {
+    fn from(e: HeaderError) -> Self {
+        match e {
+            HeaderError::BadMagic { got } => WireError::BadMagic { got },
+            HeaderError::Version { got } => WireError::Version { got },
+            HeaderError::UnknownKind(kind) => WireError::UnknownKind(kind),
+        }
+    }
 }
 
 /// Encodes `msg` as a complete frame into `out`, replacing its contents and reusing its
@@ -505,7 +444,7 @@ pub fn encode_message(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError>
             max: MAX_CONTROL_BODY,
         });
     }
-    out[..FRAME_HEADER_LEN].copy_from_slice(&frame_header(kind, body_len));
+    out[..FRAME_HEADER_LEN].copy_from_slice(&FrameHeader { kind, body_len }.encode());
     let crc = crc32fast::hash(out);
     out.extend_from_slice(&crc.to_le_bytes());
     Ok(())
@@ -528,7 +467,11 @@ impl<'a> CheckpointFrame<'a> {
         let state_len = staging.state_len() as u64;
         let body_len = CHECKPOINT_HEADER_LEN as u64 + pages * WIRE_BYTES_PER_PAGE + state_len;
         let mut head = [0u8; FRAME_HEADER_LEN + CHECKPOINT_HEADER_LEN];
-        head[..FRAME_HEADER_LEN].copy_from_slice(&frame_header(FrameKind::Checkpoint, body_len));
+        let header = FrameHeader {
+            kind: FrameKind::Checkpoint,
+            body_len,
+        };
+        head[..FRAME_HEADER_LEN].copy_from_slice(&header.encode());
         let c = &mut head[FRAME_HEADER_LEN..];
         c[0..8].copy_from_slice(&epoch.to_le_bytes());
         c[8..16].copy_from_slice(&generation.to_le_bytes());
@@ -558,6 +501,16 @@ impl<'a> CheckpointFrame<'a> {
     /// Always false: a frame has at least its header.
     pub fn is_empty(&self) -> bool {
         false
+    }
+
+    /// The checkpoint's epoch.
+    pub fn epoch(&self) -> u64 {
+        le_u64(&self.head[FRAME_HEADER_LEN..])
+    }
+
+    /// The checkpoint's generation.
+    pub fn generation(&self) -> u64 {
+        le_u64(&self.head[FRAME_HEADER_LEN + 8..])
     }
 
     /// The frame's checksum.
@@ -673,7 +626,7 @@ fn read_exact<R: Read + ?Sized>(
         if e.kind() == io::ErrorKind::UnexpectedEof {
             WireError::Truncated { what }
         } else {
-            WireError::Io(e)
+            WireError::Io { what, source: e }
         }
     })
 }
@@ -694,7 +647,12 @@ fn read_header<R: Read + ?Sized>(
             }
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(WireError::Io(e)),
+            Err(source) => {
+                return Err(WireError::Io {
+                    what: "frame header",
+                    source,
+                })
+            }
         }
     }
     Ok(())
@@ -735,18 +693,7 @@ impl FrameReader {
     ) -> Result<Frame<'s>, WireError> {
         let mut head = [0u8; FRAME_HEADER_LEN];
         read_header(r, &mut head)?;
-        if head[0..4] != WIRE_MAGIC {
-            let mut got = [0u8; 4];
-            got.copy_from_slice(&head[0..4]);
-            return Err(WireError::BadMagic { got });
-        }
-        let version = u16::from_le_bytes([head[4], head[5]]);
-        if version != WIRE_VERSION {
-            return Err(WireError::Version { got: version });
-        }
-        let kind_raw = u16::from_le_bytes([head[6], head[7]]);
-        let kind = FrameKind::from_u16(kind_raw).ok_or(WireError::UnknownKind(kind_raw))?;
-        let body_len = le_u64(&head[8..16]);
+        let FrameHeader { kind, body_len } = FrameHeader::decode(&head)?;
         let mut hasher = crc32fast::Hasher::new();
         hasher.update(&head);
 
@@ -976,6 +923,7 @@ mod tests {
             Message::Heartbeat(Heartbeat {
                 generation: 3,
                 epoch: 98,
+                seq: 12,
             }),
             Message::Bye,
         ]
@@ -1009,6 +957,23 @@ mod tests {
                 what: "frame header"
             })
         ));
+    }
+
+    #[test]
+    fn heartbeat_frames_agree_with_the_message_encoder() {
+        let hb = Heartbeat {
+            generation: 9,
+            epoch: 1 << 40,
+            seq: 77,
+        };
+        let mut buf = Vec::new();
+        encode_message(&Message::Heartbeat(hb), &mut buf).unwrap();
+        assert_eq!(buf, hb.encode_frame());
+        let mut st = Staging::new(StagingConfig::for_guest(4096)).unwrap();
+        let got = FrameReader::new(Limits::handshake())
+            .read_frame(&mut &hb.encode_frame()[..], &mut st)
+            .unwrap();
+        assert!(matches!(got, Frame::Message(Message::Heartbeat(h)) if h == hb));
     }
 
     #[test]

@@ -7,9 +7,12 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
+use ftvmm_checkpoint::protocol::{
+    FrameKind, Heartbeat, FRAME_HEADER_LEN, HEARTBEAT_FRAME_LEN, MAGIC, WIRE_VERSION,
+};
 use ftvmm_checkpoint::wire::{
-    encode_message, Ack, FrameKind, FrameReader, Heartbeat, HelloAck, Message, Refuse,
-    CHECKPOINT_HEADER_LEN, FRAME_HEADER_LEN, MAX_CONTROL_BODY, WIRE_MAGIC, WIRE_VERSION,
+    encode_message, Ack, FrameReader, HelloAck, Message, Refuse, CHECKPOINT_HEADER_LEN,
+    MAX_CONTROL_BODY,
 };
 use ftvmm_checkpoint::{
     decode_state, CheckpointFrame, DevicesSummary, GuestShape, Hello, Limits, Role, Staging,
@@ -194,8 +197,13 @@ fn arb_message() -> impl Strategy<Value = Message> {
         ".{0,100}".prop_map(|reason| Message::Refuse(Refuse { reason })),
         (any::<u64>(), any::<u64>())
             .prop_map(|(epoch, generation)| Message::Ack(Ack { epoch, generation })),
-        (any::<u64>(), any::<u64>())
-            .prop_map(|(generation, epoch)| Message::Heartbeat(Heartbeat { generation, epoch })),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(generation, epoch, seq)| {
+            Message::Heartbeat(Heartbeat {
+                generation,
+                epoch,
+                seq,
+            })
+        }),
         Just(Message::Bye),
     ]
 }
@@ -225,7 +233,7 @@ fn arb_forged() -> impl Strategy<Value = Vec<u8>> {
     )
         .prop_map(|(kind, body_len, mut ckpt, small_pages, noise)| {
             let mut v = Vec::new();
-            v.extend_from_slice(&WIRE_MAGIC);
+            v.extend_from_slice(&MAGIC);
             v.extend_from_slice(&WIRE_VERSION.to_le_bytes());
             v.extend_from_slice(&kind.to_le_bytes());
             v.extend_from_slice(&body_len.to_le_bytes());
@@ -286,6 +294,30 @@ proptest! {
     }
 
     #[test]
+    fn random_heartbeat_bytes_never_panic(
+        bytes in prop::collection::vec(any::<u8>(), HEARTBEAT_FRAME_LEN),
+    ) {
+        let b: [u8; HEARTBEAT_FRAME_LEN] = bytes.try_into().unwrap();
+        let _ = Heartbeat::decode_frame(&b);
+    }
+
+    #[test]
+    fn every_single_byte_corruption_of_a_heartbeat_fails(
+        (generation, epoch, seq) in (any::<u64>(), any::<u64>(), any::<u64>()),
+        at in 0..HEARTBEAT_FRAME_LEN,
+        flip in 1u8..=255,
+    ) {
+        let hb = Heartbeat { generation, epoch, seq };
+        let mut f = hb.encode_frame();
+        prop_assert_eq!(Heartbeat::decode_frame(&f), Ok(hb));
+        f[at] ^= flip;
+        prop_assert!(
+            Heartbeat::decode_frame(&f).is_err(),
+            "corrupting byte {} of a heartbeat went unnoticed", at
+        );
+    }
+
+    #[test]
     fn state_decoding_is_bounded(bytes in prop::collection::vec(any::<u8>(), 0..4096)) {
         #[derive(Serialize, Deserialize, Debug)]
         struct DeviceLike {
@@ -340,7 +372,7 @@ fn corruption_is_named() {
 fn allocation_follows_received_bytes() {
     let pages = MEM / PAGE_SIZE as u64;
     let mut f = Vec::new();
-    f.extend_from_slice(&WIRE_MAGIC);
+    f.extend_from_slice(&MAGIC);
     f.extend_from_slice(&WIRE_VERSION.to_le_bytes());
     f.extend_from_slice(&(FrameKind::Checkpoint as u16).to_le_bytes());
     let body = CHECKPOINT_HEADER_LEN as u64 + pages * (8 + PAGE_SIZE as u64);
