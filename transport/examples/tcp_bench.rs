@@ -9,7 +9,8 @@
 //!    when the receiver acknowledges the last byte, so socket buffering does
 //!    not flatter the sender. Done with the default 4 MiB socket buffers and
 //!    with the kernel's auto-tuning.
-//! 2. Heartbeat round trip: a 32-byte heartbeat echoed back, median and p99.
+//! 2. Heartbeat round trip: a heartbeat frame (44 bytes) echoed back, median
+//!    and p99.
 //! 3. Failure detection: how long after the peer closes its heartbeat
 //!    connection `ConnectionClosed` is reported, and how far past
 //!    `interval × k` a `Silence` verdict comes.
@@ -19,9 +20,9 @@ use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use ftvmm_checkpoint::protocol::{self, HEARTBEAT_FRAME_LEN};
 use ftvmm_transport::{
-    Channel, ChannelListener, Heartbeat, HeartbeatMsg, HeartbeatStream, PeerLost, TcpChannel,
-    TcpOptions, HEARTBEAT_LEN,
+    Channel, ChannelListener, Heartbeat, HeartbeatStream, PeerLost, TcpChannel, TcpOptions,
 };
 
 const PAGE: usize = 4096;
@@ -178,36 +179,39 @@ fn heartbeat_rtt(n: usize) {
     let (a, b) = hb_pair();
     let mut b = b.into_tcp();
     let echo = thread::spawn(move || {
-        let mut buf = [0u8; HEARTBEAT_LEN];
+        let mut buf = [0u8; HEARTBEAT_FRAME_LEN];
         while b.read_exact(&mut buf).is_ok() {
-            let m = HeartbeatMsg::decode(&buf).unwrap();
+            let m = protocol::Heartbeat::decode_frame(&buf).unwrap();
             b.write_all(
-                &HeartbeatMsg {
+                &protocol::Heartbeat {
                     seq: m.seq + 1,
                     ..m
                 }
-                .encode(),
+                .encode_frame(),
             )
             .unwrap();
         }
     });
     let mut a = a.into_tcp();
     let mut rtt = Vec::with_capacity(n);
-    let mut buf = [0u8; HEARTBEAT_LEN];
+    let mut buf = [0u8; HEARTBEAT_FRAME_LEN];
     for seq in 0..n as u64 + 100 {
         let t0 = Instant::now();
         a.write_all(
-            &HeartbeatMsg {
+            &protocol::Heartbeat {
                 generation: 1,
                 epoch: seq,
                 seq,
             }
-            .encode(),
+            .encode_frame(),
         )
         .unwrap();
         a.read_exact(&mut buf).unwrap();
         let d = t0.elapsed();
-        assert_eq!(HeartbeatMsg::decode(&buf).unwrap().seq, seq + 1);
+        assert_eq!(
+            protocol::Heartbeat::decode_frame(&buf).unwrap().seq,
+            seq + 1
+        );
         if seq >= 100 {
             rtt.push(d.as_secs_f64() * 1e6);
         }
@@ -216,7 +220,7 @@ fn heartbeat_rtt(n: usize) {
     echo.join().unwrap();
     let med = median(&mut rtt);
     println!(
-        "heartbeat round trip (32 B, TCP_NODELAY), {n} samples: median {med:.1} us, p99 {:.1} us, min {:.1} us",
+        "heartbeat round trip ({HEARTBEAT_FRAME_LEN} B frame, TCP_NODELAY), {n} samples: median {med:.1} us, p99 {:.1} us, min {:.1} us",
         percentile(&mut rtt, 0.99),
         rtt[0]
     );
@@ -247,12 +251,12 @@ fn detection(trials: usize) {
         let h = Heartbeat::start(a, interval, k, 1).unwrap();
         let mut b = b.into_tcp();
         b.write_all(
-            &HeartbeatMsg {
+            &protocol::Heartbeat {
                 generation: 1,
                 epoch: 0,
                 seq: 0,
             }
-            .encode(),
+            .encode_frame(),
         )
         .unwrap();
         let end = Instant::now() + T;

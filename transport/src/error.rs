@@ -4,6 +4,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use ftvmm_checkpoint::protocol::PreambleError;
+
 /// Everything that can go wrong while moving bytes between primary and standby.
 ///
 /// Every message names what failed and with which address, e.g.
@@ -123,7 +125,7 @@ pub enum TransportError {
         /// The bytes it sent.
         bytes: [u8; 8],
         /// What was wrong with them.
-        reason: &'static str,
+        reason: PreambleError,
     },
     /// The preamble was ours but from an incompatible protocol version.
     #[error("rejected the connection from {addr}: protocol version {version}, this build speaks {supported}")]

@@ -3,15 +3,9 @@
 //! The primary opens two TCP connections to the standby's single
 //! `HOST:PORT`: first the data (checkpoint) channel, then the heartbeat
 //! connection, so that a large checkpoint never delays a heartbeat. Each
-//! starts with 24 bytes:
-//!
-//! | bytes | field                                              |
-//! |-------|----------------------------------------------------|
-//! | 0..4  | magic `FTVM`                                       |
-//! | 4..6  | protocol version, u16 little-endian ([`PROTOCOL_VERSION`]) |
-//! | 6     | kind: 1 data, 2 heartbeat                          |
-//! | 7     | reserved, 0                                        |
-//! | 8..24 | session id, chosen at random by the primary        |
+//! starts with the protocol's 24-byte preamble (magic, [`WIRE_VERSION`],
+//! connection kind, session id; its layout is in
+//! [`ftvmm_checkpoint::protocol`], which frames and heartbeats share).
 //!
 //! The standby matches a data connection to the heartbeat connection with the
 //! same session id. A connection with a wrong preamble (garbage, another
@@ -23,32 +17,19 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
+pub use ftvmm_checkpoint::protocol::ConnectionKind;
+#[cfg(doc)]
+use ftvmm_checkpoint::protocol::WIRE_VERSION;
+use ftvmm_checkpoint::protocol::{self, PreambleError, PREAMBLE_LEN, SESSION_ID_LEN};
+
 use crate::heartbeat::HeartbeatStream;
 use crate::tcp::{connect_stream, resolve, TcpChannel, TcpOptions};
 use crate::{ChannelListener, TransportError};
 
-/// Magic at the start of every ftvmm connection.
-pub const PREAMBLE_MAGIC: [u8; 4] = *b"FTVM";
-/// Version of the connection protocol this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// Length of the preamble proper (magic, version, kind, reserved).
-pub const PREAMBLE_LEN: usize = 8;
-/// Length of the session id that follows it.
-pub const SESSION_ID_LEN: usize = 16;
 /// How long the standby waits for one connection's preamble before dropping it.
 pub const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How many handshaken connections may wait for their other half.
 const MAX_PENDING: usize = 8;
-
-/// What a connection carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum ConnectionKind {
-    /// The checkpoint stream (and acks back).
-    Data = 1,
-    /// Heartbeats, both ways.
-    Heartbeat = 2,
-}
 
 /// Identifies one primary's pair of connections.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -96,45 +77,27 @@ pub fn encode_preamble(
     kind: ConnectionKind,
     session: SessionId,
 ) -> [u8; PREAMBLE_LEN + SESSION_ID_LEN] {
-    let mut b = [0u8; PREAMBLE_LEN + SESSION_ID_LEN];
-    b[0..4].copy_from_slice(&PREAMBLE_MAGIC);
-    b[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-    b[6] = kind as u8;
-    b[7] = 0;
-    b[8..].copy_from_slice(&session.0);
-    b
+    protocol::encode_preamble(kind, &session.0)
 }
 
-/// Checks the 8-byte preamble of a connection from `addr`.
+/// Checks the 8-byte preamble of a connection from `addr` (the protocol's
+/// rules; the error names the peer).
 pub fn decode_preamble(
     addr: SocketAddr,
     b: [u8; PREAMBLE_LEN],
 ) -> Result<ConnectionKind, TransportError> {
-    let bad = |reason| TransportError::BadPreamble {
-        addr,
-        bytes: b,
-        reason,
-    };
-    if b[0..4] != PREAMBLE_MAGIC {
-        return Err(bad("expected magic \"FTVM\""));
-    }
-    let version = u16::from_le_bytes([b[4], b[5]]);
-    if version != PROTOCOL_VERSION {
-        return Err(TransportError::UnsupportedVersion {
+    protocol::decode_preamble(&b).map_err(|reason| match reason {
+        PreambleError::Version { got } => TransportError::UnsupportedVersion {
             addr,
-            version,
-            supported: PROTOCOL_VERSION,
-        });
-    }
-    let kind = match b[6] {
-        1 => ConnectionKind::Data,
-        2 => ConnectionKind::Heartbeat,
-        _ => return Err(bad("unknown connection kind")),
-    };
-    if b[7] != 0 {
-        return Err(bad("reserved byte is not zero"));
-    }
-    Ok(kind)
+            version: got,
+            supported: protocol::WIRE_VERSION,
+        },
+        reason => TransportError::BadPreamble {
+            addr,
+            bytes: b,
+            reason,
+        },
+    })
 }
 
 /// One handshaken incoming connection, see [`ChannelListener::accept_tagged`].

@@ -3,15 +3,17 @@
 //! Heartbeats travel on their own small TCP connection (see
 //! [`crate::connect_pair`]), so a large checkpoint in flight on the data
 //! channel never delays one. Both sides run [`Heartbeat::start`]: a sender
-//! thread writes a 32-byte [`HeartbeatMsg`] every `interval`, a receiver
+//! thread writes a heartbeat frame ([`protocol::Heartbeat`], the protocol's
+//! own fixed-size frame of kind `Heartbeat`) every `interval`, a receiver
 //! thread reads the peer's and feeds a [`FailureDetector`], which declares
 //! the peer lost ([`PeerLost`]):
 //!
 //! - at once when the connection breaks (EOF or an error);
 //! - when no valid heartbeat arrived for `interval × k`;
-//! - at once when a heartbeat carries another generation than ours
-//!   (DESIGN.md invariant I5: an old primary that comes back is fenced; its
-//!   heartbeats are never taken as a sign of life).
+//! - at once when the protocol's fencing rule ([`EpochFence::check`]) refuses
+//!   a heartbeat's generation (DESIGN.md invariant I5: an old primary that
+//!   comes back is fenced; its heartbeats are never taken as a sign of life,
+//!   and a newer generation is a takeover notice that fences us).
 //!
 //! The VMM waits for the outcome cheaply: [`HeartbeatHandle::event_fd`]
 //! becomes readable on failure (register it in the event loop), then
@@ -32,53 +34,14 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use ftvmm_checkpoint::protocol::{
+    self, BadHeartbeat, EpochFence, FenceError, Subject, HEARTBEAT_FRAME_LEN,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::handshake::SessionId;
 use crate::tcp::{apply_options, poll_fd, recv_dontwait, sendmsg_nosignal, TcpOptions};
 use crate::TransportError;
-
-/// Size of one heartbeat on the wire.
-pub const HEARTBEAT_LEN: usize = 32;
-/// First 8 bytes of every heartbeat.
-pub const HEARTBEAT_MAGIC: [u8; 8] = *b"FTVMbeat";
-
-/// One heartbeat: `{magic, generation, epoch, seq}`, each 8 bytes, integers
-/// little-endian.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HeartbeatMsg {
-    /// The sender's fencing generation; bumped by every failover.
-    pub generation: u64,
-    /// The epoch the sender advertises (its latest checkpoint, or ack).
-    pub epoch: u64,
-    /// Counts the sender's heartbeats from 0.
-    pub seq: u64,
-}
-
-impl HeartbeatMsg {
-    /// The wire form.
-    pub fn encode(&self) -> [u8; HEARTBEAT_LEN] {
-        let mut b = [0u8; HEARTBEAT_LEN];
-        b[0..8].copy_from_slice(&HEARTBEAT_MAGIC);
-        b[8..16].copy_from_slice(&self.generation.to_le_bytes());
-        b[16..24].copy_from_slice(&self.epoch.to_le_bytes());
-        b[24..32].copy_from_slice(&self.seq.to_le_bytes());
-        b
-    }
-
-    /// Parses the wire form; `Err` carries the bytes found instead of the magic.
-    pub fn decode(b: &[u8; HEARTBEAT_LEN]) -> Result<HeartbeatMsg, [u8; 8]> {
-        let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        if b[0..8] != HEARTBEAT_MAGIC {
-            return Err(b[0..8].try_into().expect("8 bytes"));
-        }
-        Ok(HeartbeatMsg {
-            generation: word(8),
-            epoch: word(16),
-            seq: word(24),
-        })
-    }
-}
 
 /// Why the peer was declared lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,21 +55,18 @@ pub enum PeerLost {
         /// Milliseconds since the last valid heartbeat.
         last_seen_ms: u64,
     },
-    /// The peer runs another generation (a fencing event, DESIGN.md I5):
-    /// `theirs < ours` is a stale peer that must not be trusted;
-    /// `theirs > ours` means a failover happened without us: we are the stale
-    /// side and must stop releasing output.
+    /// The peer runs another generation (a fencing event, DESIGN.md I5, as
+    /// [`EpochFence::check`] decides): `theirs < ours` is a stale peer that
+    /// must not be trusted; `theirs > ours` means a failover happened without
+    /// us: we are the stale side and must stop releasing output.
     GenerationMismatch {
         /// Our generation.
         ours: u64,
         /// The generation in the peer's heartbeat.
         theirs: u64,
     },
-    /// The peer sent something that is not a heartbeat.
-    BadMessage {
-        /// What it sent where the magic belongs.
-        magic: [u8; 8],
-    },
+    /// The peer sent something that is not a heartbeat frame.
+    BadMessage(BadHeartbeat),
 }
 
 impl fmt::Display for PeerLost {
@@ -122,7 +82,7 @@ impl fmt::Display for PeerLost {
                     "peer is at generation {theirs}, we are at {ours} (fenced)"
                 )
             }
-            PeerLost::BadMessage { magic } => write!(f, "peer sent a bad heartbeat {magic:02x?}"),
+            PeerLost::BadMessage(why) => write!(f, "peer sent a bad heartbeat: {why}"),
         }
     }
 }
@@ -196,7 +156,8 @@ impl HeartbeatStream {
 /// channel broke), so there is one place, and one eventfd, to wait on.
 /// The first declared loss wins and stays.
 pub struct FailureDetector {
-    generation: u64,
+    /// Our generation; the rule every heartbeat is judged by.
+    fence: EpochFence,
     timeout: Duration,
     started: Instant,
     /// Nanoseconds after `started` of the last valid heartbeat, plus one;
@@ -220,7 +181,7 @@ pub struct FailureDetector {
 impl fmt::Debug for FailureDetector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FailureDetector")
-            .field("generation", &self.generation)
+            .field("generation", &self.generation())
             .field("timeout", &self.timeout)
             .field("received", &self.heartbeats_received())
             .field("failure", &self.failure())
@@ -235,7 +196,7 @@ impl FailureDetector {
         let event = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
             .map_err(|source| TransportError::EventFd { source })?;
         Ok(FailureDetector {
-            generation,
+            fence: EpochFence::new(generation),
             timeout,
             started: Instant::now(),
             last_seen: AtomicU64::new(0),
@@ -253,7 +214,7 @@ impl FailureDetector {
 
     /// Our generation.
     pub fn generation(&self) -> u64 {
-        self.generation
+        self.fence.generation()
     }
 
     /// The silence that counts as a failure (`interval × k`).
@@ -308,17 +269,19 @@ impl FailureDetector {
         true
     }
 
-    /// Takes in one heartbeat received at `now`. A heartbeat of another
-    /// generation is not liveness: it returns the fencing verdict (which the
-    /// caller declares).
-    pub fn observe(&self, msg: &HeartbeatMsg, now: Instant) -> Result<(), PeerLost> {
-        if msg.generation > self.generation {
-            self.fence_epoch.store(msg.epoch, Ordering::Release);
-            self.fenced_by.fetch_max(msg.generation, Ordering::AcqRel);
-        }
-        if msg.generation != self.generation {
+    /// Takes in one heartbeat received at `now`. A heartbeat the fencing
+    /// rule refuses is not liveness: it returns the verdict (which the caller
+    /// declares), and a newer generation is recorded as a takeover notice
+    /// ([`FailureDetector::fenced_by`]).
+    pub fn observe(&self, msg: &protocol::Heartbeat, now: Instant) -> Result<(), PeerLost> {
+        let subject = Subject::Heartbeat { epoch: msg.epoch };
+        if let Err(refused) = self.fence.check(subject, msg.generation) {
+            if let FenceError::Superseded { theirs, .. } = refused {
+                self.fence_epoch.store(msg.epoch, Ordering::Release);
+                self.fenced_by.fetch_max(theirs, Ordering::AcqRel);
+            }
             return Err(PeerLost::GenerationMismatch {
-                ours: self.generation,
+                ours: self.generation(),
                 theirs: msg.generation,
             });
         }
@@ -551,12 +514,12 @@ fn send_loop(
         } else {
             gens.ours
         };
-        let msg = HeartbeatMsg {
+        let msg = protocol::Heartbeat {
             generation,
             epoch: epoch.load(Ordering::Acquire),
             seq,
         }
-        .encode();
+        .encode_frame();
         let mut sent = 0;
         while sent < msg.len() {
             match sendmsg_nosignal(fd, &[io::IoSlice::new(&msg[sent..])]) {
@@ -614,7 +577,7 @@ impl Drop for RxDone<'_> {
 fn recv_loop(stream: TcpStream, peer: SocketAddr, detector: &FailureDetector, stop: &StopFlag) {
     let _done = RxDone(detector);
     let fd = stream.as_raw_fd();
-    let mut buf = [0u8; HEARTBEAT_LEN];
+    let mut buf = [0u8; HEARTBEAT_FRAME_LEN];
     let mut got = 0;
     let verdict = loop {
         if stop.is_raised() {
@@ -644,15 +607,15 @@ fn recv_loop(stream: TcpStream, peer: SocketAddr, detector: &FailureDetector, st
             Ok(0) => break PeerLost::ConnectionClosed,
             Ok(n) => {
                 got += n;
-                if got == HEARTBEAT_LEN {
+                if got == HEARTBEAT_FRAME_LEN {
                     got = 0;
-                    match HeartbeatMsg::decode(&buf) {
+                    match protocol::Heartbeat::decode_frame(&buf) {
                         Ok(msg) => {
                             if let Err(fenced) = detector.observe(&msg, Instant::now()) {
                                 break fenced;
                             }
                         }
-                        Err(magic) => break PeerLost::BadMessage { magic },
+                        Err(bad) => break PeerLost::BadMessage(bad),
                     }
                 }
             }
@@ -810,6 +773,7 @@ impl Drop for HeartbeatHandle {
 mod tests {
     use super::*;
     use crate::test_utils::tcp_pair;
+    use ftvmm_checkpoint::protocol::HeaderError;
     use std::io::{Read, Write};
 
     const HB: Duration = Duration::from_millis(20);
@@ -844,27 +808,12 @@ mod tests {
     }
 
     #[test]
-    fn message_round_trip_and_bad_magic() {
-        let m = HeartbeatMsg {
-            generation: 3,
-            epoch: 99,
-            seq: u64::MAX,
-        };
-        let b = m.encode();
-        assert_eq!(b.len(), 32);
-        assert_eq!(HeartbeatMsg::decode(&b), Ok(m));
-        let mut bad = b;
-        bad[0] = b'X';
-        assert_eq!(HeartbeatMsg::decode(&bad), Err(*b"XTVMbeat"));
-    }
-
-    #[test]
     fn detector_logic_without_threads() {
         let d = FailureDetector::new(5, Duration::from_millis(100)).unwrap();
         let t0 = Instant::now();
         assert_eq!(d.check_silence(t0), None);
         d.observe(
-            &HeartbeatMsg {
+            &protocol::Heartbeat {
                 generation: 5,
                 epoch: 1,
                 seq: 0,
@@ -883,7 +832,7 @@ mod tests {
         let before = d.last_seen();
         assert_eq!(
             d.observe(
-                &HeartbeatMsg {
+                &protocol::Heartbeat {
                     generation: 4,
                     epoch: 7,
                     seq: 1
@@ -931,12 +880,12 @@ mod tests {
         let timeout = interval * k;
         let h = start(a, interval, k, 9);
         b.write_all(
-            &HeartbeatMsg {
+            &protocol::Heartbeat {
                 generation: 9,
                 epoch: 3,
                 seq: 0,
             }
-            .encode(),
+            .encode_frame(),
         )
         .unwrap();
         eventually("the one heartbeat", Duration::from_secs(5), || {
@@ -967,7 +916,7 @@ mod tests {
         b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut sink = Vec::new();
         let _ = b.read_to_end(&mut sink);
-        assert_eq!(sink.len() % HEARTBEAT_LEN, 0);
+        assert_eq!(sink.len() % HEARTBEAT_FRAME_LEN, 0);
     }
 
     #[test]
@@ -1009,12 +958,12 @@ mod tests {
         // The stale peer (generation 4) keeps sending.
         for seq in 0..3 {
             let _ = b.write_all(
-                &HeartbeatMsg {
+                &protocol::Heartbeat {
                     generation: 4,
                     epoch: 100,
                     seq,
                 }
-                .encode(),
+                .encode_frame(),
             );
         }
         assert_eq!(
@@ -1031,12 +980,12 @@ mod tests {
         let (a, mut b) = tcp_pair();
         let old_primary = start(a, HB, 5, 2);
         b.write_all(
-            &HeartbeatMsg {
+            &protocol::Heartbeat {
                 generation: 3,
                 epoch: 50,
                 seq: 0,
             }
-            .encode(),
+            .encode_frame(),
         )
         .unwrap();
         assert_eq!(
@@ -1070,11 +1019,38 @@ mod tests {
     fn garbage_on_the_heartbeat_connection_is_a_bad_message() {
         let (a, mut b) = tcp_pair();
         let h = start(a, HB, 5, 1);
-        b.write_all(&[0xAB; HEARTBEAT_LEN]).unwrap();
+        b.write_all(&[0xAB; HEARTBEAT_FRAME_LEN]).unwrap();
         assert_eq!(
             h.wait_failure(Duration::from_secs(5)),
-            Some(PeerLost::BadMessage { magic: [0xAB; 8] })
+            Some(PeerLost::BadMessage(BadHeartbeat::Header(
+                HeaderError::BadMagic { got: [0xAB; 4] }
+            )))
         );
+    }
+
+    #[test]
+    fn another_frame_kind_on_the_heartbeat_connection_is_a_bad_message() {
+        let (a, mut b) = tcp_pair();
+        let h = start(a, HB, 5, 1);
+        // A well-formed Ack frame (36 bytes), then padding to a heartbeat's size.
+        let mut ack = Vec::new();
+        ftvmm_checkpoint::wire::encode_message(
+            &ftvmm_checkpoint::Message::Ack(ftvmm_checkpoint::wire::Ack {
+                epoch: 3,
+                generation: 1,
+            }),
+            &mut ack,
+        )
+        .unwrap();
+        ack.resize(HEARTBEAT_FRAME_LEN, 0);
+        b.write_all(&ack).unwrap();
+        assert_eq!(
+            h.wait_failure(Duration::from_secs(5)),
+            Some(PeerLost::BadMessage(BadHeartbeat::Kind {
+                kind: ftvmm_checkpoint::protocol::FrameKind::Ack
+            }))
+        );
+        assert_eq!(h.detector().heartbeats_received(), 0);
     }
 
     #[test]

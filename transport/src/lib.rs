@@ -11,14 +11,16 @@
 //!   over TCP (`TCP_NODELAY`, large socket buffers, no keepalive), and an RDMA
 //!   channel can later do so behind the cargo feature `rdma` (see the
 //!   [`channel`] module for how the trait fits registered slabs).
-//! - [`Heartbeat`] / [`HeartbeatHandle`] / [`FailureDetector`]: 32-byte
-//!   heartbeats both ways on a separate connection; the peer is lost on
-//!   connection loss (at once), on `interval × k` of silence, or on a
-//!   heartbeat from another generation (fencing, DESIGN.md I5). The VMM waits
-//!   on an eventfd.
+//! - [`Heartbeat`] / [`HeartbeatHandle`] / [`FailureDetector`]: the
+//!   protocol's heartbeat frames (`ftvmm_checkpoint::protocol::Heartbeat`)
+//!   both ways on a separate connection; the peer is lost on connection loss
+//!   (at once), on `interval × k` of silence, or on a heartbeat that the
+//!   protocol's fencing rule refuses (DESIGN.md I5). The VMM waits on an
+//!   eventfd.
 //! - [`connect_pair`] / [`ChannelListener::accept_pair`]: the primary opens
-//!   the data and heartbeat connections to one `HOST:PORT`; a small preamble
-//!   with a session id lets the standby pair them and refuse anything else.
+//!   the data and heartbeat connections to one `HOST:PORT`; the protocol's
+//!   preamble with a session id lets the standby pair them and refuse
+//!   anything else.
 //! - [`TransportError`]: the one error type.
 //!
 //! ```no_run
@@ -50,8 +52,5 @@ mod test_utils;
 pub use channel::{Channel, ChannelReader, ChannelWriter, SEND_WINDOW};
 pub use error::TransportError;
 pub use handshake::{connect_pair, connect_pair_with, ConnectionKind, Incoming, SessionId};
-pub use heartbeat::{
-    FailureDetector, Heartbeat, HeartbeatHandle, HeartbeatMsg, HeartbeatStream, PeerLost,
-    HEARTBEAT_LEN,
-};
+pub use heartbeat::{FailureDetector, Heartbeat, HeartbeatHandle, HeartbeatStream, PeerLost};
 pub use tcp::{ChannelListener, ChannelStats, TcpChannel, TcpOptions, DEFAULT_SOCKET_BUFFER};
