@@ -6,8 +6,9 @@
 //!   plain host buffer) against one plain memcpy of the same bytes into one buffer;
 //! - harvesting a 1 GiB region's dirty set (KVM log OR VMM bitmap), with vm-memory's
 //!   `AtomicBitmap`, with this crate's `PageBitmap` and with bare `AtomicU64` words;
-//! - framing (CRC-32 over the slabs), sending (vectored writes into a Vec) and receiving
-//!   (validate, copy into the receiver's slabs, verify).
+//! - framing (CRC-32 over the slabs), sending (the frame's chunks copied into a Vec, as a
+//!   channel's gather send reads them) and receiving (validate, copy into the receiver's
+//!   slabs, verify).
 //!
 //! Every figure is the median of several runs, A against B in the same run.
 
@@ -233,8 +234,7 @@ fn bench_wire() {
         let frame = CheckpointFrame::new(&tx, 1, 1);
         let mut wire = Vec::with_capacity(frame.len() as usize);
         let send = time_us(|| {
-            wire.clear();
-            frame.write_to(&mut wire).unwrap();
+            frame.copy_into(&mut wire);
         });
         let recv = time_us(|| {
             let f = reader.read_frame(&mut &wire[..], &mut rx).unwrap();

@@ -8,8 +8,9 @@
 //!    KVM's dirty log OR'd with vm-memory's `AtomicBitmap` (I3);
 //! 3. copy the dirty pages and the encoded VM state ([`codec::encode_state`]) into
 //!    [`slab::Staging`] through an [`slab::EpochWriter`];
-//! 4. resume, then stream the slabs with [`wire::CheckpointFrame::write_to`] (vectored
-//!    writes straight from the slabs, checksummed incrementally);
+//! 4. resume, then stream the slabs: [`wire::CheckpointFrame`] frames them (checksummed
+//!    incrementally) and hands [`wire::CheckpointFrame::chunks`], slices straight into the
+//!    slabs, to the transport's `Channel::send_checkpoint`;
 //! 5. the standby reads it with [`wire::FrameReader`], which validates every length
 //!    against the guest's shape before allocating and verifies the checksum before it
 //!    yields an [`apply::VerifiedCheckpoint`], the only thing that can be applied (I2);
@@ -57,8 +58,8 @@
 //! w.stage_state(&state).unwrap();
 //! let stats = w.finish();
 //! // ...resume; then stream while the guest runs:
-//! let mut wire = Vec::new(); // a TcpStream in real life
-//! CheckpointFrame::new(&staging, 1, 1).write_to(&mut wire).unwrap();
+//! let mut wire = Vec::new(); // `channel.send_checkpoint(&frame)` in real life
+//! CheckpointFrame::new(&staging, 1, 1).copy_into(&mut wire);
 //! assert_eq!(stats.pages as u64, counts.total());
 //!
 //! // Standby.

@@ -5,7 +5,9 @@
 //! (`Hello`, `HelloAck`, `Refuse`, `Ack`, `Heartbeat`, `Bye`) carry one small struct
 //! encoded with [`crate::codec`], at most [`MAX_CONTROL_BODY`] bytes. A checkpoint frame's
 //! body is laid out so that the sender can send it straight from its staging with
-//! vectored writes, and checksum it a slab at a time:
+//! vectored writes (the transport's `Channel::send_checkpoint` hands
+//! [`CheckpointFrame::chunks`] to the channel's own gather send), and checksum it a slab
+//! at a time:
 //!
 //! ```text
 //! epoch u64 | generation u64 | page_count u64 | state_len u64     (32 bytes)
@@ -21,7 +23,7 @@
 //! and only then yields a [`VerifiedCheckpoint`]. A torn or corrupt frame is an error and
 //! leaves the staging empty: nothing of it can be applied (I2).
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, Read};
 
 use serde::{Deserialize, Serialize};
 
@@ -528,18 +530,14 @@ impl<'a> CheckpointFrame<'a> {
         &self.trailer
     }
 
-    /// The frame's parts in order: head, page index, each slab's used part, trailer.
+    /// The frame's parts in order: head, page index, each slab's used part, trailer. They
+    /// point into the staging: a sender gathers them into its vectored writes (the
+    /// transport's `Channel::send_checkpoint`), copying nothing.
     pub fn chunks(&self) -> impl Iterator<Item = &[u8]> + '_ {
         std::iter::once(&self.head[..])
             .chain(std::iter::once(self.staging.index_bytes()))
             .chain(self.staging.slab_chunks())
             .chain(std::iter::once(&self.trailer[..]))
-    }
-
-    /// Writes the whole frame with vectored writes straight from the slabs (no copy, no
-    /// allocation). Returns the bytes written.
-    pub fn write_to<W: Write + ?Sized>(&self, w: &mut W) -> io::Result<u64> {
-        write_all_chunks(w, self.chunks())
     }
 
     /// Copies the whole frame into `out` (replacing its contents): for tests and tools.
@@ -548,55 +546,6 @@ impl<'a> CheckpointFrame<'a> {
         for c in self.chunks() {
             out.extend_from_slice(c);
         }
-    }
-}
-
-/// Writes every chunk of `chunks`, in order, with `write_vectored`, up to 32 slices per
-/// call, retrying on `Interrupted` and on short writes. Allocates nothing.
-pub fn write_all_chunks<'c, W, I>(w: &mut W, chunks: I) -> io::Result<u64>
-where
-    W: Write + ?Sized,
-    I: IntoIterator<Item = &'c [u8]>,
-{
-    const BATCH: usize = 32;
-    let mut it = chunks.into_iter().filter(|c| !c.is_empty());
-    let mut batch: [&[u8]; BATCH] = [&[]; BATCH];
-    let mut len = 0;
-    let mut more = true;
-    let mut total = 0u64;
-    loop {
-        while more && len < BATCH {
-            match it.next() {
-                Some(c) => {
-                    batch[len] = c;
-                    len += 1;
-                }
-                None => more = false,
-            }
-        }
-        if len == 0 {
-            return Ok(total);
-        }
-        let ios: [IoSlice<'_>; BATCH] = std::array::from_fn(|i| IoSlice::new(batch[i]));
-        let mut n = match w.write_vectored(&ios[..len]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        total += n as u64;
-        let mut done = 0;
-        while n > 0 {
-            if n >= batch[done].len() {
-                n -= batch[done].len();
-                done += 1;
-            } else {
-                batch[done] = &batch[done][n..];
-                n = 0;
-            }
-        }
-        batch.copy_within(done..len, 0);
-        len -= done;
     }
 }
 
@@ -977,40 +926,16 @@ mod tests {
     }
 
     #[test]
-    fn checkpoint_roundtrip_via_vectored_write() {
+    fn checkpoint_roundtrip() {
         let gpas = [0u64, 0x3000, 0x1000, 63 * 4096, 0x20000];
         let state: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
         let st = staged(&gpas, &state);
         let frame = CheckpointFrame::new(&st, 7, 2);
-        let mut wire = Vec::new();
-        // A writer that accepts at most 1000 bytes per call exercises short writes.
-        struct Dribble<'a>(&'a mut Vec<u8>);
-        impl Write for Dribble<'_> {
-            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-                let n = b.len().min(1000);
-                self.0.extend_from_slice(&b[..n]);
-                Ok(n)
-            }
-            fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-                let mut left = 1000;
-                let mut n = 0;
-                for b in bufs {
-                    let k = b.len().min(left);
-                    self.0.extend_from_slice(&b[..k]);
-                    n += k;
-                    left -= k;
-                    if left == 0 {
-                        break;
-                    }
-                }
-                Ok(n)
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
-        let n = frame.write_to(&mut Dribble(&mut wire)).unwrap();
-        assert_eq!(n, frame.len());
+        assert_eq!((frame.epoch(), frame.generation()), (7, 2));
+        // The chunks a channel gathers: head, index, one per slab, trailer.
+        let chunks: Vec<&[u8]> = frame.chunks().collect();
+        assert_eq!(chunks.len(), 2 + st.slab_chunks().count() + 1);
+        let wire = chunks.concat();
         assert_eq!(wire.len() as u64, frame.len());
         let mut copy = Vec::new();
         frame.copy_into(&mut copy);

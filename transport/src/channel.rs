@@ -4,16 +4,18 @@
 //! # Shape, and room for RDMA
 //!
 //! The checkpoint crate stages a checkpoint in a list of fixed-size *slabs*
-//! (DESIGN.md, "Staging memory"). It frames a checkpoint as a list of
-//! [`IoSlice`]s that point straight into those slabs and hands the whole list
-//! to [`Channel::send_vectored_all`]; nothing in between copies the bytes.
-//! The TCP channel passes the slices to `sendmsg(2)` a window at a time.
+//! (DESIGN.md, "Staging memory") and frames it as a [`CheckpointFrame`]: a
+//! head, the page index, the slabs' used parts and a trailer, each a slice
+//! straight into the staging. [`Channel::send_checkpoint`] hands those slices
+//! to the channel's one gather send, [`Channel::send_chunks`]; nothing in
+//! between copies the bytes or allocates. The TCP channel passes them to
+//! `sendmsg(2)` a window of [`SEND_WINDOW`] slices at a time.
 //!
 //! The same call fits an RDMA channel (cargo feature `rdma`, not implemented
 //! yet; DESIGN.md `--transport rdma`): slabs are long-lived (the head slab is
 //! permanent and the list only grows or halves after several strikes), so an
 //! RDMA channel registers each slab once (`ibv_reg_mr`, told through
-//! [`Channel::register_buffer`]) and turns every `IoSlice` into one
+//! [`Channel::register_buffer`]) and turns every chunk into one
 //! scatter/gather element of an RDMA write, looking the memory region up by
 //! address. Slices outside any registered region would go through a bounce
 //! buffer. On the receiving side [`Channel::recv_exact`] lands bytes in a
@@ -23,6 +25,8 @@
 use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
+
+use ftvmm_checkpoint::CheckpointFrame;
 
 use crate::TransportError;
 
@@ -36,18 +40,46 @@ pub const SEND_WINDOW: usize = 128;
 /// too (see the module documentation). The trait is dyn-compatible, so the
 /// VMM can hold a `Box<dyn Channel>` chosen by `--transport`.
 pub trait Channel: Send {
-    /// Sends every byte of every slice, in order, and returns the total.
+    /// Sends every byte of every chunk `chunks` yields, in order, and
+    /// returns the total: the channel's gather send, which every other send
+    /// goes through.
     ///
-    /// Handles short writes and `EINTR` by advancing through the slices; the
-    /// bytes are never copied into an intermediate buffer and the call does
-    /// not allocate. Empty slices are allowed and skipped. On error an
-    /// unknown prefix of the data has been sent: the stream is no longer
-    /// usable for framed messages.
-    fn send_vectored_all(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, TransportError>;
+    /// Gathers several chunks into each system call (or RDMA work request),
+    /// handles short writes and `EINTR` by advancing through them; the bytes
+    /// are never copied into an intermediate buffer and the call does not
+    /// allocate. Empty chunks are allowed and skipped. On error an unknown
+    /// prefix of the data has been sent: the stream is no longer usable for
+    /// framed messages.
+    fn send_chunks(
+        &mut self,
+        chunks: &mut dyn Iterator<Item = &[u8]>,
+    ) -> Result<u64, TransportError>;
 
-    /// Sends all of `buf` (a one-slice [`Channel::send_vectored_all`]).
+    /// Sends every byte of every slice, in order, and returns the total
+    /// ([`Channel::send_chunks`] over the slices).
+    fn send_vectored_all(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, TransportError> {
+        let n = self.send_chunks(&mut bufs.iter().map(|b| &**b))?;
+        Ok(usize::try_from(n).expect("sent no more than the slices hold"))
+    }
+
+    /// Sends all of `buf` (a one-chunk [`Channel::send_chunks`]).
     fn send_all(&mut self, buf: &[u8]) -> Result<(), TransportError> {
-        self.send_vectored_all(&[IoSlice::new(buf)]).map(|_| ())
+        self.send_chunks(&mut std::iter::once(buf)).map(|_| ())
+    }
+
+    /// Sends a checkpoint frame straight from its staging slabs: its chunks
+    /// (head, page index, each slab's used part, trailer) go to
+    /// [`Channel::send_chunks`], with no copy and no allocation. Returns the
+    /// frame's length. The error names the checkpoint, its size and the
+    /// peer.
+    fn send_checkpoint(&mut self, frame: &CheckpointFrame<'_>) -> Result<u64, TransportError> {
+        self.send_chunks(&mut frame.chunks())
+            .map_err(|source| TransportError::SendCheckpoint {
+                epoch: frame.epoch(),
+                generation: frame.generation(),
+                len: frame.len(),
+                source: Box::new(source),
+            })
     }
 
     /// Receives up to `buf.len()` bytes; `Ok(0)` means the peer closed the
@@ -172,56 +204,60 @@ impl<C: Channel + ?Sized> Write for ChannelWriter<'_, C> {
     }
 }
 
-/// What one vectored send did, for metrics and tests.
+/// What one gather send did, for metrics and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct SendOutcome {
     /// Bytes written.
-    pub bytes: usize,
+    pub bytes: u64,
     /// Calls to `write`.
     pub calls: u64,
     /// Calls that wrote less than they were offered.
     pub short: u64,
 }
 
-/// Writes all of `bufs` through `write` (one `writev`/`sendmsg`-like call at
-/// a time), advancing through the slices after short writes and retrying on
-/// `EINTR`. Uses a fixed window of [`SEND_WINDOW`] slices on the stack: no
-/// allocation, no copy of the data.
-pub(crate) fn write_all_vectored<F>(bufs: &[IoSlice<'_>], mut write: F) -> io::Result<SendOutcome>
+/// Writes every chunk of `chunks` through `write` (one `sendmsg`-like call
+/// at a time, given up to [`SEND_WINDOW`] slices), topping the window up
+/// from the iterator after every call, advancing through the slices after
+/// short writes and retrying on `EINTR`. The window lives on the stack: no
+/// allocation, no copy of the data. This is the one gather loop of the
+/// crate.
+pub(crate) fn write_all_chunks<'a, F>(
+    chunks: &mut dyn Iterator<Item = &'a [u8]>,
+    mut write: F,
+) -> io::Result<SendOutcome>
 where
-    F: FnMut(&[IoSlice<'_>]) -> io::Result<usize>,
+    F: FnMut(&[IoSlice<'a>]) -> io::Result<usize>,
 {
     let mut window = [IoSlice::new(&[]); SEND_WINDOW];
     let mut in_window = 0usize; // window[..in_window] is pending
-    let mut next = 0usize; // next slice of `bufs` to move into the window
+    let mut more = true; // `chunks` may yield more
     let mut out = SendOutcome::default();
     loop {
-        // Top the window up with the next non-empty slices.
-        while in_window < SEND_WINDOW && next < bufs.len() {
-            if !bufs[next].is_empty() {
-                window[in_window] = bufs[next];
-                in_window += 1;
+        // Top the window up with the next non-empty chunks.
+        while more && in_window < SEND_WINDOW {
+            match chunks.next() {
+                Some([]) => {}
+                Some(c) => {
+                    window[in_window] = IoSlice::new(c);
+                    in_window += 1;
+                }
+                None => more = false,
             }
-            next += 1;
         }
         if in_window == 0 {
             return Ok(out);
         }
         let offered: usize = window[..in_window].iter().map(|s| s.len()).sum();
         match write(&window[..in_window]) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "the socket accepted 0 bytes",
-                ))
-            }
+            // The caller's socket took nothing of a non-empty offer.
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => {
-                out.bytes += n;
+                out.bytes += n as u64;
                 out.calls += 1;
                 if n < offered {
                     out.short += 1;
                 }
-                let mut rest: &mut [IoSlice<'_>] = &mut window[..in_window];
+                let mut rest: &mut [IoSlice<'a>] = &mut window[..in_window];
                 IoSlice::advance_slices(&mut rest, n);
                 let left = rest.len();
                 window.copy_within(in_window - left..in_window, 0);
@@ -236,7 +272,10 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_utils::{pattern, XorShift};
+    use crate::test_utils::{
+        pattern, receiver_limits, staged_checkpoint, Dribble, LoopbackChannel, XorShift,
+    };
+    use ftvmm_checkpoint::{Frame, FrameReader, Staging};
 
     #[test]
     fn short_writes_and_eintr_deliver_every_byte_in_order() {
@@ -245,53 +284,112 @@ mod tests {
         let bufs: Vec<Vec<u8>> = (0..1000)
             .map(|i| pattern((r.next() % 3000) as usize * usize::from(i % 11 != 0), i))
             .collect();
-        let slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
         let expected: Vec<u8> = bufs.concat();
 
-        let mut sink = Vec::new();
-        let mut calls = 0u32;
-        let mut max_offered = 0usize;
-        let out = write_all_vectored(&slices, |iov| {
-            calls += 1;
-            max_offered = max_offered.max(iov.len());
-            assert!(iov.iter().all(|s| !s.is_empty()), "empty slice offered");
-            if calls % 5 == 0 {
-                return Err(io::Error::from_raw_os_error(libc::EINTR));
-            }
-            // Accept a random amount, possibly ending mid-slice.
-            let offered: usize = iov.iter().map(|s| s.len()).sum();
-            let mut take = 1 + (r.next() as usize % offered.min(20_000));
-            let n = take;
-            for s in iov {
-                let k = take.min(s.len());
-                sink.extend_from_slice(&s[..k]);
-                take -= k;
-                if take == 0 {
-                    break;
-                }
-            }
-            Ok(n)
-        })
-        .unwrap();
-        assert_eq!(out.bytes, expected.len());
+        let mut d = Dribble::new(7);
+        let out = write_all_chunks(&mut bufs.iter().map(|b| &b[..]), |iov| d.write(iov)).unwrap();
+        assert_eq!(out.bytes, expected.len() as u64);
         assert!(out.short > 10, "the mock should have forced short writes");
-        assert!(max_offered <= SEND_WINDOW);
-        assert_eq!(sink, expected);
+        assert!(d.interrupted > 0, "the mock should have returned EINTR");
+        assert!(d.max_offered <= SEND_WINDOW);
+        assert_eq!(d.sink, expected);
     }
 
     #[test]
     fn write_zero_is_an_error() {
         let data = [1u8; 10];
-        let err = write_all_vectored(&[IoSlice::new(&data)], |_| Ok(0)).unwrap_err();
+        let err = write_all_chunks(&mut std::iter::once(&data[..]), |_| Ok(0)).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WriteZero);
     }
 
     #[test]
     fn nothing_to_send_makes_no_call() {
-        let out = write_all_vectored(&[IoSlice::new(&[]), IoSlice::new(&[])], |_| {
-            panic!("no call expected")
-        })
-        .unwrap();
+        let empty: [&[u8]; 2] = [&[], &[]];
+        let out = write_all_chunks(&mut empty.into_iter(), |_| panic!("no call expected")).unwrap();
         assert_eq!(out, SendOutcome::default());
+    }
+
+    #[test]
+    fn a_checkpoint_goes_through_the_channel_with_short_writes_and_eintr_uncopied() {
+        // 300 one-page slabs: the frame has more chunks than one send window.
+        let st = staged_checkpoint(300, 5000);
+        let frame = CheckpointFrame::new(&st, 7, 2);
+        assert!(frame.chunks().count() > SEND_WINDOW);
+        let mut d = Dribble::new(11);
+        // Every slice offered must point into the frame's own chunks: the
+        // staging's slabs and index, or the frame's head and trailer.
+        d.allowed = frame
+            .chunks()
+            .map(|c| c.as_ptr() as usize..c.as_ptr() as usize + c.len())
+            .collect();
+        let mut ch = LoopbackChannel::new(d);
+
+        let sent = ch.send_checkpoint(&frame).unwrap();
+        assert_eq!(sent, frame.len());
+        let mut expected = Vec::new();
+        frame.copy_into(&mut expected);
+        assert_eq!(ch.dribble.sink, expected);
+        assert!(ch.dribble.interrupted > 0 && ch.dribble.max_offered <= SEND_WINDOW);
+        assert!(
+            ch.dribble.calls > frame.len() / 20_000,
+            "short writes: {} calls",
+            ch.dribble.calls
+        );
+
+        // The standby's decoder, reading the same channel, gets the checkpoint.
+        let limits = receiver_limits(300);
+        let mut rx = Staging::new(limits.staging_config()).unwrap();
+        let Frame::Checkpoint(cp) = FrameReader::new(limits)
+            .read_frame(&mut ch.reader(), &mut rx)
+            .unwrap()
+        else {
+            panic!("expected a checkpoint");
+        };
+        assert_eq!((cp.epoch(), cp.generation(), cp.page_count()), (7, 2, 300));
+        assert!(cp.pages().eq(st.pages()));
+        let mut state = Vec::new();
+        cp.copy_state_into(&mut state);
+        assert_eq!(state, pattern(5000, 1 << 32));
+    }
+
+    #[test]
+    fn a_failed_checkpoint_send_names_the_checkpoint_its_size_and_the_peer() {
+        let st = staged_checkpoint(4, 100);
+        let frame = CheckpointFrame::new(&st, 9, 3);
+        let mut d = Dribble::new(5);
+        d.fail_after = Some(5000);
+        let mut ch = LoopbackChannel::new(d);
+        let err = ch.send_checkpoint(&frame).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                TransportError::SendCheckpoint { epoch: 9, generation: 3, len, source }
+                    if *len == frame.len()
+                        && matches!(**source, TransportError::Send { .. })
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "checkpoint 9 of generation 3 ({} bytes) not sent: cannot send to 127.0.0.1:9: broken pipe",
+                frame.len()
+            )
+        );
+        assert_eq!(err.io_kind(), io::ErrorKind::BrokenPipe);
+        assert_eq!(ch.dribble.sink.len(), 5000, "a torn prefix went out");
+    }
+
+    #[test]
+    fn provided_sends_go_through_send_chunks() {
+        let mut ch = LoopbackChannel::new(Dribble::new(3));
+        let (a, b) = (pattern(3000, 1), pattern(70_000, 2));
+        ch.send_all(b"head").unwrap();
+        let n = ch
+            .send_vectored_all(&[IoSlice::new(&a), IoSlice::new(&[]), IoSlice::new(&b)])
+            .unwrap();
+        assert_eq!(n, a.len() + b.len());
+        ch.writer().write_all(b"tail").unwrap();
+        assert_eq!(ch.dribble.sink, [&b"head"[..], &a, &b, b"tail"].concat());
     }
 }

@@ -73,6 +73,19 @@ pub enum TransportError {
         /// Why it failed.
         source: io::Error,
     },
+    /// A checkpoint frame could not be sent in full: the stream now ends in
+    /// a torn frame, which the standby discards (I2).
+    #[error("checkpoint {epoch} of generation {generation} ({len} bytes) not sent: {source}")]
+    SendCheckpoint {
+        /// The checkpoint's epoch.
+        epoch: u64,
+        /// Its generation.
+        generation: u64,
+        /// The frame's length.
+        len: u64,
+        /// What failed (a send error or timeout, naming the peer).
+        source: Box<TransportError>,
+    },
     /// Reading from the peer failed.
     #[error("cannot receive from {addr}: {}", io_msg(.source))]
     Recv {
@@ -182,6 +195,7 @@ impl TransportError {
             | TransportError::Clone { source, .. }
             | TransportError::Spawn { source, .. }
             | TransportError::EventFd { source } => source.kind(),
+            TransportError::SendCheckpoint { source, .. } => source.io_kind(),
             TransportError::Closed { .. } => io::ErrorKind::UnexpectedEof,
             TransportError::Timeout { .. } | TransportError::AcceptTimeout { .. } => {
                 io::ErrorKind::TimedOut

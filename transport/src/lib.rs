@@ -1,11 +1,13 @@
 //! Moving bytes between the ftvmm primary and its standby.
 //!
-//! This crate knows nothing of the checkpoint format: the `checkpoint` crate
-//! frames a checkpoint as a list of [`std::io::IoSlice`]s pointing into its
-//! staging slabs and gives them to [`Channel::send_vectored_all`]; on the
-//! standby it decodes frames from [`Channel::reader`] (any `std::io::Read`).
-//! [`TcpChannel`] is also an `io::Read` and `io::Write` itself, and
-//! [`Channel::writer`] gives an `io::Write` over any channel.
+//! The protocol (preamble, frame kinds, heartbeat frame, fencing rule) is
+//! `ftvmm_checkpoint::protocol`; this crate moves its bytes. The `checkpoint`
+//! crate frames a checkpoint as chunks pointing into its staging slabs;
+//! [`Channel::send_checkpoint`] hands them to the channel's own gather send
+//! ([`Channel::send_chunks`]), copying nothing. On the standby frames are
+//! decoded from [`Channel::reader`] (any `std::io::Read`; [`TcpChannel`] is
+//! one itself), and [`Channel::writer`] gives an `io::Write` over any
+//! channel.
 //!
 //! - [`Channel`]: a reliable ordered byte stream; [`TcpChannel`] implements it
 //!   over TCP (`TCP_NODELAY`, large socket buffers, no keepalive), and an RDMA
@@ -24,16 +26,20 @@
 //! - [`TransportError`]: the one error type.
 //!
 //! ```no_run
-//! use std::io::IoSlice;
 //! use std::time::Duration;
+//! use ftvmm_checkpoint::{CheckpointFrame, Staging, StagingConfig};
 //! use ftvmm_transport::{connect_pair, Channel, Heartbeat};
 //!
-//! # fn main() -> Result<(), ftvmm_transport::TransportError> {
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // Primary side.
 //! let (mut data, hb) = connect_pair("127.0.0.1:7000", Duration::from_secs(5))?;
 //! let heartbeat = Heartbeat::start(hb, Duration::from_millis(20), 5, /* generation */ 1)?;
-//! let (header, page) = ([0u8; 16], [0u8; 4096]);
-//! data.send_vectored_all(&[IoSlice::new(&header), IoSlice::new(&page)])?;
+//! let mut staging = Staging::new(StagingConfig::for_guest(64 << 20))?;
+//! let mut epoch = staging.begin_epoch();
+//! epoch.page_slot(0x1000)?.fill(0xaa);
+//! epoch.stage_state(b"machine state")?;
+//! epoch.finish();
+//! data.send_checkpoint(&CheckpointFrame::new(&staging, 1, /* generation */ 1))?;
 //! heartbeat.set_epoch(1);
 //! if let Some(lost) = heartbeat.failure() {
 //!     eprintln!("standby lost: {lost}");

@@ -1,11 +1,11 @@
 //! The TCP implementation of [`Channel`], and its listener.
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-use crate::channel::{write_all_vectored, Channel};
+use crate::channel::{write_all_chunks, Channel};
 use crate::handshake::{PendingHalf, SessionId};
 use crate::TransportError;
 
@@ -207,11 +207,14 @@ impl TcpChannel {
 }
 
 impl Channel for TcpChannel {
-    fn send_vectored_all(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, TransportError> {
+    fn send_chunks(
+        &mut self,
+        chunks: &mut dyn Iterator<Item = &[u8]>,
+    ) -> Result<u64, TransportError> {
         let fd = self.stream.as_raw_fd();
         let no_progress_limit = self.write_timeout;
         let (mut sent, mut waits) = (0usize, 0u64);
-        let res = write_all_vectored(bufs, |iov| {
+        let res = write_all_chunks(chunks, |iov| {
             let r = send_some(fd, iov, no_progress_limit, &mut waits);
             if let Ok(n) = r {
                 sent += n;
@@ -221,7 +224,7 @@ impl Channel for TcpChannel {
         self.stats.send_waits += waits;
         match res {
             Ok(out) => {
-                self.stats.bytes_sent += out.bytes as u64;
+                self.stats.bytes_sent += out.bytes;
                 self.stats.send_calls += out.calls;
                 self.stats.short_writes += out.short;
                 Ok(out.bytes)
@@ -323,42 +326,14 @@ impl Channel for TcpChannel {
     }
 }
 
-/// For decoders that read frames from any `io::Read`.
+/// For decoders that read frames from any `io::Read`: [`Channel::recv`],
+/// whose typed error (naming the peer) travels inside the `io::Error`, of
+/// the matching kind. Sending has no `io::Write` here: frames go through
+/// [`Channel::send_chunks`] and [`Channel::send_checkpoint`] (and
+/// [`Channel::writer`] for encoders that want a writer).
 impl Read for TcpChannel {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.stream.read(buf)
-    }
-}
-
-/// For encoders that write frames to any `io::Write` (each call is one
-/// `sendmsg(2)` with `MSG_NOSIGNAL`, honouring the write timeout; the caller's
-/// `write_all`/vectored loop handles short writes). Prefer
-/// [`Channel::send_vectored_all`], which does that loop without allocating.
-impl Write for TcpChannel {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.write_vectored(&[IoSlice::new(buf)])
-    }
-
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        let iov = &bufs[..bufs.len().min(1024)]; // IOV_MAX
-        if iov.iter().all(|b| b.is_empty()) {
-            return Ok(0);
-        }
-        let mut waits = 0;
-        let r = send_some(self.stream.as_raw_fd(), iov, self.write_timeout, &mut waits);
-        self.stats.send_waits += waits;
-        if let Ok(n) = r {
-            let offered: usize = iov.iter().map(|b| b.len()).sum();
-            self.stats.bytes_sent += n as u64;
-            self.stats.send_calls += 1;
-            self.stats.short_writes += u64::from(n < offered);
-        }
-        r
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        // TCP_NODELAY: nothing is held back in user space or by Nagle.
-        Ok(())
+        self.recv(buf).map_err(io::Error::from)
     }
 }
 
@@ -681,6 +656,7 @@ impl ChannelListener {
 mod tests {
     use super::*;
     use crate::test_utils::{pattern, XorShift};
+    use std::io::Write;
     use std::thread;
 
     fn pair_with(send: TcpOptions, recv: TcpOptions) -> (TcpChannel, TcpChannel) {
@@ -753,6 +729,63 @@ mod tests {
         assert!(
             st.short_writes > 0 && st.send_waits > 0,
             "expected partial writes, stats {st:?}"
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_crosses_a_small_socket_buffer_and_decodes_on_the_other_side() {
+        use crate::test_utils::{receiver_limits, staged_checkpoint};
+        use ftvmm_checkpoint::{CheckpointFrame, Frame, FrameReader, Staging};
+
+        let small = TcpOptions {
+            nodelay: true,
+            send_buffer: Some(32 << 10),
+            recv_buffer: Some(32 << 10),
+        };
+        let (mut tx, mut rx) = pair_with(small, small);
+        // ~1.2 MiB in 300 one-page slabs: many windows, many partial sends.
+        let st = staged_checkpoint(300, 70_000);
+        let limits = receiver_limits(300);
+        let standby = thread::spawn(move || {
+            rx.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut rst = Staging::new(limits.staging_config()).unwrap();
+            let mut reader = FrameReader::new(limits);
+            let mut got = Vec::new();
+            for _ in 0..2 {
+                match reader.read_frame(&mut rx.reader(), &mut rst).unwrap() {
+                    Frame::Checkpoint(cp) => {
+                        let mut state = Vec::new();
+                        cp.copy_state_into(&mut state);
+                        let pages: Vec<(u64, Vec<u8>)> =
+                            cp.pages().map(|(g, p)| (g, p.to_vec())).collect();
+                        got.push((cp.epoch(), pages, state));
+                    }
+                    Frame::Message(m) => panic!("unexpected {m:?}"),
+                }
+            }
+            got
+        });
+        tx.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut total = 0;
+        for epoch in [1, 2] {
+            let frame = CheckpointFrame::new(&st, epoch, 1);
+            assert_eq!(tx.send_checkpoint(&frame).unwrap(), frame.len());
+            total += frame.len();
+        }
+        let got = standby.join().unwrap();
+        let pages: Vec<(u64, Vec<u8>)> = st.pages().map(|(g, p)| (g, p.to_vec())).collect();
+        let mut state = Vec::new();
+        st.copy_state_into(&mut state);
+        for (i, (epoch, p, s)) in got.into_iter().enumerate() {
+            assert_eq!(epoch, i as u64 + 1);
+            assert!(p == pages, "checkpoint {epoch}: pages differ");
+            assert!(s == state, "checkpoint {epoch}: state differs");
+        }
+        let stats = tx.stats();
+        assert_eq!(stats.bytes_sent, total);
+        assert!(
+            stats.short_writes > 0 && stats.send_waits > 0,
+            "expected partial sends, stats {stats:?}"
         );
     }
 
@@ -892,14 +925,15 @@ mod tests {
         let (mut a, b) = pair();
         let mut b: Box<dyn Channel> = Box::new(b);
         let chunks = [pattern(5000, 1), Vec::new(), pattern(70_000, 2)];
-        // As the checkpoint crate's writer would: write_vectored + loop.
+        // As an encoder that wants an io::Write would: write_vectored + loop.
         let mut slices: Vec<IoSlice<'_>> = chunks.iter().map(|c| IoSlice::new(c)).collect();
         let mut rest = &mut slices[..];
+        let mut w = a.writer();
         while !rest.is_empty() {
-            let n = a.write_vectored(rest).unwrap();
+            let n = w.write_vectored(rest).unwrap();
             IoSlice::advance_slices(&mut rest, n);
         }
-        a.write_all(b"tail").unwrap();
+        w.write_all(b"tail").unwrap();
         let mut got = vec![0u8; 75_004];
         crate::ChannelReader::new(&mut *b)
             .read_exact(&mut got)

@@ -34,8 +34,8 @@ pub enum PeerLoss {
     Send {
         /// The checkpoint.
         epoch: u64,
-        /// What the channel said.
-        source: std::io::Error,
+        /// What the channel said (naming the checkpoint, its size, the peer).
+        source: TransportError,
     },
     /// The channel could not be set up for the ack.
     Channel(TransportError),
@@ -63,7 +63,7 @@ impl fmt::Display for PeerLoss {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PeerLoss::Heartbeat(l) => write!(f, "{l}"),
-            PeerLoss::Send { epoch, source } => write!(f, "sending checkpoint {epoch}: {source}"),
+            PeerLoss::Send { source, .. } => write!(f, "{source}"),
             PeerLoss::Channel(e) => write!(f, "{e}"),
             PeerLoss::Ack { epoch, source } => {
                 write!(f, "waiting for the ack of epoch {epoch}: {source}")
@@ -188,8 +188,8 @@ impl Session {
         if Fault::hits(fault, point, epoch) {
             send_half_and_die(&frame, &mut self.chan, point.name());
         }
-        frame
-            .write_to(&mut self.chan)
+        self.chan
+            .send_checkpoint(&frame)
             .map_err(|source| PeerLoss::Send { epoch, source })
     }
 
