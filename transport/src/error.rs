@@ -158,6 +158,14 @@ pub enum TransportError {
         /// Why it failed.
         source: io::Error,
     },
+    /// The epoll set or timerfd a connection is waited on could not be made.
+    #[error("cannot set up waiting on the connection to {addr} (epoll, timerfd): {}", io_msg(.source))]
+    Wait {
+        /// The peer.
+        addr: SocketAddr,
+        /// Why it failed.
+        source: io::Error,
+    },
     /// The failure eventfd could not be created.
     #[error("cannot create the failure-detector eventfd: {}", io_msg(.source))]
     EventFd {
@@ -194,6 +202,7 @@ impl TransportError {
             | TransportError::Shutdown { source, .. }
             | TransportError::Clone { source, .. }
             | TransportError::Spawn { source, .. }
+            | TransportError::Wait { source, .. }
             | TransportError::EventFd { source } => source.kind(),
             TransportError::SendCheckpoint { source, .. } => source.io_kind(),
             TransportError::Closed { .. } => io::ErrorKind::UnexpectedEof,

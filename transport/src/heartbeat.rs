@@ -26,7 +26,7 @@
 //! sender's next tick.
 
 use std::fmt;
-use std::io;
+use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,10 +37,13 @@ use std::time::{Duration, Instant};
 use ftvmm_checkpoint::protocol::{
     self, BadHeartbeat, EpochFence, FenceError, Subject, HEARTBEAT_FRAME_LEN,
 };
+use socket2::SockRef;
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::handshake::SessionId;
-use crate::tcp::{apply_options, poll_fd, recv_dontwait, sendmsg_nosignal, TcpOptions};
+use crate::tcp::{apply_options, TcpOptions};
+use crate::wait::Readiness;
 use crate::TransportError;
 
 /// Why the peer was declared lost.
@@ -306,13 +309,29 @@ impl FailureDetector {
     /// will ever send (end of stream, silence, or stop); true if it has.
     pub fn wait_receiver_done(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        while !self.rx_done.load(Ordering::Acquire) {
-            if Instant::now() >= deadline {
+        let mut guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if self.rx_done.load(Ordering::Acquire) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return false;
             }
-            thread::sleep(Duration::from_millis(1));
+            guard = self
+                .cond
+                .wait_timeout(guard, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
-        true
+    }
+
+    /// Records that the receiver has ended, waking [`Self::wait_receiver_done`].
+    fn receiver_done(&self) {
+        self.rx_done.store(true, Ordering::Release);
+        // Taking the lock orders this notify after any waiter's check.
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.cond.notify_all();
     }
 
     /// When the peer was last heard from (or the detector started).
@@ -378,6 +397,9 @@ impl Heartbeat {
                 .map_err(|source| TransportError::Clone { addr: peer, source })
         };
         let (tx_stream, rx_stream) = (clone(&stream.stream)?, clone(&stream.stream)?);
+        // The receiver waits for data or its silence deadline in epoll.
+        let rx_ready = Readiness::new(rx_stream.as_raw_fd(), EventSet::IN)
+            .map_err(|source| TransportError::Wait { addr: peer, source })?;
         // The sender never blocks longer than this on a full socket buffer, so
         // it notices `stop` even if the peer stopped reading.
         let write_tick = interval.min(Duration::from_millis(100));
@@ -386,6 +408,15 @@ impl Heartbeat {
             .map_err(|source| TransportError::SocketOption {
                 addr: peer,
                 option: "SO_SNDTIMEO",
+                source,
+            })?;
+        // The receiver reads only once epoll says there is data; this bounds
+        // a read after a spurious wakeup, so it still notices its deadline.
+        rx_stream
+            .set_read_timeout(Some(write_tick))
+            .map_err(|source| TransportError::SocketOption {
+                addr: peer,
+                option: "SO_RCVTIMEO",
                 source,
             })?;
 
@@ -411,7 +442,7 @@ impl Heartbeat {
             let (detector, stop) = (detector.clone(), stop.clone());
             thread::Builder::new()
                 .name("ft-hb-recv".into())
-                .spawn(move || recv_loop(rx_stream, peer, &detector, &stop))
+                .spawn(move || recv_loop(rx_stream, rx_ready, peer, &detector, &stop))
         };
         let receiver = match receiver {
             Ok(r) => r,
@@ -501,7 +532,7 @@ fn send_loop(
     detector: &FailureDetector,
     stop: &StopFlag,
 ) {
-    let fd = stream.as_raw_fd();
+    let socket = SockRef::from(&stream);
     let mut next = Instant::now();
     for seq in 0u64.. {
         if stop.is_raised() {
@@ -522,7 +553,8 @@ fn send_loop(
         .encode_frame();
         let mut sent = 0;
         while sent < msg.len() {
-            match sendmsg_nosignal(fd, &[io::IoSlice::new(&msg[sent..])]) {
+            // MSG_NOSIGNAL: a peer that went away is EPIPE, not SIGPIPE.
+            match socket.send_with_flags(&msg[sent..], libc::MSG_NOSIGNAL) {
                 Ok(n) => sent += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 // Full buffer (SO_SNDTIMEO expired): the receiver side judges
@@ -570,13 +602,18 @@ struct RxDone<'a>(&'a FailureDetector);
 
 impl Drop for RxDone<'_> {
     fn drop(&mut self) {
-        self.0.rx_done.store(true, Ordering::Release);
+        self.0.receiver_done();
     }
 }
 
-fn recv_loop(stream: TcpStream, peer: SocketAddr, detector: &FailureDetector, stop: &StopFlag) {
+fn recv_loop(
+    mut stream: TcpStream,
+    mut ready: Readiness,
+    peer: SocketAddr,
+    detector: &FailureDetector,
+    stop: &StopFlag,
+) {
     let _done = RxDone(detector);
-    let fd = stream.as_raw_fd();
     let mut buf = [0u8; HEARTBEAT_FRAME_LEN];
     let mut got = 0;
     let verdict = loop {
@@ -588,22 +625,24 @@ fn recv_loop(stream: TcpStream, peer: SocketAddr, detector: &FailureDetector, st
             // Past the deadline. Our own stall (descheduled, stopped, a
             // debugger) looks just like the peer's silence: judge only after
             // reading what already arrived, which may be a fencing notice.
-            Some(silence) => match poll_fd(fd, libc::POLLIN, Some(now)) {
+            Some(silence) => match ready.wait_until(Some(now)) {
                 Ok(true) => now,
                 _ => break silence,
             },
             None => detector.silence_deadline(),
         };
-        // Wait for data or the silence deadline (ppoll: microsecond-precise).
-        match poll_fd(fd, libc::POLLIN, Some(deadline)) {
+        // Wait for data or the silence deadline (a timerfd: precise).
+        match ready.wait_until(Some(deadline)) {
             Ok(true) => {}
             Ok(false) => continue,
             Err(e) => {
-                log::warn!("cannot poll the heartbeat connection to {peer}: {e}");
+                log::warn!("cannot wait on the heartbeat connection to {peer}: {e}");
                 break PeerLost::ConnectionClosed;
             }
         }
-        match recv_dontwait(fd, &mut buf[got..]) {
+        // Readable, so this returns at once (SO_RCVTIMEO bounds a spurious
+        // wakeup; the sender's clone never reads).
+        match stream.read(&mut buf[got..]) {
             Ok(0) => break PeerLost::ConnectionClosed,
             Ok(n) => {
                 got += n;
@@ -779,13 +818,16 @@ mod tests {
     const HB: Duration = Duration::from_millis(20);
 
     fn poll_readable_now(fd: &EventFd) -> bool {
-        let mut p = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one live pollfd, count 1, no wait.
-        unsafe { libc::poll(&mut p, 1, 0) == 1 }
+        use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent};
+        let epoll = Epoll::new().unwrap();
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, 0),
+            )
+            .unwrap();
+        epoll.wait(0, &mut [EpollEvent::default()]).unwrap() == 1
     }
 
     fn start(s: TcpStream, interval: Duration, k: u32, generation: u64) -> HeartbeatHandle {

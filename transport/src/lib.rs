@@ -54,6 +54,7 @@ pub mod heartbeat;
 mod tcp;
 #[cfg(test)]
 mod test_utils;
+mod wait;
 
 pub use channel::{Channel, ChannelReader, ChannelWriter, SEND_WINDOW};
 pub use error::TransportError;

@@ -2,11 +2,15 @@
 
 use std::io::{self, IoSlice, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
+
+use socket2::SockRef;
+use vmm_sys_util::epoll::EventSet;
 
 use crate::channel::{write_all_chunks, Channel};
 use crate::handshake::{PendingHalf, SessionId};
+use crate::wait::Readiness;
 use crate::TransportError;
 
 /// Default socket buffer size asked for on checkpoint channels. The kernel
@@ -52,6 +56,8 @@ pub struct ChannelStats {
 /// A checkpoint channel over TCP.
 pub struct TcpChannel {
     stream: TcpStream,
+    /// Waits for room in a full socket buffer; made on the first such wait.
+    out_ready: Option<Readiness>,
     peer: SocketAddr,
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
@@ -143,6 +149,7 @@ impl TcpChannel {
         apply_options(&stream, peer, options)?;
         Ok(TcpChannel {
             stream,
+            out_ready: None,
             peer,
             read_timeout: None,
             write_timeout: None,
@@ -169,12 +176,14 @@ impl TcpChannel {
     /// The socket buffer sizes the kernel granted (`SO_SNDBUF`, `SO_RCVBUF`;
     /// as the kernel reports them, i.e. including its bookkeeping share).
     pub fn buffer_sizes(&self) -> Result<(usize, usize), TransportError> {
-        let fd = self.stream.as_raw_fd();
-        let snd = get_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF)
+        let socket = SockRef::from(&self.stream);
+        let snd = socket
+            .send_buffer_size()
             .map_err(|source| self.opt_err("SO_SNDBUF", source))?;
-        let rcv = get_int_opt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF)
+        let rcv = socket
+            .recv_buffer_size()
             .map_err(|source| self.opt_err("SO_RCVBUF", source))?;
-        Ok((snd as usize, rcv as usize))
+        Ok((snd, rcv))
     }
 
     /// The underlying stream (for polling its fd; do not read or write it
@@ -211,11 +220,11 @@ impl Channel for TcpChannel {
         &mut self,
         chunks: &mut dyn Iterator<Item = &[u8]>,
     ) -> Result<u64, TransportError> {
-        let fd = self.stream.as_raw_fd();
+        let (stream, ready) = (&self.stream, &mut self.out_ready);
         let no_progress_limit = self.write_timeout;
         let (mut sent, mut waits) = (0usize, 0u64);
         let res = write_all_chunks(chunks, |iov| {
-            let r = send_some(fd, iov, no_progress_limit, &mut waits);
+            let r = send_some(stream, ready, iov, no_progress_limit, &mut waits);
             if let Ok(n) = r {
                 sent += n;
             }
@@ -287,7 +296,7 @@ impl Channel for TcpChannel {
     }
 
     fn set_write_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
-        // Enforced by send_vectored_all's poll(2), not SO_SNDTIMEO.
+        // Enforced by send_chunks's wait for room, not SO_SNDTIMEO.
         self.write_timeout = timeout.map(|t| t.max(Duration::from_millis(1)));
         Ok(())
     }
@@ -313,6 +322,7 @@ impl Channel for TcpChannel {
             })?;
         Ok(TcpChannel {
             stream,
+            out_ready: None,
             peer: self.peer,
             read_timeout: self.read_timeout,
             write_timeout: self.write_timeout,
@@ -337,52 +347,33 @@ impl Read for TcpChannel {
     }
 }
 
-/// `sendmsg(2)` with `MSG_NOSIGNAL`: a peer that went away gives `EPIPE`,
-/// never a `SIGPIPE` that would kill the VMM.
-pub(crate) fn sendmsg_nosignal(fd: RawFd, iov: &[IoSlice<'_>]) -> io::Result<usize> {
-    sendmsg_flags(fd, iov, libc::MSG_NOSIGNAL)
-}
-
-/// `sendmsg(2)` of `iov` with `flags`.
-pub(crate) fn sendmsg_flags(
-    fd: RawFd,
-    iov: &[IoSlice<'_>],
-    flags: libc::c_int,
-) -> io::Result<usize> {
-    // SAFETY: an all-zero msghdr is a valid "no name, no control data" header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    // IoSlice is documented to be ABI-compatible with `struct iovec` on Unix;
-    // the kernel only reads through msg_iov for sendmsg.
-    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
-    msg.msg_iovlen = iov.len() as _;
-    // SAFETY: `msg` points to `iov.len()` valid iovecs that borrow live slices
-    // for the duration of the call; `fd` is a socket we own.
-    let r = unsafe { libc::sendmsg(fd, &msg, flags) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
-}
-
 /// One `sendmsg(2)` that makes progress: sends what fits in the socket buffer
-/// (possibly a short write) and, when nothing fits, waits in `poll(2)` for
-/// room, at most `no_progress_limit` (then `TimedOut`). Non-blocking sends
-/// keep the write timeout a "no progress for this long" limit, however
-/// large the whole send, and work the same if the fd is made non-blocking.
-pub(crate) fn send_some(
-    fd: RawFd,
+/// (possibly a short write) and, when nothing fits, waits (epoll, see
+/// [`Readiness`], made on the first wait and kept in `ready`) for room, at
+/// most `no_progress_limit` (then `TimedOut`). Non-blocking sends keep the
+/// write timeout a "no progress for this long" limit, however large the
+/// whole send, without touching the socket's shared `O_NONBLOCK` flag.
+/// `MSG_NOSIGNAL`: a peer that went away gives `EPIPE`, never a `SIGPIPE`
+/// that would kill the VMM.
+fn send_some(
+    stream: &TcpStream,
+    ready: &mut Option<Readiness>,
     iov: &[IoSlice<'_>],
     no_progress_limit: Option<Duration>,
     waits: &mut u64,
 ) -> io::Result<usize> {
+    let socket = SockRef::from(stream);
     loop {
-        match sendmsg_flags(fd, iov, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) {
+        match socket.send_vectored_with_flags(iov, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 *waits += 1;
                 let deadline = no_progress_limit.map(|t| Instant::now() + t);
-                if !poll_fd(fd, libc::POLLOUT, deadline)? {
-                    return Err(io::Error::from(io::ErrorKind::TimedOut));
+                let ready = match ready {
+                    Some(r) => r,
+                    None => ready.insert(Readiness::new(stream.as_raw_fd(), EventSet::OUT)?),
+                };
+                if !ready.wait_until(deadline)? {
+                    return Err(io::ErrorKind::TimedOut.into());
                 }
             }
             r => return r,
@@ -390,66 +381,8 @@ pub(crate) fn send_some(
     }
 }
 
-/// `recv(2)` with `MSG_DONTWAIT`, without touching the shared file status
-/// flags (a clone of the socket may be doing blocking sends).
-pub(crate) fn recv_dontwait(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is live and writable for `buf.len()` bytes.
-    let r = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
-}
-
-pub(crate) fn set_int_opt(
-    fd: RawFd,
-    level: libc::c_int,
-    opt: libc::c_int,
-    val: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: we pass a pointer to a live c_int and its exact size.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            opt,
-            &val as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-pub(crate) fn get_int_opt(
-    fd: RawFd,
-    level: libc::c_int,
-    opt: libc::c_int,
-) -> io::Result<libc::c_int> {
-    let mut val: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `val` and `len` are live and `len` is the size of `val`.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            level,
-            opt,
-            &mut val as *mut libc::c_int as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(val)
-    }
-}
-
-/// Applies `options` to a connected stream and turns keepalive off.
+/// Applies `options` to a connected stream and turns keepalive off
+/// (heartbeats detect a dead peer, see [`crate::Heartbeat`]).
 pub(crate) fn apply_options(
     stream: &TcpStream,
     peer: SocketAddr,
@@ -462,73 +395,25 @@ pub(crate) fn apply_options(
             source,
         }
     };
-    let fd = stream.as_raw_fd();
-    stream
-        .set_nodelay(options.nodelay)
+    let socket = SockRef::from(stream);
+    socket
+        .set_tcp_nodelay(options.nodelay)
         .map_err(err("TCP_NODELAY"))?;
-    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 0).map_err(err("SO_KEEPALIVE"))?;
+    socket.set_keepalive(false).map_err(err("SO_KEEPALIVE"))?;
     if let Some(n) = options.send_buffer {
-        let n = libc::c_int::try_from(n).unwrap_or(libc::c_int::MAX);
-        set_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, n).map_err(err("SO_SNDBUF"))?;
+        socket.set_send_buffer_size(n).map_err(err("SO_SNDBUF"))?;
     }
     if let Some(n) = options.recv_buffer {
-        let n = libc::c_int::try_from(n).unwrap_or(libc::c_int::MAX);
-        set_int_opt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, n).map_err(err("SO_RCVBUF"))?;
+        socket.set_recv_buffer_size(n).map_err(err("SO_RCVBUF"))?;
     }
     if log::log_enabled!(log::Level::Debug) {
-        let snd = get_int_opt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap_or(-1);
-        let rcv = get_int_opt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF).unwrap_or(-1);
-        log::debug!("connection to {peer}: SO_SNDBUF {snd}, SO_RCVBUF {rcv} (asked {options:?})");
+        log::debug!(
+            "connection to {peer}: SO_SNDBUF {:?}, SO_RCVBUF {:?} (asked {options:?})",
+            socket.send_buffer_size(),
+            socket.recv_buffer_size()
+        );
     }
     Ok(())
-}
-
-/// Waits until `fd` is readable or `deadline` passes (`None`: forever).
-/// Returns `Ok(false)` on timeout.
-pub(crate) fn poll_readable(fd: RawFd, deadline: Option<Instant>) -> io::Result<bool> {
-    poll_fd(fd, libc::POLLIN, deadline)
-}
-
-/// Waits until `fd` has one of `events` (or an error/hangup, which the next
-/// call on it reports) or `deadline` passes. `Ok(false)` on timeout.
-pub(crate) fn poll_fd(
-    fd: RawFd,
-    events: libc::c_short,
-    deadline: Option<Instant>,
-) -> io::Result<bool> {
-    loop {
-        // ppoll(2) takes a timespec: precise to the microsecond (hrtimers),
-        // where SO_RCVTIMEO and poll(2)'s milliseconds would add up to a tick.
-        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let ts = left.map(|l| libc::timespec {
-            tv_sec: l.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
-            tv_nsec: l.subsec_nanos() as libc::c_long,
-        });
-        let ts_ptr = ts
-            .as_ref()
-            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-        let mut pfd = libc::pollfd {
-            fd,
-            events,
-            revents: 0,
-        };
-        // SAFETY: one live pollfd, count 1; `ts_ptr` is null or points to a
-        // live timespec; a null sigmask leaves the signal mask alone.
-        let r = unsafe { libc::ppoll(&mut pfd, 1, ts_ptr, std::ptr::null()) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if r > 0 {
-            return Ok(true);
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            return Ok(false);
-        }
-    }
 }
 
 /// The standby's listening socket.
@@ -575,7 +460,7 @@ impl ChannelListener {
         };
         let listener = TcpListener::bind(&addr).map_err(bind_err)?;
         let local = listener.local_addr().map_err(bind_err)?;
-        // Non-blocking, so that accept can honour a timeout through poll(2).
+        // Non-blocking, so that accept can honour a timeout (see Readiness).
         listener.set_nonblocking(true).map_err(bind_err)?;
         Ok(ChannelListener {
             listener,
@@ -621,8 +506,11 @@ impl ChannelListener {
             addr: self.local,
             source,
         };
+        let mut ready =
+            Readiness::new(self.listener.as_raw_fd(), EventSet::IN).map_err(accept_err)?;
         loop {
-            if !poll_readable(self.listener.as_raw_fd(), deadline.map(|d| d.0))
+            if !ready
+                .wait_until(deadline.map(|d| d.0))
                 .map_err(accept_err)?
             {
                 let after = deadline.map(|d| d.1).unwrap_or_default();
@@ -898,12 +786,9 @@ mod tests {
     #[test]
     fn socket_options_are_applied() {
         let (a, _b) = pair();
-        let fd = a.as_tcp().as_raw_fd();
-        assert!(a.as_tcp().nodelay().unwrap());
-        assert_eq!(
-            get_int_opt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE).unwrap(),
-            0
-        );
+        let socket = SockRef::from(a.as_tcp());
+        assert!(socket.tcp_nodelay().unwrap());
+        assert!(!socket.keepalive().unwrap());
         let (snd, rcv) = a.buffer_sizes().unwrap();
         // The kernel caps at wmem_max/rmem_max (and doubles); at least more
         // than its small defaults.
