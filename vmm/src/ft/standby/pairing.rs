@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ftvmm_checkpoint::protocol::Subject;
 use ftvmm_checkpoint::wire::{encode_message, Ack, HelloAck, Limits, Message, Refuse};
 use ftvmm_checkpoint::{
     ApplyError, EpochFence, FenceError, Frame, FrameReader, Hello, Role, Staging, StagingConfig,
@@ -44,13 +45,8 @@ pub enum Refusal {
     #[error("the peer does not claim the primary role")]
     NotPrimary,
     /// An older generation than one already served (I5).
-    #[error("generation {got} is older than generation {max} this standby already served: a stale primary is fenced")]
-    Stale {
-        /// The primary's.
-        got: u64,
-        /// The highest served here.
-        max: u64,
-    },
+    #[error("{0}")]
+    Stale(FenceError),
     /// The guest's shape is out of bounds.
     #[error("guest shape refused: {0}")]
     Limits(WireError),
@@ -69,8 +65,8 @@ pub enum Refusal {
 #[derive(Debug, thiserror::Error)]
 pub enum StreamEnd {
     /// An initial-sync frame of another generation.
-    #[error("initial-sync frame of generation {0}")]
-    SyncGeneration(u64),
+    #[error("{0}")]
+    SyncGeneration(FenceError),
     /// An initial-sync frame could not be applied.
     #[error("applying initial sync: {0}")]
     ApplySync(ApplyError),
@@ -154,12 +150,9 @@ fn read_hello(
     if hello.role != Role::Primary {
         return Err(Refusal::NotPrimary);
     }
-    if hello.generation < fencing.max_generation {
-        return Err(Refusal::Stale {
-            got: hello.generation,
-            max: fencing.max_generation,
-        });
-    }
+    EpochFence::new(fencing.max_generation)
+        .admit_hello(hello.generation)
+        .map_err(Refusal::Stale)?;
     Ok(hello)
 }
 
@@ -223,7 +216,6 @@ impl Receiver<'_> {
     /// Receives, verifies, applies and acks until the stream ends: `Ok` on
     /// the primary's goodbye.
     fn run(&mut self) -> Result<(), StreamEnd> {
-        let generation = self.replica.hello.generation;
         let mut scratch: Vec<u8> = Vec::new();
         loop {
             let cp = match self
@@ -239,9 +231,9 @@ impl Receiver<'_> {
             let mem = &self.replica.vm.memory;
             if cp.state_len() == 0 {
                 // Initial sync: pages only, nothing commits.
-                if cp.generation() != generation {
-                    return Err(StreamEnd::SyncGeneration(cp.generation()));
-                }
+                self.fence
+                    .check(Subject::InitialSync, cp.generation())
+                    .map_err(StreamEnd::SyncGeneration)?;
                 cp.apply(mem, &mut scratch).map_err(StreamEnd::ApplySync)?;
                 continue;
             }
