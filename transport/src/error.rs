@@ -21,6 +21,18 @@ pub enum TransportError {
         /// The resolver's error.
         source: io::Error,
     },
+    /// `HOST:PORT` resolved, but to no socket address at all.
+    #[error("'{addr}' resolved to no address")]
+    NoAddress {
+        /// The address as given.
+        addr: String,
+    },
+    /// A stream handed to us has no peer (it is not connected).
+    #[error("cannot use a stream without a peer as a heartbeat connection: {}", io_msg(.source))]
+    NoPeer {
+        /// `getpeername(2)`'s error.
+        source: io::Error,
+    },
     /// `connect(2)` failed (or timed out) for the address.
     #[error("cannot connect to {addr}: {}", io_msg(.source))]
     Connect {
@@ -193,6 +205,7 @@ impl TransportError {
     pub fn io_kind(&self) -> io::ErrorKind {
         match self {
             TransportError::Resolve { source, .. }
+            | TransportError::NoPeer { source }
             | TransportError::Connect { source, .. }
             | TransportError::Bind { source, .. }
             | TransportError::Accept { source, .. }
@@ -205,6 +218,7 @@ impl TransportError {
             | TransportError::Wait { source, .. }
             | TransportError::EventFd { source } => source.kind(),
             TransportError::SendCheckpoint { source, .. } => source.io_kind(),
+            TransportError::NoAddress { .. } => io::ErrorKind::NotFound,
             TransportError::Closed { .. } => io::ErrorKind::UnexpectedEof,
             TransportError::Timeout { .. } | TransportError::AcceptTimeout { .. } => {
                 io::ErrorKind::TimedOut

@@ -123,11 +123,7 @@ impl HeartbeatStream {
     pub fn from_tcp(stream: TcpStream) -> Result<HeartbeatStream, TransportError> {
         let peer = stream
             .peer_addr()
-            .map_err(|source| TransportError::SocketOption {
-                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-                option: "getpeername",
-                source,
-            })?;
+            .map_err(|source| TransportError::NoPeer { source })?;
         HeartbeatStream::new(stream, peer, None)
     }
 

@@ -87,9 +87,8 @@ pub(crate) fn resolve<A: ToSocketAddrs + std::fmt::Display>(
         })?
         .collect();
     if list.is_empty() {
-        return Err(TransportError::Resolve {
+        return Err(TransportError::NoAddress {
             addr: addr.to_string(),
-            source: io::Error::new(io::ErrorKind::NotFound, "no address found"),
         });
     }
     Ok(list)
@@ -796,6 +795,26 @@ mod tests {
             snd >= 200 * 1024 && rcv >= 200 * 1024,
             "snd {snd} rcv {rcv}"
         );
+    }
+
+    #[test]
+    fn a_name_without_addresses_is_a_typed_error() {
+        // A name that resolves, to nothing.
+        struct Nowhere;
+        impl std::fmt::Display for Nowhere {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("nowhere:1")
+            }
+        }
+        impl ToSocketAddrs for Nowhere {
+            type Iter = std::option::IntoIter<SocketAddr>;
+            fn to_socket_addrs(&self) -> io::Result<Self::Iter> {
+                Ok(None.into_iter())
+            }
+        }
+        let err = resolve(&Nowhere).unwrap_err();
+        assert!(matches!(&err, TransportError::NoAddress { addr } if addr == "nowhere:1"));
+        assert_eq!(err.to_string(), "'nowhere:1' resolved to no address");
     }
 
     #[test]
