@@ -49,7 +49,7 @@ pub enum TransportError {
         /// Why it failed.
         source: io::Error,
     },
-    /// `accept(2)` (or the `poll(2)` in front of it) failed.
+    /// `accept(2)` (or the epoll wait in front of it) failed.
     #[error("cannot accept a connection on {addr}: {}", io_msg(.source))]
     Accept {
         /// The listening address.
