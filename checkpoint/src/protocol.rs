@@ -58,7 +58,9 @@ use serde::{Deserialize, Serialize};
 /// First bytes of every connection preamble and every frame.
 pub const MAGIC: [u8; 4] = *b"FTVM";
 /// The protocol version this build speaks: preamble, frame headers and handshake bodies.
-pub const WIRE_VERSION: u16 = 1;
+/// Version 2: heartbeats are frames of kind `Heartbeat` (version 1 had a 32-byte
+/// heartbeat format of its own).
+pub const WIRE_VERSION: u16 = 2;
 /// Length of the common frame header.
 pub const FRAME_HEADER_LEN: usize = 16;
 /// Length of the checksum trailer of every frame.
@@ -551,12 +553,12 @@ mod tests {
             Err(HeaderError::BadMagic { got: *b"FXVM" })
         );
         let mut b = good;
-        b[4] = 2;
+        b[4] = 3;
         let e = FrameHeader::decode(&b).unwrap_err();
-        assert_eq!(e, HeaderError::Version { got: 2 });
+        assert_eq!(e, HeaderError::Version { got: 3 });
         assert_eq!(
             e.to_string(),
-            "unsupported wire version 2 (this build speaks version 1)"
+            "unsupported wire version 3 (this build speaks version 2)"
         );
         let mut b = good;
         b[6] = 99;

@@ -1108,11 +1108,11 @@ mod tests {
             Err(WireError::BadMagic { .. })
         ));
         let mut f = buf.clone();
-        f[4] = 2;
+        f[4] = 3;
         let e = fr.read_frame(&mut &f[..], &mut st).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "unsupported wire version 2 (this build speaks version 1)"
+            "unsupported wire version 3 (this build speaks version 2)"
         );
         let mut f = buf.clone();
         f[6] = 77;

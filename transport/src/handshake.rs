@@ -425,17 +425,18 @@ mod tests {
 
     #[test]
     fn wrong_version_is_a_typed_error() {
+        // A build of version 1 (its own heartbeat format) is refused at the door.
         let mut l = ChannelListener::bind("127.0.0.1:0").unwrap();
         let mut b = encode_preamble(ConnectionKind::Data, SessionId::random());
-        b[4..6].copy_from_slice(&2u16.to_le_bytes());
+        b[4..6].copy_from_slice(&1u16.to_le_bytes());
         let _s = raw_connect(&l, &b);
         let err = l.accept_tagged(T).unwrap_err();
         assert!(
             matches!(
                 err,
                 TransportError::UnsupportedVersion {
-                    version: 2,
-                    supported: 1,
+                    version: 1,
+                    supported: 2,
                     ..
                 }
             ),
@@ -444,7 +445,7 @@ mod tests {
         assert!(err.is_per_connection());
         assert!(
             err.to_string()
-                .contains("protocol version 2, this build speaks 1"),
+                .contains("protocol version 1, this build speaks 2"),
             "{err}"
         );
     }
