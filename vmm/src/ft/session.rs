@@ -10,10 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ftvmm_checkpoint::protocol::Subject;
 use ftvmm_checkpoint::wire::{Ack, Limits, Message};
 use ftvmm_checkpoint::{
-    CheckpointFrame, Frame, FrameReader, GuestShape, Hello, Role, Staging, StagingConfig,
-    WireError, WIRE_VERSION,
+    CheckpointFrame, EpochFence, FenceError, Frame, FrameReader, GuestShape, Hello, Role, Staging,
+    StagingConfig, WireError, WIRE_VERSION,
 };
 use ftvmm_transport::{
     connect_pair, Channel, Heartbeat, HeartbeatHandle, PeerLost, TcpChannel, TransportError,
@@ -53,6 +54,9 @@ pub enum PeerLoss {
         /// What came instead.
         got: String,
     },
+    /// The ack came from another generation: a stale standby, or one that
+    /// took over.
+    Fence(FenceError),
     /// The initial sync failed.
     InitialSync(Box<FtError>),
     /// A local failure (a pause timeout, a memory read) stopped the stream.
@@ -71,6 +75,7 @@ impl fmt::Display for PeerLoss {
             PeerLoss::Unexpected { epoch, got } => {
                 write!(f, "{got} while waiting for the ack of epoch {epoch}")
             }
+            PeerLoss::Fence(e) => write!(f, "{e}"),
             PeerLoss::InitialSync(e) => write!(f, "initial sync: {e}"),
             PeerLoss::Local(e) => write!(f, "checkpoint stream stopped here: {e}"),
         }
@@ -208,10 +213,12 @@ impl Session {
             Ok(Frame::Message(Message::Ack(Ack {
                 epoch: e,
                 generation: g,
-            }))) if e == epoch && g == self.generation => Ok(()),
+            }))) if e == epoch => EpochFence::new(self.generation)
+                .check(Subject::Ack { epoch }, g)
+                .map_err(PeerLoss::Fence),
             Ok(Frame::Message(Message::Ack(a))) => unexpected(format!(
-                "ack for epoch {} generation {} (this primary is generation {})",
-                a.epoch, a.generation, self.generation
+                "ack for epoch {} generation {}",
+                a.epoch, a.generation
             )),
             Ok(Frame::Message(other)) => unexpected(other.kind().name().to_string()),
             Ok(Frame::Checkpoint(_)) => unexpected("a checkpoint".into()),

@@ -71,7 +71,7 @@ pub enum StreamEnd {
     #[error("applying initial sync: {0}")]
     ApplySync(ApplyError),
     /// A checkpoint out of order or of another generation.
-    #[error("checkpoint refused: {0}")]
+    #[error("{0}")]
     Fence(#[from] FenceError),
     /// A checkpoint could not be applied.
     #[error("applying checkpoint {epoch}: {source}")]
@@ -261,7 +261,7 @@ impl Receiver<'_> {
         if first {
             // From now on losing the primary means taking over: our
             // farewell heartbeat fences it (I5).
-            self.hb.set_successor_generation(generation + 1);
+            self.hb.set_successor_generation(self.fence.successor());
         }
         if self.opts.hash_epoch == Some(epoch) {
             log::info!(
@@ -287,17 +287,16 @@ impl Receiver<'_> {
     /// it that generation + 1 now runs the guest, so it must release nothing
     /// more; then it never hears from this standby again.
     fn hand_over(mut self, why: String, lost_at: Instant, fencing: &mut Fencing) -> Takeover {
-        let generation = self.replica.hello.generation;
         let epoch = self.fence.last_applied().unwrap_or(0);
+        let successor = self.fence.take_over();
         self.hb.set_epoch(epoch);
-        self.hb.announce_takeover(generation + 1);
-        fencing.max_generation = generation + 1;
+        self.hb.announce_takeover(successor);
+        fencing.max_generation = successor;
         let _ = send_message(
             &mut self.chan,
             &Message::Refuse(Refuse {
                 reason: format!(
-                    "the standby took over from checkpoint {epoch} as generation {}",
-                    generation + 1
+                    "the standby took over from checkpoint {epoch} as generation {successor}"
                 ),
             }),
         );
