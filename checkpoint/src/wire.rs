@@ -30,8 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::apply::VerifiedCheckpoint;
 use crate::codec::{self, CodecError};
 use crate::protocol::{
-    FrameHeader, FrameKind, HeaderError, Heartbeat, FRAME_HEADER_LEN, MAGIC, TRAILER_LEN,
-    WIRE_VERSION,
+    FrameHeader, FrameKind, HeaderError, Heartbeat, FRAME_HEADER_LEN, TRAILER_LEN,
 };
 use crate::slab::{EpochStats, Staging, StagingConfig, PAGE_SIZE};
 
@@ -265,21 +264,10 @@ pub enum WireError {
         /// The part being read.
         what: &'static str,
     },
-    /// The frame does not start with the magic.
-    #[error("bad frame magic {got:02x?}, expected {MAGIC:02x?} (not an ftvmm checkpoint stream, or out of sync)")]
-    BadMagic {
-        /// Bytes found.
-        got: [u8; 4],
-    },
-    /// The peer speaks another version.
-    #[error("unsupported wire version {got} (this build speaks version {WIRE_VERSION})")]
-    Version {
-        /// Version found.
-        got: u16,
-    },
-    /// Unknown frame kind.
-    #[error("unknown frame kind {0}")]
-    UnknownKind(u16),
+    /// The frame header is not ours (magic, version, kind); a stream out of
+    /// sync shows as a bad magic.
+    #[error(transparent)]
+    Header(#[from] HeaderError),
     /// A control frame body is over the limit.
     #[error("{kind} frame body of {len} bytes exceeds the limit of {max} bytes")]
     ControlTooLarge {
@@ -407,16 +395,6 @@ pub enum WireError {
         /// Disks given.
         disks: u32,
     },
-}
-
-impl From<HeaderError> for WireError {
-    fn from(e: HeaderError) -> Self {
-        match e {
-            HeaderError::BadMagic { got } => WireError::BadMagic { got },
-            HeaderError::Version { got } => WireError::Version { got },
-            HeaderError::UnknownKind(kind) => WireError::UnknownKind(kind),
-        }
-    }
 }
 
 /// Encodes `msg` as a complete frame into `out`, replacing its contents and reusing its
@@ -802,6 +780,7 @@ fn check_trailer<R: Read + ?Sized>(
 mod tests {
     use super::*;
     use crate::slab::Page;
+    use crate::WIRE_VERSION;
 
     pub(crate) fn shape(mem_bytes: u64) -> GuestShape {
         GuestShape {
@@ -1105,7 +1084,7 @@ mod tests {
         f[0] = b'X';
         assert!(matches!(
             fr.read_frame(&mut &f[..], &mut st),
-            Err(WireError::BadMagic { .. })
+            Err(WireError::Header(HeaderError::BadMagic { .. }))
         ));
         let mut f = buf.clone();
         f[4] = 3;
@@ -1118,7 +1097,7 @@ mod tests {
         f[6] = 77;
         assert!(matches!(
             fr.read_frame(&mut &f[..], &mut st),
-            Err(WireError::UnknownKind(77))
+            Err(WireError::Header(HeaderError::UnknownKind(77)))
         ));
         let mut f = buf.clone();
         f[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());

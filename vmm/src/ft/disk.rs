@@ -176,6 +176,20 @@ pub fn differing_blocks<'a>(
         .map(|(i, _)| i as u64)
 }
 
+/// Refuses a write of `len` bytes at `offset` that passes the end of `d`.
+fn check_range(d: &Disk, offset: u64, len: usize) -> Result<(), DiskError> {
+    let size = size_of(d);
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(DiskError::OutOfRange {
+            path: path_of(d),
+            offset,
+            len: len as u64,
+            size,
+        }),
+    }
+}
+
 /// The primary's journals, one per disk, and the sealed epoch of each.
 pub struct DiskJournals {
     journals: Vec<Arc<Journal>>,
