@@ -257,28 +257,21 @@ impl Replicas {
         &self.disks
     }
 
+    fn replica(&self, disk: u32) -> Result<&Disk, DiskError> {
+        self.disks.get(disk as usize).ok_or(DiskError::NoSuchDisk {
+            disk,
+            disks: self.disks.len(),
+        })
+    }
+
     /// Applies disk `disk`'s records (from a verified checkpoint) in order;
     /// makes the replica durable when they hold a flush. A write out of the
     /// replica's bounds is refused before anything of `bytes` is written.
     pub fn apply(&self, disk: u32, bytes: &[u8]) -> Result<JournalCounts, DiskError> {
-        let d = self.disks.get(disk as usize).ok_or(DiskError::NoSuchDisk {
-            disk,
-            disks: self.disks.len(),
-        })?;
-        let size = size_of(d);
+        let d = self.replica(disk)?;
         for r in records(bytes) {
             if let Record::Write { offset, data } = r? {
-                if offset
-                    .checked_add(data.len() as u64)
-                    .is_none_or(|end| end > size)
-                {
-                    return Err(DiskError::OutOfRange {
-                        path: path_of(d),
-                        offset,
-                        len: data.len() as u64,
-                        size,
-                    });
-                }
+                check_range(d, offset, data.len())?;
             }
         }
         let mut counts = JournalCounts::default();
@@ -308,22 +301,8 @@ impl Replicas {
 
     /// Writes whole blocks of the initial sync at `offset`.
     pub fn write_block(&self, disk: u32, offset: u64, data: &[u8]) -> Result<(), DiskError> {
-        let d = self.disks.get(disk as usize).ok_or(DiskError::NoSuchDisk {
-            disk,
-            disks: self.disks.len(),
-        })?;
-        let size = size_of(d);
-        if offset
-            .checked_add(data.len() as u64)
-            .is_none_or(|end| end > size)
-        {
-            return Err(DiskError::OutOfRange {
-                path: path_of(d),
-                offset,
-                len: data.len() as u64,
-                size,
-            });
-        }
+        let d = self.replica(disk)?;
+        check_range(d, offset, data.len())?;
         d.write_at(data, offset).map_err(|source| DiskError::Write {
             path: path_of(d),
             offset,
