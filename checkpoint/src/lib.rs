@@ -100,6 +100,6 @@ pub use persist::Persist;
 pub use protocol::{EpochFence, FenceError, WIRE_VERSION};
 pub use slab::{EpochStats, EpochWriter, Staging, StagingConfig, StagingError, PAGE_SIZE};
 pub use wire::{
-    CheckpointFrame, DevicesSummary, Frame, FrameReader, GuestShape, Hello, Limits, Message, Role,
-    WireError,
+    CheckpointFrame, DevicesSummary, DiskHashes, DiskShape, DiskSync, Frame, FrameReader,
+    GuestShape, Hello, Limits, Message, Role, WireError,
 };

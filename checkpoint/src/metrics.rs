@@ -37,6 +37,15 @@ pub struct EpochMetrics {
     pub held_bytes: u64,
     /// Slabs the checkpoint occupied.
     pub slabs: u64,
+    /// Disk writes the checkpoint carried (replicated).
+    #[serde(default)]
+    pub disk_writes: u64,
+    /// Bytes of those writes.
+    #[serde(default)]
+    pub disk_bytes: u64,
+    /// Guest flushes among them (the replica was made durable before the ack).
+    #[serde(default)]
+    pub disk_flushes: u64,
 }
 
 impl EpochMetrics {
@@ -208,6 +217,9 @@ pub struct Summary {
     last_epoch: u64,
     total_dirty: DirtyCounts,
     total_bytes_sent: u64,
+    total_disk_writes: u64,
+    total_disk_bytes: u64,
+    total_disk_flushes: u64,
 }
 
 /// A snapshot of a [`Summary`] (serde-serializable).
@@ -235,6 +247,15 @@ pub struct SummaryReport {
     pub total_dirty_both: u64,
     /// Bytes sent over the run.
     pub total_bytes_sent: u64,
+    /// Disk writes replicated over the run.
+    #[serde(default)]
+    pub total_disk_writes: u64,
+    /// Bytes of disk writes replicated over the run.
+    #[serde(default)]
+    pub total_disk_bytes: u64,
+    /// Guest flushes replicated over the run.
+    #[serde(default)]
+    pub total_disk_flushes: u64,
 }
 
 impl Summary {
@@ -257,6 +278,9 @@ impl Summary {
             both: m.dirty_both,
         });
         self.total_bytes_sent += m.bytes_sent;
+        self.total_disk_writes += m.disk_writes;
+        self.total_disk_bytes += m.disk_bytes;
+        self.total_disk_flushes += m.disk_flushes;
     }
 
     /// Epochs recorded.
@@ -283,6 +307,9 @@ impl Summary {
             total_dirty_vmm: self.total_dirty.vmm_only,
             total_dirty_both: self.total_dirty.both,
             total_bytes_sent: self.total_bytes_sent,
+            total_disk_writes: self.total_disk_writes,
+            total_disk_bytes: self.total_disk_bytes,
+            total_disk_flushes: self.total_disk_flushes,
         }
     }
 }

@@ -92,6 +92,8 @@ pub enum FrameKind {
     Heartbeat = 6,
     /// `Bye` (empty body): orderly end of the session.
     Bye = 7,
+    /// `DiskHashes`: block hashes of the standby's replicas.
+    DiskHashes = 8,
 }
 
 impl FrameKind {
@@ -105,6 +107,7 @@ impl FrameKind {
             5 => FrameKind::Ack,
             6 => FrameKind::Heartbeat,
             7 => FrameKind::Bye,
+            8 => FrameKind::DiskHashes,
             _ => return None,
         })
     }
@@ -118,6 +121,7 @@ impl FrameKind {
             FrameKind::Checkpoint => "Checkpoint",
             FrameKind::Ack => "Ack",
             FrameKind::Heartbeat => "Heartbeat",
+            FrameKind::DiskHashes => "DiskHashes",
             FrameKind::Bye => "Bye",
         }
     }

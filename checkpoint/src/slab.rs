@@ -171,6 +171,9 @@ pub struct Staging {
     strikes: u32,
     shrink_to: Option<usize>,
     grown: usize,
+    /// A received checkpoint's disk section (the sender's is in its disks'
+    /// journals).
+    disk: Vec<u8>,
 }
 
 fn new_slab(pages: usize) -> Box<[Page]> {
@@ -197,6 +200,7 @@ impl Staging {
             strikes: 0,
             shrink_to: None,
             grown: 0,
+            disk: Vec::new(),
         })
     }
 
@@ -358,6 +362,7 @@ impl Staging {
 
     /// Empties the staged checkpoint (the cache is kept).
     fn reset(&mut self) {
+        self.disk.clear();
         self.index.clear();
         self.used = 0;
         self.state_len = 0;
@@ -415,6 +420,18 @@ impl Staging {
         self.used = total;
         self.state_len = state_len;
         self.for_each_chunk_mut(0, total, f)
+    }
+
+    /// The buffer for a received checkpoint's disk section of `len` bytes.
+    pub(crate) fn recv_disk(&mut self, len: usize) -> &mut [u8] {
+        self.disk.clear();
+        self.disk.resize(len, 0);
+        &mut self.disk
+    }
+
+    /// A received checkpoint's disk section.
+    pub(crate) fn disk_bytes(&self) -> &[u8] {
+        &self.disk
     }
 
     /// Completes a received checkpoint (strike accounting included).

@@ -35,7 +35,14 @@ use crate::protocol::{
 use crate::slab::{EpochStats, Staging, StagingConfig, PAGE_SIZE};
 
 /// Length of the fixed part of a checkpoint body.
-pub const CHECKPOINT_HEADER_LEN: usize = 32;
+pub const CHECKPOINT_HEADER_LEN: usize = 40;
+/// Length of a disk segment's header in a checkpoint's disk section.
+pub const DISK_SEGMENT_HEADER_LEN: usize = 16;
+/// Largest disk section a checkpoint may carry by default (the writes of one
+/// epoch, or a batch of initial-sync blocks).
+pub const DEFAULT_DISK_LIMIT: u64 = 1 << 30;
+/// Most block hashes in one [`DiskHashes`] message (fits a control frame).
+pub const MAX_HASHES_PER_MESSAGE: usize = 1024;
 /// Largest control frame body accepted: 64 KiB.
 pub const MAX_CONTROL_BODY: u32 = 64 * 1024;
 /// Longest guest kernel command line in a handshake.
@@ -45,7 +52,7 @@ pub const MAX_VCPUS: u32 = 254;
 /// Most NICs in a handshake.
 pub const MAX_NICS: usize = 32;
 /// Most disks in a handshake.
-pub const MAX_DISKS: u32 = 32;
+pub const MAX_DISKS: usize = 32;
 
 /// Bytes per page on the wire: an index entry and the page.
 const WIRE_BYTES_PER_PAGE: u64 = 8 + PAGE_SIZE as u64;
@@ -64,8 +71,40 @@ pub enum Role {
 pub struct DevicesSummary {
     /// MAC address of each NIC, in device order.
     pub nic_macs: Vec<[u8; 6]>,
-    /// Number of disks.
-    pub disks: u32,
+    /// Each disk, in device order.
+    pub disks: Vec<DiskShape>,
+}
+
+/// A disk of the guest, as its replica must match it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskShape {
+    /// Size in bytes.
+    pub bytes: u64,
+    /// Whether the guest may only read it.
+    pub readonly: bool,
+}
+
+/// How the primary brings the replicas equal to its disks at pairing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum DiskSync {
+    /// The standby sends its replicas' block hashes; only differing blocks
+    /// are sent.
+    #[default]
+    Hashes,
+    /// Every block is sent.
+    Full,
+}
+
+/// The SHA-256 of consecutive blocks of a replica, from `first` on (the
+/// standby's answer to a Hello with [`DiskSync::Hashes`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskHashes {
+    /// The disk.
+    pub disk: u32,
+    /// Index of the first block.
+    pub first: u64,
+    /// The hashes.
+    pub hashes: Vec<[u8; 32]>,
 }
 
 /// The shape of the protected guest, fixed by the primary in the handshake.
@@ -103,10 +142,10 @@ impl GuestShape {
                 len: self.cmdline.len(),
             });
         }
-        if self.devices.nic_macs.len() > MAX_NICS || self.devices.disks > MAX_DISKS {
+        if self.devices.nic_macs.len() > MAX_NICS || self.devices.disks.len() > MAX_DISKS {
             return Err(WireError::ShapeDevices {
                 nics: self.devices.nic_macs.len(),
-                disks: self.devices.disks,
+                disks: self.devices.disks.len(),
             });
         }
         Ok(())
@@ -127,6 +166,8 @@ pub struct Hello {
     pub heartbeat_ms: u32,
     /// The guest's shape.
     pub shape: GuestShape,
+    /// How the disks are brought equal at pairing.
+    pub disk_sync: DiskSync,
 }
 
 /// Accepts a [`Hello`].
@@ -167,6 +208,8 @@ pub enum Message {
     Ack(Ack),
     /// See [`Heartbeat`] (sent on the heartbeat connection, as a fixed-size frame).
     Heartbeat(Heartbeat),
+    /// See [`DiskHashes`].
+    DiskHashes(DiskHashes),
     /// Orderly end of the session.
     Bye,
 }
@@ -180,6 +223,7 @@ impl Message {
             Message::Refuse(_) => FrameKind::Refuse,
             Message::Ack(_) => FrameKind::Ack,
             Message::Heartbeat(_) => FrameKind::Heartbeat,
+            Message::DiskHashes(_) => FrameKind::DiskHashes,
             Message::Bye => FrameKind::Bye,
         }
     }
@@ -199,6 +243,10 @@ pub struct Limits {
     pub max_state_bytes: u64,
     /// Largest control frame body.
     pub max_control_body: u32,
+    /// The guest's disks: disk segments name one of them.
+    pub disks: u32,
+    /// Largest disk section of a checkpoint.
+    pub max_disk_bytes: u64,
 }
 
 impl Limits {
@@ -209,6 +257,8 @@ impl Limits {
             gpa_end: 0,
             max_state_bytes: 0,
             max_control_body: MAX_CONTROL_BODY,
+            disks: 0,
+            max_disk_bytes: 0,
         }
     }
 
@@ -225,6 +275,8 @@ impl Limits {
             gpa_end: shape.mem_bytes,
             max_state_bytes,
             max_control_body: MAX_CONTROL_BODY,
+            disks: shape.devices.disks.len() as u32,
+            max_disk_bytes: DEFAULT_DISK_LIMIT,
         })
     }
 
@@ -268,6 +320,32 @@ pub enum WireError {
     /// sync shows as a bad magic.
     #[error(transparent)]
     Header(#[from] HeaderError),
+    /// A checkpoint's disk section is over the limit.
+    #[error("checkpoint disk section of {len} bytes exceeds the limit of {max} bytes")]
+    DiskTooLarge {
+        /// Length announced.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// A disk segment does not fit the disk section.
+    #[error("disk segment at byte {at} of the disk section claims {len} bytes, {left} remain")]
+    DiskSegment {
+        /// Where.
+        at: usize,
+        /// Its length.
+        len: u64,
+        /// What is left.
+        left: usize,
+    },
+    /// A disk segment for a disk the guest does not have.
+    #[error("disk segment for disk {disk}, but the guest has {disks} disks")]
+    NoSuchDisk {
+        /// The index.
+        disk: u32,
+        /// How many the guest has.
+        disks: u32,
+    },
     /// A control frame body is over the limit.
     #[error("{kind} frame body of {len} bytes exceeds the limit of {max} bytes")]
     ControlTooLarge {
@@ -393,7 +471,7 @@ pub enum WireError {
         /// NICs given.
         nics: usize,
         /// Disks given.
-        disks: u32,
+        disks: usize,
     },
 }
 
@@ -409,6 +487,7 @@ pub fn encode_message(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError>
         Message::Refuse(m) => codec::encode_append(m, out),
         Message::Ack(m) => codec::encode_append(m, out),
         Message::Heartbeat(m) => codec::encode_append(m, out),
+        Message::DiskHashes(m) => codec::encode_append(m, out),
         Message::Bye => Ok(()),
     };
     res.map_err(|source| WireError::Encode {
@@ -437,15 +516,44 @@ pub fn encode_message(msg: &Message, out: &mut Vec<u8>) -> Result<(), WireError>
 pub struct CheckpointFrame<'a> {
     staging: &'a Staging,
     head: [u8; FRAME_HEADER_LEN + CHECKPOINT_HEADER_LEN],
+    disk_heads: [[u8; DISK_SEGMENT_HEADER_LEN]; MAX_DISKS],
+    disk_data: [&'a [u8]; MAX_DISKS],
+    disk_count: usize,
     trailer: [u8; TRAILER_LEN],
 }
 
 impl<'a> CheckpointFrame<'a> {
     /// Frames the checkpoint staged in `staging` as `epoch` of `generation`.
     pub fn new(staging: &'a Staging, epoch: u64, generation: u64) -> Self {
+        Self::with_disks(staging, epoch, generation, std::iter::empty())
+    }
+
+    /// Frames the checkpoint staged in `staging` as `epoch` of `generation`,
+    /// with each disk's records (disk index and bytes; empty ones are left
+    /// out) as its disk section, sent from where they lie. At most
+    /// [`MAX_DISKS`] disks.
+    pub fn with_disks(
+        staging: &'a Staging,
+        epoch: u64,
+        generation: u64,
+        disks: impl Iterator<Item = (u32, &'a [u8])>,
+    ) -> Self {
+        let mut disk_heads = [[0u8; DISK_SEGMENT_HEADER_LEN]; MAX_DISKS];
+        let mut disk_data: [&'a [u8]; MAX_DISKS] = [&[]; MAX_DISKS];
+        let mut disk_count = 0;
+        let mut disk_len = 0u64;
+        for (disk, bytes) in disks.filter(|(_, b)| !b.is_empty()).take(MAX_DISKS) {
+            let h = &mut disk_heads[disk_count];
+            h[0..4].copy_from_slice(&disk.to_le_bytes());
+            h[8..16].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+            disk_data[disk_count] = bytes;
+            disk_count += 1;
+            disk_len += (DISK_SEGMENT_HEADER_LEN + bytes.len()) as u64;
+        }
         let pages = staging.page_count() as u64;
         let state_len = staging.state_len() as u64;
-        let body_len = CHECKPOINT_HEADER_LEN as u64 + pages * WIRE_BYTES_PER_PAGE + state_len;
+        let body_len =
+            CHECKPOINT_HEADER_LEN as u64 + pages * WIRE_BYTES_PER_PAGE + state_len + disk_len;
         let mut head = [0u8; FRAME_HEADER_LEN + CHECKPOINT_HEADER_LEN];
         let header = FrameHeader {
             kind: FrameKind::Checkpoint,
@@ -457,24 +565,45 @@ impl<'a> CheckpointFrame<'a> {
         c[8..16].copy_from_slice(&generation.to_le_bytes());
         c[16..24].copy_from_slice(&pages.to_le_bytes());
         c[24..32].copy_from_slice(&state_len.to_le_bytes());
-        let mut h = crc32fast::Hasher::new();
-        h.update(&head);
-        h.update(staging.index_bytes());
-        for chunk in staging.slab_chunks() {
-            h.update(chunk);
-        }
-        CheckpointFrame {
+        c[32..40].copy_from_slice(&disk_len.to_le_bytes());
+        let mut frame = CheckpointFrame {
             staging,
             head,
-            trailer: h.finalize().to_le_bytes(),
+            disk_heads,
+            disk_data,
+            disk_count,
+            trailer: [0; TRAILER_LEN],
+        };
+        let mut h = crc32fast::Hasher::new();
+        for chunk in frame.body_chunks() {
+            h.update(chunk);
         }
+        frame.trailer = h.finalize().to_le_bytes();
+        frame
+    }
+
+    /// Everything but the trailer, in order.
+    fn body_chunks(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let disks = self.disk_heads[..self.disk_count]
+            .iter()
+            .zip(&self.disk_data[..self.disk_count])
+            .flat_map(|(h, d)| [&h[..], *d]);
+        std::iter::once(&self.head[..])
+            .chain(std::iter::once(self.staging.index_bytes()))
+            .chain(self.staging.slab_chunks())
+            .chain(disks)
     }
 
     /// Total frame length in bytes.
     pub fn len(&self) -> u64 {
+        let disks: usize = self.disk_data[..self.disk_count]
+            .iter()
+            .map(|d| DISK_SEGMENT_HEADER_LEN + d.len())
+            .sum();
         (self.head.len()
             + self.staging.index_bytes().len()
             + self.staging.payload_len()
+            + disks
             + TRAILER_LEN) as u64
     }
 
@@ -508,14 +637,12 @@ impl<'a> CheckpointFrame<'a> {
         &self.trailer
     }
 
-    /// The frame's parts in order: head, page index, each slab's used part, trailer. They
-    /// point into the staging: a sender gathers them into its vectored writes (the
-    /// transport's `Channel::send_checkpoint`), copying nothing.
+    /// The frame's parts in order: head, page index, each slab's used part, each disk
+    /// segment's header and records, trailer. They point into the staging and the disks'
+    /// journals: a sender gathers them into its vectored writes (the transport's
+    /// `Channel::send_checkpoint`), copying nothing.
     pub fn chunks(&self) -> impl Iterator<Item = &[u8]> + '_ {
-        std::iter::once(&self.head[..])
-            .chain(std::iter::once(self.staging.index_bytes()))
-            .chain(self.staging.slab_chunks())
-            .chain(std::iter::once(&self.trailer[..]))
+        self.body_chunks().chain(std::iter::once(&self.trailer[..]))
     }
 
     /// Copies the whole frame into `out` (replacing its contents): for tests and tools.
@@ -524,6 +651,43 @@ impl<'a> CheckpointFrame<'a> {
         for c in self.chunks() {
             out.extend_from_slice(c);
         }
+    }
+}
+
+/// The segments of a disk section: (disk index, its records' bytes).
+#[derive(Debug, Clone)]
+pub struct DiskSegments<'a>(pub &'a [u8]);
+
+impl<'a> Iterator for DiskSegments<'a> {
+    type Item = Result<(u32, &'a [u8]), WireError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let bytes = self.0;
+        if bytes.is_empty() {
+            return None;
+        }
+        let Some(h) = bytes.get(..DISK_SEGMENT_HEADER_LEN) else {
+            self.0 = &[];
+            return Some(Err(WireError::DiskSegment {
+                at: 0,
+                len: DISK_SEGMENT_HEADER_LEN as u64,
+                left: bytes.len(),
+            }));
+        };
+        let disk = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
+        let len = le_u64(&h[8..]);
+        let rest = &bytes[DISK_SEGMENT_HEADER_LEN..];
+        if len > rest.len() as u64 {
+            self.0 = &[];
+            return Some(Err(WireError::DiskSegment {
+                at: 0,
+                len,
+                left: rest.len(),
+            }));
+        }
+        let (seg, tail) = rest.split_at(len as usize);
+        self.0 = tail;
+        Some(Ok((disk, seg)))
     }
 }
 
@@ -666,6 +830,9 @@ impl FrameReader {
             FrameKind::Heartbeat => {
                 Message::Heartbeat(codec::decode_state(body, limit).map_err(bad)?)
             }
+            FrameKind::DiskHashes => {
+                Message::DiskHashes(codec::decode_state(body, limit).map_err(bad)?)
+            }
             FrameKind::Bye => {
                 codec::decode_state::<()>(body, limit).map_err(bad)?;
                 Message::Bye
@@ -701,7 +868,14 @@ impl FrameReader {
         let generation = le_u64(&ch[8..]);
         let pages = le_u64(&ch[16..]);
         let state_len = le_u64(&ch[24..]);
+        let disk_len = le_u64(&ch[32..]);
         // Every length is checked before anything is allocated or read.
+        if disk_len > lim.max_disk_bytes {
+            return Err(WireError::DiskTooLarge {
+                len: disk_len,
+                max: lim.max_disk_bytes,
+            });
+        }
         let guest_pages = lim.guest_pages().min(staging.config().max_pages as u64);
         if pages > guest_pages {
             return Err(WireError::TooManyPages { pages, guest_pages });
@@ -715,8 +889,9 @@ impl FrameReader {
                 max: max_state,
             });
         }
-        // No overflow: pages ≤ 2^52 and state_len ≤ usize::MAX.
-        let expected = CHECKPOINT_HEADER_LEN as u64 + pages * WIRE_BYTES_PER_PAGE + state_len;
+        // No overflow: pages ≤ 2^52, state_len ≤ usize::MAX, disk_len ≤ the limit.
+        let expected =
+            CHECKPOINT_HEADER_LEN as u64 + pages * WIRE_BYTES_PER_PAGE + state_len + disk_len;
         if body_len != expected {
             return Err(WireError::BodyLength {
                 body_len,
@@ -750,7 +925,19 @@ impl FrameReader {
             hasher.update(chunk);
             Ok::<(), WireError>(())
         })?;
+        let disk = staging.recv_disk(disk_len as usize);
+        read_exact(r, disk, "checkpoint disk section")?;
+        hasher.update(disk);
         check_trailer(r, hasher, FrameKind::Checkpoint, body_len)?;
+        for seg in DiskSegments(staging.disk_bytes()) {
+            let (disk, _) = seg?;
+            if disk >= lim.disks {
+                return Err(WireError::NoSuchDisk {
+                    disk,
+                    disks: lim.disks,
+                });
+            }
+        }
         Ok((epoch, generation, staging.recv_finish()))
     }
 }
@@ -789,7 +976,10 @@ mod tests {
             cmdline: "console=ttyS0 ftguest.pages=64".into(),
             devices: DevicesSummary {
                 nic_macs: vec![[0x02, 0, 0, 0, 0, 1]],
-                disks: 1,
+                disks: vec![DiskShape {
+                    bytes: 8 << 20,
+                    readonly: false,
+                }],
             },
         }
     }
@@ -836,6 +1026,12 @@ mod tests {
                 role: Role::Primary,
                 heartbeat_ms: 50,
                 shape: shape(1 << 30),
+                disk_sync: DiskSync::Hashes,
+            }),
+            Message::DiskHashes(DiskHashes {
+                disk: 0,
+                first: 2,
+                hashes: vec![[7; 32], [9; 32]],
             }),
             Message::HelloAck(HelloAck {
                 version: WIRE_VERSION,

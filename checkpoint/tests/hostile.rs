@@ -15,8 +15,8 @@ use ftvmm_checkpoint::wire::{
     MAX_CONTROL_BODY,
 };
 use ftvmm_checkpoint::{
-    decode_state, CheckpointFrame, DevicesSummary, GuestShape, Hello, Limits, Role, Staging,
-    StagingConfig, WireError, PAGE_SIZE,
+    decode_state, CheckpointFrame, DevicesSummary, DiskShape, DiskSync, GuestShape, Hello, Limits,
+    Role, Staging, StagingConfig, WireError, PAGE_SIZE,
 };
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -88,7 +88,10 @@ fn limits() -> Limits {
         cmdline: "console=ttyS0".into(),
         devices: DevicesSummary {
             nic_macs: vec![[2, 0, 0, 0, 0, 1]],
-            disks: 1,
+            disks: vec![DiskShape {
+                bytes: 1 << 20,
+                readonly: false,
+            }],
         },
     };
     Limits::for_shape(&shape, MEM, STATE_CAP).unwrap()
@@ -173,7 +176,11 @@ fn arb_message() -> impl Strategy<Value = Message> {
         (
             any::<u64>(),
             ".{0,200}",
-            any::<u32>(),
+            prop::collection::vec(
+                (any::<u64>(), any::<bool>())
+                    .prop_map(|(bytes, readonly)| DiskShape { bytes, readonly }),
+                0..4
+            ),
             prop::collection::vec(any::<[u8; 6]>(), 0..4)
         )
             .prop_map(
@@ -188,6 +195,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                         cmdline,
                         devices: DevicesSummary { nic_macs, disks },
                     },
+                    disk_sync: DiskSync::Full,
                 })
             ),
         any::<u64>().prop_map(|generation| Message::HelloAck(HelloAck {

@@ -83,6 +83,12 @@ enum NetbufArg {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum DiskSyncArg {
+    Hashes,
+    Full,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum DirtyTrackArg {
     Bitmap,
     Ring,
@@ -122,6 +128,11 @@ struct FtArgs {
     /// Heartbeat interval in milliseconds; the peer is lost after 5 silent intervals.
     #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     heartbeat_ms: u64,
+    /// How the standby's disk replicas are brought equal at pairing: hashes
+    /// (compare SHA-256 of 1 MiB blocks, send the differing ones) or full
+    /// (send every block).
+    #[arg(long, value_enum, default_value_t = DiskSyncArg::Hashes)]
+    ft_disk_sync: DiskSyncArg,
     /// Write one JSON line of metrics per epoch to FILE.
     #[arg(long, value_name = "FILE")]
     ft_metrics: Option<PathBuf>,
@@ -240,6 +251,10 @@ fn ft_options(ft: FtArgs) -> Result<(Option<String>, FtOptions), CliError> {
         metrics_path: ft.ft_metrics,
         fault: ft.ft_fault,
         hash_epoch: ft.ft_hash_epoch,
+        disk_sync: match ft.ft_disk_sync {
+            DiskSyncArg::Hashes => ftvmm_checkpoint::DiskSync::Hashes,
+            DiskSyncArg::Full => ftvmm_checkpoint::DiskSync::Full,
+        },
         netbuf: ftvmm_netbuf::NetbufConfig {
             backend,
             limit_bytes: (limit_kib << 10) as usize,

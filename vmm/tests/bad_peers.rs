@@ -11,8 +11,8 @@ use std::time::Duration;
 use common::*;
 use ftvmm_checkpoint::wire::{encode_message, Limits, Message};
 use ftvmm_checkpoint::{
-    DevicesSummary, Frame, FrameReader, GuestShape, Hello, Role, Staging, StagingConfig,
-    WIRE_VERSION,
+    DevicesSummary, DiskShape, DiskSync, Frame, FrameReader, GuestShape, Hello, Role, Staging,
+    StagingConfig, WIRE_VERSION,
 };
 use ftvmm_transport::{connect_pair, Channel};
 
@@ -30,6 +30,7 @@ fn good_hello(generation: u64) -> Hello {
             cmdline: String::new(),
             devices: DevicesSummary::default(),
         },
+        disk_sync: DiskSync::Hashes,
     }
 }
 
@@ -127,7 +128,13 @@ fn wrong_version_wrong_shape_and_garbage_are_refused() {
     assert!(r.contains("guest shape refused"), "{r}");
 
     let mut h = good_hello(1);
-    h.shape.devices.disks = 2;
+    h.shape.devices.disks = vec![
+        DiskShape {
+            bytes: 1 << 20,
+            readonly: false,
+        };
+        2
+    ];
     let r = refused(handshake(port, h));
     assert!(r.contains("disks"), "{r}");
 

@@ -13,7 +13,9 @@
 
 use std::sync::Arc;
 
-use ftvmm_devices::virtio::block::journal::{records, JournalError, Record};
+use std::time::{Duration, Instant};
+
+use ftvmm_devices::virtio::block::journal::{records, write_record, JournalError, Record};
 use ftvmm_devices::virtio::block::{Disk, Journal, JournalCounts, JournalEpoch, SECTOR_SIZE};
 
 use crate::vm::Vm;
@@ -190,6 +192,75 @@ fn check_range(d: &Disk, offset: u64, len: usize) -> Result<(), DiskError> {
     }
 }
 
+/// Most bytes of blocks in one initial-sync frame.
+const SYNC_BATCH: usize = 16 << 20;
+
+/// What an initial disk sync did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SyncReport {
+    /// Blocks of every disk.
+    pub blocks: u64,
+    /// Blocks sent (differing, or all).
+    pub sent_blocks: u64,
+    /// Bytes of blocks sent.
+    pub bytes: u64,
+    /// Time spent, hashing included.
+    pub took: Duration,
+}
+
+/// Brings each replica equal to `disks` (the guest may be writing them:
+/// its writes are journaled from before this started, and replayed after):
+/// with `theirs` (the replicas' block hashes) only the blocks whose hash
+/// differs are sent, without it every block. Each batch of write records
+/// goes to `send(disk, records)`.
+pub fn sync_disks<E>(
+    disks: &[Disk],
+    theirs: Option<&[Vec<[u8; HASH_LEN]>]>,
+    mut send: impl FnMut(u32, &[u8]) -> Result<(), E>,
+) -> Result<SyncReport, E>
+where
+    E: From<DiskError>,
+{
+    let t = Instant::now();
+    let mut report = SyncReport::default();
+    let mut batch = Vec::new();
+    for (i, d) in disks.iter().enumerate() {
+        let size = size_of(d);
+        let blocks = size.div_ceil(SYNC_BLOCK);
+        report.blocks += blocks;
+        let todo: Vec<u64> = match theirs {
+            Some(theirs) => {
+                let ours = block_hashes(d)?;
+                let empty = Vec::new();
+                differing_blocks(&ours, theirs.get(i).unwrap_or(&empty)).collect()
+            }
+            None => (0..blocks).collect(),
+        };
+        for b in todo {
+            let offset = b * SYNC_BLOCK;
+            let len = (size - offset).min(SYNC_BLOCK) as usize;
+            let data = write_record(&mut batch, offset, len);
+            d.read_at(data, offset).map_err(|source| DiskError::Read {
+                path: path_of(d),
+                offset,
+                source,
+            })?;
+            report.sent_blocks += 1;
+            report.bytes += len as u64;
+            if batch.len() >= SYNC_BATCH {
+                send(i as u32, &batch)?;
+                batch.clear();
+            }
+        }
+        if !batch.is_empty() {
+            send(i as u32, &batch)?;
+            batch.clear();
+        }
+    }
+    report.took = t.elapsed();
+    Ok(report)
+}
+
 /// The primary's journals, one per disk, and the sealed epoch of each.
 pub struct DiskJournals {
     journals: Vec<Arc<Journal>>,
@@ -209,11 +280,14 @@ impl DiskJournals {
         DiskJournals { journals, sealed }
     }
 
-    /// Records every disk's writes from now on. Call with the devices
-    /// quiesced (or not yet running): a write in flight would otherwise
-    /// reach the file unrecorded after the initial sync read it.
-    pub fn start(&self) {
-        self.journals.iter().for_each(|j| j.start());
+    /// Records every disk's writes from now on. Each journal starts under
+    /// its device's lock, which the device's worker holds while it serves a
+    /// request: no write is half-way, so none can reach the file unrecorded
+    /// after the initial sync read its block.
+    pub fn start(&self, vm: &Vm) {
+        for b in vm.devices.blk() {
+            b.with_device(|d| d.journal().start());
+        }
     }
 
     /// Stops recording (no standby).
@@ -233,9 +307,12 @@ impl DiskJournals {
         counts
     }
 
-    /// The sealed records of each disk, in disk order.
-    pub fn sealed(&self) -> impl Iterator<Item = &[u8]> {
-        self.sealed.iter().map(JournalEpoch::as_bytes)
+    /// The sealed records of each disk, with its index.
+    pub fn sealed(&self) -> impl Iterator<Item = (u32, &[u8])> {
+        self.sealed
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (i as u32, e.as_bytes()))
     }
 }
 

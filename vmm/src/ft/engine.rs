@@ -6,11 +6,14 @@ use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant};
 
 use ftvmm_checkpoint::{
-    encode_state, DirtyCounts, EpochWriter, HarvestBuffer, Staging, StagingConfig, PAGE_SIZE,
+    encode_state, CheckpointFrame, DirtyCounts, EpochWriter, HarvestBuffer, Staging, StagingConfig,
+    PAGE_SIZE,
 };
+use ftvmm_devices::virtio::block::JournalCounts;
 use ftvmm_netbuf::{Held, OutputCommit};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::disk::DiskJournals;
 use super::FtError;
 use crate::dirty_log::DirtyLog;
 use crate::memory;
@@ -69,6 +72,8 @@ pub struct Capture {
     pub stats: ftvmm_checkpoint::EpochStats,
     /// Output sealed for this epoch (console bytes and network frames).
     pub held: Held,
+    /// The disks' writes and flushes of this epoch.
+    pub disk: JournalCounts,
 }
 
 /// The epoch machinery of the primary: dirty log, harvest buffers, staging.
@@ -78,6 +83,7 @@ pub struct Engine {
     staging: Staging,
     state_buf: Vec<u8>,
     region_bases: Vec<u64>,
+    disks: DiskJournals,
 }
 
 impl Engine {
@@ -100,12 +106,15 @@ impl Engine {
         let staging = Staging::new(StagingConfig::for_guest(
             memory::page_count(&vm.memory) * PAGE_SIZE as u64,
         ))?;
+        let disks = DiskJournals::new(vm);
+        disks.start(vm);
         Ok(Engine {
             log,
             harvests,
             staging,
             state_buf: Vec::with_capacity(64 * 1024),
             region_bases,
+            disks,
         })
     }
 
@@ -113,12 +122,14 @@ impl Engine {
     /// last standby was lost).
     pub fn restart_tracking(&mut self, vm: &Vm) -> Result<(), FtError> {
         memory::register_slots(&vm.fd, &vm.memory, true).map_err(crate::vm::VmError::from)?;
+        self.disks.start(vm);
         Ok(())
     }
 
     /// Dirty logging off (no standby): the guest stops paying for it. The
     /// dirty rings are emptied so that no vCPU waits on a full one.
     pub fn stop_tracking(&mut self, vm: &Vm) {
+        self.disks.stop();
         if let Err(e) = memory::register_slots(&vm.fd, &vm.memory, false) {
             log::warn!("cannot turn dirty logging off: {e}");
         }
@@ -177,12 +188,22 @@ impl Engine {
         w.stage_state(state_buf)?;
         let stats = w.finish();
         let held = outputs.map(|o| o.seal(epoch)).unwrap_or_default();
+        let disk = self.disks.seal();
         if hash {
             log::info!(
                 target: crate::REPORT,
                 "memory crc at epoch {epoch}: {:08x}",
                 super::memory_crc(&vm.memory)
             );
+            if let Ok(disks) = super::disk::clone_disks(&vm) {
+                if !disks.is_empty() {
+                    log::info!(
+                        target: crate::REPORT,
+                        "disk crc at epoch {epoch}: {}",
+                        super::disk::crc_line(&disks)
+                    );
+                }
+            }
         }
         let t_done = Instant::now();
         drop(vm);
@@ -195,7 +216,14 @@ impl Engine {
             counts,
             stats,
             held,
+            disk,
         })
+    }
+
+    /// The captured checkpoint as a frame: the staged pages and state, and
+    /// the disks' records of the epoch.
+    pub fn frame(&self, epoch: u64, generation: u64) -> CheckpointFrame<'_> {
+        CheckpointFrame::with_disks(&self.staging, epoch, generation, self.disks.sealed())
     }
 
     /// The initial sync's pages, staged batch by batch while the guest runs,
@@ -245,6 +273,25 @@ impl Engine {
             }
         }
         Ok(sent_pages)
+    }
+
+    /// The initial sync of `vm`'s disks (see [`super::disk::sync_disks`]):
+    /// each batch of blocks goes to `send` as an epoch-0 frame of
+    /// `generation` with no pages.
+    pub fn sync_disks(
+        &mut self,
+        vm: &Vm,
+        theirs: Option<&[Vec<[u8; super::disk::HASH_LEN]>]>,
+        generation: u64,
+        mut send: impl FnMut(&CheckpointFrame<'_>) -> Result<(), FtError>,
+    ) -> Result<super::disk::SyncReport, FtError> {
+        let disks = super::disk::clone_disks(vm)?;
+        self.staging.begin_epoch().finish();
+        let staging = &self.staging;
+        super::disk::sync_disks(&disks, theirs, |disk, records| {
+            let one = std::iter::once((disk, records));
+            send(&CheckpointFrame::with_disks(staging, 0, generation, one))
+        })
     }
 
     /// The staged checkpoint.

@@ -90,6 +90,9 @@ pub enum FtError {
         /// The standby.
         peer: String,
     },
+    /// Disk replication.
+    #[error(transparent)]
+    Disk(#[from] super::disk::DiskError),
     /// The control API.
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),

@@ -59,7 +59,8 @@ impl MetricsLog {
         log::info!(
             target: crate::REPORT,
             "{side}: {} epochs; pause µs median {} p99 {} max {}; dirty pages median {} max {}; \
-             transfer µs median {}; ack latency µs median {} p99 {}; {} MiB sent",
+             transfer µs median {}; ack latency µs median {} p99 {}; {} MiB sent; \
+             disk: {} writes, {} MiB, {} flushes replicated",
             r.epochs,
             r.pause_us.median,
             r.pause_us.p99,
@@ -69,7 +70,10 @@ impl MetricsLog {
             r.transfer_us.median,
             r.ack_latency_us.median,
             r.ack_latency_us.p99,
-            r.total_bytes_sent >> 20
+            r.total_bytes_sent >> 20,
+            r.total_disk_writes,
+            r.total_disk_bytes >> 20,
+            r.total_disk_flushes
         );
     }
 }

@@ -55,6 +55,8 @@ pub struct FtOptions {
     pub fault: Option<Fault>,
     /// Print a checksum of all guest memory at this epoch's cut (tests).
     pub hash_epoch: Option<u64>,
+    /// How the disks' replicas are brought equal at pairing.
+    pub disk_sync: ftvmm_checkpoint::DiskSync,
     /// Network output commit: backend and memory limit.
     pub netbuf: ftvmm_netbuf::NetbufConfig,
 }

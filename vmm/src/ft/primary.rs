@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use ftvmm_checkpoint::{DevicesSummary, GuestShape};
+use ftvmm_checkpoint::{DevicesSummary, DiskShape, GuestShape};
 use ftvmm_netbuf::NetOutput;
 
 use super::console::HeldOutput;
@@ -14,8 +14,9 @@ use crate::config::VmConfig;
 use crate::vcpu::VmExit;
 use crate::vm::{open_serial_output, Vm};
 
-/// The guest's shape, as the standby must mirror it.
-pub fn shape_of(config: &VmConfig) -> GuestShape {
+/// The guest's shape, as the standby must mirror it (its disks as `vm`
+/// opened them).
+pub fn shape_of(config: &VmConfig, vm: &Vm) -> GuestShape {
     GuestShape {
         mem_bytes: config.mem_mib << 20,
         vcpus: u32::from(config.vcpus),
@@ -26,7 +27,17 @@ pub fn shape_of(config: &VmConfig) -> GuestShape {
                 .iter()
                 .map(|n| n.mac.map(|m| m.0).unwrap_or([0; 6]))
                 .collect(),
-            disks: config.disks.len() as u32,
+            disks: vm
+                .devices
+                .blk()
+                .iter()
+                .map(|b| {
+                    b.with_device(|d| DiskShape {
+                        bytes: super::disk::size_of(d.disk()),
+                        readonly: d.disk().readonly(),
+                    })
+                })
+                .collect(),
         },
     }
 }
@@ -43,14 +54,8 @@ pub fn run_vm(
     let console = HeldOutput::new(open_serial_output(&config.serial)?);
     let vm = Vm::create_with_output(config, console.writer())?;
     vm.boot(config)?;
-    let mut runner = Runner::new(
-        vm,
-        shape_of(config),
-        console,
-        ft.clone(),
-        mailbox,
-        "primary",
-    )?;
+    let shape = shape_of(config, &vm);
+    let mut runner = Runner::new(vm, shape, console, ft.clone(), mailbox, "primary")?;
     // Before the guest runs: a primary whose standby cannot be reached
     // fails here, with nothing released.
     if let Some(peer) = peer {

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ftvmm_checkpoint::{EpochMetrics, GuestShape};
+use ftvmm_checkpoint::{CheckpointFrame, DiskSync, EpochMetrics, GuestShape};
 use ftvmm_netbuf::{NetOutput, OutputCommit, Outputs};
 
 use super::console::HeldOutput;
@@ -177,15 +177,39 @@ impl Runner {
             return Ok(());
         };
         let t = Instant::now();
-        let fault = self.ft.fault;
-        let sent = kit.engine.precopy(&self.vm, |staging| {
+        let (fault, generation) = (self.ft.fault, session.generation());
+        let theirs = match self.ft.disk_sync {
+            DiskSync::Hashes => Some(session.replica_hashes().to_vec()),
+            DiskSync::Full => None,
+        };
+        let mut send = |frame: &CheckpointFrame<'_>| {
             session
-                .send_checkpoint(staging, 0, fault)
+                .send_checkpoint(frame, fault)
                 .map(drop)
                 .map_err(|loss| FtError::PeerLost(Box::new(loss)))
+        };
+        let disks = kit
+            .engine
+            .sync_disks(&self.vm, theirs.as_deref(), generation, &mut send);
+        let sent = disks.and_then(|d| {
+            let pages = kit.engine.precopy(&self.vm, |staging| {
+                send(&CheckpointFrame::new(staging, 0, generation))
+            })?;
+            Ok((d, pages))
         });
         match sent {
-            Ok(pages) => {
+            Ok((d, pages)) => {
+                if d.blocks > 0 {
+                    log::info!(
+                        target: crate::REPORT,
+                        "disk sync ({:?}): {} of {} blocks sent ({} MiB) in {:.1} ms",
+                        self.ft.disk_sync,
+                        d.sent_blocks,
+                        d.blocks,
+                        d.bytes >> 20,
+                        d.took.as_secs_f64() * 1e3
+                    );
+                }
                 log::info!(
                     "initial sync: {pages} pages in {:.1} ms",
                     t.elapsed().as_secs_f64() * 1e3
@@ -326,7 +350,8 @@ impl Runner {
             )
             .map_err(|e| PeerLoss::Local(Box::new(e)))?;
         let t_send = Instant::now();
-        let sent = session.send_checkpoint(kit.engine.staging(), epoch, ft.fault)?;
+        let frame = kit.engine.frame(epoch, session.generation());
+        let sent = session.send_checkpoint(&frame, ft.fault)?;
         let transfer = t_send.elapsed();
         if Fault::hits(ft.fault, FaultPoint::BeforeAck, epoch) {
             die_now("before ack");
@@ -355,6 +380,9 @@ impl Runner {
             held_packets: c.held.frames,
             held_bytes: c.held.bytes,
             slabs: c.stats.slabs_used as u64,
+            disk_writes: c.disk.writes,
+            disk_bytes: c.disk.write_bytes,
+            disk_flushes: c.disk.flushes,
         });
         Ok(())
     }

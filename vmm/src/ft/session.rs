@@ -13,8 +13,8 @@ use std::time::Duration;
 use ftvmm_checkpoint::protocol::Subject;
 use ftvmm_checkpoint::wire::{Ack, Limits, Message};
 use ftvmm_checkpoint::{
-    CheckpointFrame, EpochFence, FenceError, Frame, FrameReader, GuestShape, Hello, Role, Staging,
-    StagingConfig, WireError, WIRE_VERSION,
+    CheckpointFrame, DiskSync, EpochFence, FenceError, Frame, FrameReader, GuestShape, Hello, Role,
+    Staging, StagingConfig, WireError, WIRE_VERSION,
 };
 use ftvmm_transport::{
     connect_pair, Channel, Heartbeat, HeartbeatHandle, PeerLost, TcpChannel, TransportError,
@@ -92,6 +92,8 @@ pub struct Session {
     watcher_stop: Arc<AtomicBool>,
     peer: String,
     generation: u64,
+    /// Block hashes of each replica, from the pairing.
+    replica_hashes: Vec<Vec<[u8; 32]>>,
 }
 
 impl Session {
@@ -105,6 +107,7 @@ impl Session {
             role: Role::Primary,
             heartbeat_ms: ft.heartbeat.as_millis().clamp(1, u32::MAX as u128) as u32,
             shape: shape.clone(),
+            disk_sync: ft.disk_sync,
         });
         send_message(&mut chan, &hello)?;
         if Fault::hits(ft.fault, FaultPoint::Handshake, 0) {
@@ -150,7 +153,7 @@ impl Session {
         let hb = Heartbeat::start(hb_stream, ft.heartbeat, HEARTBEAT_MISSES, ft.generation)?;
         let watcher_stop = Arc::new(AtomicBool::new(false));
         spawn_failure_watcher(&hb, &chan, watcher_stop.clone());
-        Ok(Session {
+        let mut session = Session {
             chan,
             hb,
             reader,
@@ -158,7 +161,61 @@ impl Session {
             watcher_stop,
             peer: ft.peer.clone(),
             generation: ft.generation,
-        })
+            replica_hashes: Vec::new(),
+        };
+        if ft.disk_sync == DiskSync::Hashes {
+            session.replica_hashes = session.read_hashes(shape)?;
+        }
+        Ok(session)
+    }
+
+    /// The standby's block hashes of each replica (it sends them after its
+    /// HelloAck when asked to), as many as each disk of `shape` has blocks.
+    fn read_hashes(&mut self, shape: &GuestShape) -> Result<Vec<Vec<[u8; 32]>>, FtError> {
+        let mut all = Vec::with_capacity(shape.devices.disks.len());
+        for (i, d) in shape.devices.disks.iter().enumerate() {
+            let blocks = d.bytes.div_ceil(super::disk::SYNC_BLOCK) as usize;
+            // The standby reads its whole replica first: allow ≈ 50 MB/s.
+            let t = CONNECT_TIMEOUT + Duration::from_millis(d.bytes / 50_000);
+            self.chan.set_read_timeout(Some(t))?;
+            let mut hashes = Vec::with_capacity(blocks);
+            while hashes.len() < blocks {
+                let got = match self
+                    .reader
+                    .read_frame(&mut self.chan, &mut self.ctl_staging)?
+                {
+                    Frame::Message(Message::DiskHashes(h))
+                        if h.disk == i as u32 && h.first == hashes.len() as u64 =>
+                    {
+                        hashes.extend_from_slice(&h.hashes);
+                        continue;
+                    }
+                    Frame::Message(Message::Refuse(r)) => {
+                        return Err(FtError::Refused {
+                            peer: self.peer.clone(),
+                            reason: r.reason,
+                        })
+                    }
+                    Frame::Message(m) => m.kind().name(),
+                    Frame::Checkpoint(_) => "a checkpoint",
+                };
+                return Err(FtError::Protocol {
+                    peer: self.peer.clone(),
+                    what: format!(
+                        "expected the hashes of disk {i} from block {}, got {got}",
+                        hashes.len()
+                    ),
+                });
+            }
+            hashes.truncate(blocks);
+            all.push(hashes);
+        }
+        Ok(all)
+    }
+
+    /// The standby's replica hashes (empty with `--ft-disk-sync full`).
+    pub fn replica_hashes(&self) -> &[Vec<[u8; 32]>] {
+        &self.replica_hashes
     }
 
     /// The standby's address.
@@ -176,25 +233,29 @@ impl Session {
         self.hb.event_fd()
     }
 
-    /// Streams the staged checkpoint (`epoch 0`: a batch of the initial
-    /// sync). Returns the bytes sent.
+    /// The generation this session runs as.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Streams a checkpoint (`epoch 0`: a batch of the initial sync).
+    /// Returns the bytes sent.
     pub fn send_checkpoint(
         &mut self,
-        staging: &Staging,
-        epoch: u64,
+        frame: &CheckpointFrame<'_>,
         fault: Option<Fault>,
     ) -> Result<u64, PeerLoss> {
-        let frame = CheckpointFrame::new(staging, epoch, self.generation);
+        let epoch = frame.epoch();
         let point = if epoch == 0 {
             FaultPoint::InitialSync
         } else {
             FaultPoint::MidCheckpoint
         };
         if Fault::hits(fault, point, epoch) {
-            send_half_and_die(&frame, &mut self.chan, point.name());
+            send_half_and_die(frame, &mut self.chan, point.name());
         }
         self.chan
-            .send_checkpoint(&frame)
+            .send_checkpoint(frame)
             .map_err(|source| PeerLoss::Send { epoch, source })
     }
 

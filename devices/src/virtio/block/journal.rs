@@ -128,6 +128,18 @@ impl JournalEpoch {
     }
 }
 
+/// Appends a write record of `len` bytes at `offset` to `out` and returns
+/// its (zeroed) data to fill: the initial sync's blocks travel as records.
+pub fn write_record(out: &mut Vec<u8>, offset: u64, len: usize) -> &mut [u8] {
+    out.extend_from_slice(&RECORD_WRITE.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(&(len as u64).to_le_bytes());
+    let at = out.len();
+    out.resize(at + len, 0);
+    &mut out[at..]
+}
+
 /// Walks the records of an epoch's bytes (from the wire: checked).
 pub fn records(bytes: &[u8]) -> impl Iterator<Item = Result<Record<'_>, JournalError>> {
     let mut at = 0usize;

@@ -8,14 +8,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ftvmm_checkpoint::protocol::Subject;
-use ftvmm_checkpoint::wire::{encode_message, Ack, HelloAck, Limits, Message, Refuse};
+use ftvmm_checkpoint::wire::{
+    encode_message, Ack, HelloAck, Limits, Message, Refuse, MAX_HASHES_PER_MESSAGE,
+};
 use ftvmm_checkpoint::{
-    ApplyError, EpochFence, FenceError, Frame, FrameReader, Hello, Role, Staging, StagingConfig,
-    StagingError, WireError, DEFAULT_STATE_LIMIT, WIRE_VERSION,
+    ApplyError, DiskHashes, DiskSync, EpochFence, FenceError, Frame, FrameReader, Hello, Role,
+    Staging, StagingConfig, StagingError, WireError, DEFAULT_STATE_LIMIT, WIRE_VERSION,
 };
 use ftvmm_transport::{Channel, Heartbeat, HeartbeatHandle, HeartbeatStream, TcpChannel};
 
 use super::super::console::HeldOutput;
+use super::super::disk::{block_hashes, crc_line, size_of, DiskError, Replicas};
 use super::super::{FtError, HEARTBEAT_MISSES};
 use super::takeover::{config_for, ShapeError, Takeover};
 use super::{lock, Fencing, SessionEnd, SharedStatus, StandbyOptions};
@@ -59,6 +62,23 @@ pub enum Refusal {
     /// Building the VM.
     #[error("cannot build the guest's VM here: {0}")]
     Vm(VmError),
+    /// A second handle on a replica.
+    #[error("{0}")]
+    Disk(DiskError),
+    /// A replica that does not match the guest's disk.
+    #[error("replica '{path}' ({bytes} bytes{}) does not match the guest's disk ({guest_bytes} bytes{}): give this standby a replica of the same size and mode", if *.readonly { ", readonly" } else { "" }, if *.guest_readonly { ", readonly" } else { "" })]
+    DiskMismatch {
+        /// The replica.
+        path: String,
+        /// Its size.
+        bytes: u64,
+        /// Whether this standby serves it readonly.
+        readonly: bool,
+        /// The primary's disk size.
+        guest_bytes: u64,
+        /// Whether the primary's is readonly.
+        guest_readonly: bool,
+    },
 }
 
 /// Why the receive loop ended, other than the primary's goodbye.
@@ -88,6 +108,14 @@ pub enum StreamEnd {
         epoch: u64,
         /// Why.
         source: Box<FtError>,
+    },
+    /// A checkpoint's disk writes could not be applied to the replica.
+    #[error("applying the disk writes of checkpoint {epoch}: {source}")]
+    Disk {
+        /// The checkpoint (0: the initial sync).
+        epoch: u64,
+        /// Why.
+        source: DiskError,
     },
     /// A frame the primary must not send.
     #[error("unexpected {0} from the primary")]
@@ -125,6 +153,7 @@ struct Replica {
     vm: Vm,
     console: Arc<HeldOutput>,
     staging: Staging,
+    disks: Replicas,
 }
 
 /// Reads and checks the primary's Hello; `reader` keeps the handshake's
@@ -170,6 +199,19 @@ fn build_replica(
     let console =
         HeldOutput::new(crate::vm::open_serial_output(&config.serial).map_err(Refusal::Console)?);
     let vm = Vm::create_with_output(&config, console.writer()).map_err(Refusal::Vm)?;
+    let disks = Replicas::new(&vm).map_err(Refusal::Disk)?;
+    for (d, guest) in disks.disks().iter().zip(&hello.shape.devices.disks) {
+        let (bytes, readonly) = (size_of(d), d.readonly());
+        if bytes != guest.bytes || readonly != guest.readonly {
+            return Err(Refusal::DiskMismatch {
+                path: d.path().display().to_string(),
+                bytes,
+                readonly,
+                guest_bytes: guest.bytes,
+                guest_readonly: guest.readonly,
+            });
+        }
+    }
     limits.gpa_end = vm.memory.last_addr().0 + 1;
     let staging = Staging::new(limits.staging_config())?;
     reader.set_limits(limits);
@@ -178,7 +220,28 @@ fn build_replica(
         vm,
         console,
         staging,
+        disks,
     })
+}
+
+/// Sends the primary the block hashes of every replica, when it asked for
+/// them (the initial sync then sends only the blocks that differ).
+fn send_hashes(chan: &mut TcpChannel, replica: &Replica) -> Result<(), FtError> {
+    if replica.hello.disk_sync != DiskSync::Hashes {
+        return Ok(());
+    }
+    for (i, d) in replica.disks.disks().iter().enumerate() {
+        let hashes = block_hashes(d)?;
+        for (n, chunk) in hashes.chunks(MAX_HASHES_PER_MESSAGE).enumerate() {
+            let msg = Message::DiskHashes(DiskHashes {
+                disk: i as u32,
+                first: (n * MAX_HASHES_PER_MESSAGE) as u64,
+                hashes: chunk.to_vec(),
+            });
+            send_message(chan, &msg)?;
+        }
+    }
+    Ok(())
 }
 
 /// Shuts `chan` down when the heartbeat detector declares the primary lost,
@@ -229,12 +292,22 @@ impl Receiver<'_> {
                 Err(e) => return Err(StreamEnd::Wire(e)),
             };
             let mem = &self.replica.vm.memory;
+            let disks = &self.replica.disks;
+            let apply_disks = |epoch| {
+                cp.disk_segments().try_for_each(|(disk, records)| {
+                    disks
+                        .apply(disk, records)
+                        .map(drop)
+                        .map_err(|source| StreamEnd::Disk { epoch, source })
+                })
+            };
             if cp.state_len() == 0 {
-                // Initial sync: pages only, nothing commits.
+                // Initial sync: pages and disk blocks, nothing commits.
                 self.fence
                     .check(Subject::InitialSync, cp.generation())
                     .map_err(StreamEnd::SyncGeneration)?;
                 cp.apply(mem, &mut scratch).map_err(StreamEnd::ApplySync)?;
+                apply_disks(0)?;
                 continue;
             }
             self.fence.admit(cp.generation(), cp.epoch())?;
@@ -242,6 +315,9 @@ impl Receiver<'_> {
             let state = cp
                 .apply(mem, &mut scratch)
                 .map_err(|source| StreamEnd::Apply { epoch, source })?;
+            // The epoch's disk writes, verified with the rest of the frame,
+            // in order; durable before the ack if the guest flushed.
+            apply_disks(epoch)?;
             self.committed.clear();
             self.committed.extend_from_slice(state);
             self.commit(epoch)?;
@@ -269,6 +345,7 @@ impl Receiver<'_> {
                 "memory crc at epoch {epoch}: {:08x}",
                 super::super::memory_crc(&self.replica.vm.memory)
             );
+            self.log_disk_crc(&format!("at epoch {epoch}"));
         }
         self.hb.set_epoch(epoch);
         if let Some(d) = self.opts.ack_delay {
@@ -282,12 +359,26 @@ impl Receiver<'_> {
         })
     }
 
+    /// The replicas' CRC line (test hook).
+    fn log_disk_crc(&self, when: &str) {
+        if !self.replica.disks.disks().is_empty() {
+            log::info!(
+                target: crate::REPORT,
+                "disk crc {when}: {}",
+                crc_line(self.replica.disks.disks())
+            );
+        }
+    }
+
     /// The primary is lost after a commit: fence it before anything else
     /// (I5). If it is alive after all (silence, not death), the notice tells
     /// it that generation + 1 now runs the guest, so it must release nothing
     /// more; then it never hears from this standby again.
     fn hand_over(mut self, why: String, lost_at: Instant, fencing: &mut Fencing) -> Takeover {
         let epoch = self.fence.last_applied().unwrap_or(0);
+        if self.opts.hash_epoch.is_some() {
+            self.log_disk_crc(&format!("at takeover from checkpoint {epoch}"));
+        }
         let successor = self.fence.take_over();
         self.hb.set_epoch(epoch);
         self.hb.announce_takeover(successor);
@@ -360,6 +451,11 @@ pub fn serve(
     };
     let stop = Arc::new(AtomicBool::new(false));
     spawn_watcher(&hb, &chan, stop.clone());
+    if let Err(e) = send_hashes(&mut chan, &replica) {
+        stop.store(true, Ordering::Release);
+        hb.stop();
+        return SessionEnd::LostEmpty(e.to_string());
+    }
     log::info!("paired with primary {peer}, generation {generation}");
     {
         let mut sh = lock(shared);

@@ -77,6 +77,7 @@ pub fn take_over(
         metrics_path: None,
         fault: None,
         hash_epoch: None,
+        disk_sync: ftvmm_checkpoint::DiskSync::default(),
         netbuf: ftvmm_netbuf::NetbufConfig::default(),
     };
     let took_over = TookOver {
@@ -161,9 +162,9 @@ pub fn config_for(shape: &GuestShape, opts: &StandbyOptions) -> Result<VmConfig,
             here: opts.net.len(),
         });
     }
-    if shape.devices.disks as usize != opts.disks.len() {
+    if shape.devices.disks.len() != opts.disks.len() {
         return Err(ShapeError::Disks {
-            guest: shape.devices.disks as usize,
+            guest: shape.devices.disks.len(),
             here: opts.disks.len(),
         });
     }
