@@ -32,6 +32,8 @@ use std::time::{Duration, Instant};
 use common::disk::*;
 use common::*;
 
+/// Rounds per heartbeat of the test guest's workload.
+const ROUNDS: u64 = 2;
 /// The test guest's workload (as in failover.rs); the disk options are
 /// added per test.
 const GUEST: &str = "dirty=512 span=2048 rounds=2 round_us=2000";
@@ -45,7 +47,10 @@ const STOP: u64 = 600;
 const KILL_GUARD: u64 = STOP - 200;
 /// Bytes per round the guest writes to its bulk area with `disk_bytes=`.
 const BULK: u64 = 4096;
-const DISK: u64 = 4 << 20;
+/// 16 MiB: with `disk_bytes=4096` the bulk area has 2048 slots, more than
+/// the STOP × ROUNDS rounds of a run, so no round's data overwrites
+/// another's and the rounds the primary wrote must all reach the replica.
+const DISK: u64 = 16 << 20;
 /// Generous bounds: a loaded 2-core machine runs several VMs at once.
 const PAIRING: Duration = Duration::from_secs(120);
 const TAKEOVER: Duration = Duration::from_secs(60);
@@ -220,8 +225,17 @@ impl DiskPair {
 
     /// Waits for the primary to die of its `--ft-fault`.
     fn wait_primary_died(&mut self, fault: &str) {
-        let died = self.primary().wait(PAIRING).is_some();
-        assert!(died, "fault {fault} did not fire; {}", self.logs());
+        let status = self.primary().wait(PAIRING);
+        assert!(
+            status.is_some(),
+            "fault {fault} did not fire; {}",
+            self.logs()
+        );
+        assert!(
+            !status.unwrap().success(),
+            "the primary's guest reached stop={STOP} before fault {fault} fired; {}",
+            self.logs()
+        );
     }
 
     /// Waits for the takeover, then for the standby's guest to power off
@@ -318,12 +332,18 @@ fn failover_problems(
         }
     }
     let replica = read_image(&pair.disks.replica);
+    let after = format!(
+        "the replica after the takeover from checkpoint {from} and the standby's run to hb={STOP}"
+    );
     p.check(
-        &format!(
-            "the replica after the takeover from checkpoint {from} and the standby's run to hb={STOP}"
-        ),
+        &after,
         check_records(&replica, pair.record_area(), STOP, !pair.planted),
     );
+    if pair.bulk {
+        let capacity = pair.disks.bytes / SECTOR as u64;
+        let k = BULK / SECTOR as u64;
+        p.check(&after, check_bulk(&replica, capacity, k, STOP * ROUNDS));
+    }
     match takeover_disk_crc(&s_err) {
         None => p.add(format!(
             "the standby printed no 'disk crc at takeover from checkpoint {from}: disk0=…' line"
@@ -338,15 +358,15 @@ fn failover_problems(
         let taken = takeover_disk_crc(&s_err).map(|(_, c)| c);
         match (disk_crc(&p_err, &at), disk_crc(&s_err, &at), taken) {
             (Some(prim), Some(stby), Some(taken)) if prim == stby && stby == taken => {}
-            (prim, stby, taken) => {
-                let show = |v: &Option<Vec<(String, u32)>>| {
-                    v.as_deref().map_or("(no line)".to_string(), show_crcs)
-                };
+            _ => {
+                let taken = takeover_disk_text(&s_err).map_or("(no line)".into(), |(c, t)| {
+                    parse_disk_crcs(t).map_or_else(|| format!("{t:?}"), |v| show_crcs(&v))
+                        + &format!(" (from checkpoint {c})")
+                });
                 p.add(format!(
-                    "disk at checkpoint {h}: primary's disk at the cut {}, standby's replica after applying it {}, replica at the takeover {}",
-                    show(&prim),
-                    show(&stby),
-                    show(&taken)
+                    "disk at checkpoint {h}: primary's disk at the cut {}, standby's replica after applying it {}, replica at the takeover {taken}",
+                    show_disk_crc(&p_err, &at),
+                    show_disk_crc(&s_err, &at),
                 ));
             }
         }
@@ -591,10 +611,10 @@ fn initial_sync_makes_a_differing_replica_equal_to_the_disk() {
     let (p_err, s_err) = (pair.file("primary.stderr"), pair.file("standby.stderr"));
     match (disk_crc(&p_err, "epoch 3"), disk_crc(&s_err, "epoch 3")) {
         (Some(a), Some(b)) if a == b => {}
-        (a, b) => problems.add(format!(
+        _ => problems.add(format!(
             "disk crc at epoch 3: primary {}, standby {}",
-            a.as_deref().map_or("(no line)".into(), show_crcs),
-            b.as_deref().map_or("(no line)".into(), show_crcs)
+            show_disk_crc(&p_err, "epoch 3"),
+            show_disk_crc(&s_err, "epoch 3")
         )),
     }
     if memory_crc(&p_err, 3) != memory_crc(&s_err, 3) {
@@ -1009,8 +1029,8 @@ fn accepts_afterwards(dir: &TempDir, port: u16, disk: &str, standby_name: &str, 
     if !hashed || a.is_none() || a != b {
         p.add(format!(
             "the fitting primary's pairing: disk crc at epoch 3: primary {}, standby {}",
-            a.as_deref().map_or("(no line)".into(), show_crcs),
-            b.as_deref().map_or("(no line)".into(), show_crcs)
+            show_disk_crc(&read(&dir.path("good.stderr")), "epoch 3"),
+            show_disk_crc(&s_err(), "epoch 3")
         ));
     }
     good.kill();
@@ -1033,9 +1053,9 @@ fn mentions_size(line: &str, b: u64) -> bool {
     size_forms(b).iter().any(|f| line.contains(f.as_str()))
 }
 
-/// A replica of 2 MiB for a 4 MiB disk: refused, with a line naming the
+/// A replica of half the disk's size: refused, with a line naming the
 /// file and both sizes; the guest never starts; the standby waits on and
-/// pairs with a primary whose disk is 2 MiB.
+/// pairs with a primary whose disk has the replica's size.
 #[test]
 fn replica_of_the_wrong_size_is_refused_and_the_standby_waits_on() {
     let disks = Disks::new("d-size", DISK);
@@ -1056,7 +1076,7 @@ fn replica_of_the_wrong_size_is_refused_and_the_standby_waits_on() {
     };
     let (mut p, go_on) = refusal_problems(
         &r,
-        "a 4 MiB disk for a 2 MiB replica",
+        &format!("a {} MiB disk for a {} MiB replica", DISK >> 20, DISK >> 21),
         line_ok,
         &mut standby,
     );
@@ -1244,6 +1264,32 @@ fn helpers_read_records_and_crc_lines() {
     );
     assert_eq!(took_over_from(err), Some(12));
     assert_eq!(ranges(&[1, 2, 3, 5, 7, 8]), "1..3, 5, 7..8");
+
+    // The bulk area of 64 sectors, 2-sector slots: 16 slots from LBA 32;
+    // 40 rounds wrap them twice.
+    let mut img = vec![0u8; 64 * SECTOR];
+    assert_eq!(bulk_layout(64, 2), (32, 16));
+    for r in 1..=40u64 {
+        for i in 0..2 {
+            let lba = 32 + (r - 1) % 16 * 2 + i;
+            let at = lba as usize * SECTOR;
+            img[at..at + SECTOR].copy_from_slice(&bulk_sector(r, lba));
+        }
+    }
+    assert_eq!(check_bulk(&img, 64, 2, 40), Ok(()));
+    assert_eq!(bulk_in(&img[33 * SECTOR..34 * SECTOR]), Some((33, 33)));
+    let e = check_bulk(&img, 64, 2, 41).unwrap_err();
+    assert!(
+        e.contains("rounds 41 (first: round 41: LBA 48 holds round 25's"),
+        "{e}"
+    );
+    img[40 * SECTOR..41 * SECTOR].fill(0);
+    let e = check_bulk(&img, 64, 2, 40).unwrap_err();
+    assert!(e.contains("lacks the bulk writes of rounds 37 "), "{e}");
+    assert!(
+        GUEST.contains(&format!(" rounds={ROUNDS} ")),
+        "ROUNDS must match GUEST"
+    );
 
     let a = cpio::newc(&[("x", 0o100_644, b"hello")]);
     assert!(a.starts_with(b"070701"));

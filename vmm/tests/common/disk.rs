@@ -213,10 +213,111 @@ pub fn check_records(img: &[u8], area: u64, last: u64, zero_rest: bool) -> Resul
     Err(why)
 }
 
+/// The bulk area of a disk of `capacity` sectors written `k` sectors a
+/// round (`disk_bytes=`): (its first LBA, the number of slots).
+pub fn bulk_layout(capacity: u64, k: u64) -> (u64, u64) {
+    let first = capacity / 2;
+    (first, (capacity - first) / k)
+}
+
+/// The sector at `lba` of round `r`'s bulk slot: `ftguest bulk round=<r>
+/// sector=<lba>\n`, then byte i of the sector is (r + i) mod 256.
+pub fn bulk_sector(r: u64, lba: u64) -> [u8; SECTOR] {
+    let mut s = [0u8; SECTOR];
+    let text = format!("ftguest bulk round={r} sector={lba}\n");
+    s[..text.len()].copy_from_slice(text.as_bytes());
+    for (i, b) in s.iter_mut().enumerate().skip(text.len()) {
+        *b = ((r + i as u64) % 256) as u8;
+    }
+    s
+}
+
+/// Some(r) when `sector` is exactly round r's bulk data for its LBA.
+pub fn bulk_in(sector: &[u8]) -> Option<(u64, u64)> {
+    let end = sector.iter().position(|b| *b == b'\n')?;
+    let text = std::str::from_utf8(&sector[..end]).ok()?;
+    let (r, lba) = text
+        .strip_prefix("ftguest bulk round=")?
+        .split_once(" sector=")?;
+    let (r, lba) = (r.parse().ok()?, lba.parse().ok()?);
+    (sector[..] == bulk_sector(r, lba)[..]).then_some((r, lba))
+}
+
+/// Checks the bulk area of the image `img` (`capacity` sectors, slots of
+/// `k` sectors) after rounds 1..=`last_round`: each slot holds exactly the
+/// latest round written to it, and the sectors no round reached are zeros.
+pub fn check_bulk(img: &[u8], capacity: u64, k: u64, last_round: u64) -> Result<(), String> {
+    let (first, slots) = bulk_layout(capacity, k);
+    let sector = |lba: u64| -> &[u8] {
+        let at = lba as usize * SECTOR;
+        img.get(at..at + SECTOR).unwrap_or(&[])
+    };
+    let mut missing = Vec::new();
+    let mut other: Vec<(u64, String)> = Vec::new();
+    let mut dirty = Vec::new();
+    for slot in 0..slots {
+        let want = expected_at(slot, slots, last_round);
+        for lba in first + slot * k..first + (slot + 1) * k {
+            let got = sector(lba);
+            // One entry per slot, however many of its sectors are wrong.
+            match want {
+                Some(r) if got == bulk_sector(r, lba) => {}
+                Some(r) if got.iter().all(|b| *b == 0) && missing.last() != Some(&r) => {
+                    missing.push(r)
+                }
+                Some(r) if got.iter().any(|b| *b != 0) && other.last().map(|o| o.0) != Some(r) => {
+                    other.push((r, format!("LBA {lba} holds {}", describe_sector(got))))
+                }
+                Some(_) => {}
+                None if got.iter().any(|b| *b != 0) => dirty.push(lba),
+                None => {}
+            }
+        }
+    }
+    for lba in first + slots * k..capacity {
+        if sector(lba).iter().any(|b| *b != 0) {
+            dirty.push(lba);
+        }
+    }
+    if missing.is_empty() && other.is_empty() && dirty.is_empty() {
+        return Ok(());
+    }
+    missing.sort_unstable();
+    other.sort_unstable();
+    let mut why = Vec::new();
+    if !missing.is_empty() {
+        why.push(format!(
+            "lacks the bulk writes of rounds {} ({} of {last_round}: zero slots where they belong)",
+            ranges(&missing),
+            missing.len()
+        ));
+    }
+    if !other.is_empty() {
+        let rs: Vec<u64> = other.iter().map(|o| o.0).collect();
+        why.push(format!(
+            "holds something else in the bulk slots of rounds {} (first: round {}: {})",
+            ranges(&rs),
+            other[0].0,
+            other[0].1
+        ));
+    }
+    if !dirty.is_empty() {
+        why.push(format!(
+            "{} bulk-area sector(s) no round wrote are not zeros (LBAs {})",
+            dirty.len(),
+            ranges(&dirty)
+        ));
+    }
+    Err(why.join("; "))
+}
+
 /// A short description of a sector's contents for an error message.
 pub fn describe_sector(s: &[u8]) -> String {
     if let Some(n) = record_in(s) {
         return format!("the record of hb={n}");
+    }
+    if let Some((r, lba)) = bulk_in(s) {
+        return format!("round {r}'s bulk data for LBA {lba}");
     }
     if s.iter().all(|b| *b == 0) {
         return "zeros".into();
@@ -274,23 +375,40 @@ pub fn parse_disk_crcs(s: &str) -> Option<Vec<(String, u32)>> {
     v.filter(|v| !v.is_empty())
 }
 
-/// The disk CRCs reported on `stderr` as `ftvmm: disk crc at WHAT: …`
-/// (WHAT: "epoch 12", "takeover from checkpoint 12").
-pub fn disk_crc(stderr: &str, what: &str) -> Option<Vec<(String, u32)>> {
+/// The text after `ftvmm: disk crc at WHAT: ` on `stderr` (WHAT: "epoch
+/// 12", "takeover from checkpoint 12").
+pub fn disk_crc_text<'a>(stderr: &'a str, what: &str) -> Option<&'a str> {
     let prefix = format!("ftvmm: disk crc at {what}: ");
-    stderr
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(parse_disk_crcs)
+    stderr.lines().find_map(|l| l.strip_prefix(prefix.as_str()))
+}
+
+/// The disk CRCs reported on `stderr` as `ftvmm: disk crc at WHAT: …`.
+pub fn disk_crc(stderr: &str, what: &str) -> Option<Vec<(String, u32)>> {
+    disk_crc_text(stderr, what).and_then(parse_disk_crcs)
+}
+
+/// A `disk crc` report for a message: the CRCs, the line as printed when
+/// it does not read as CRCs, or "(no line)".
+pub fn show_disk_crc(stderr: &str, what: &str) -> String {
+    match disk_crc_text(stderr, what) {
+        None => "(no line)".into(),
+        Some(t) => parse_disk_crcs(t).map_or_else(|| format!("{t:?}"), |v| show_crcs(&v)),
+    }
 }
 
 /// A takeover's disk line, `ftvmm: disk crc at takeover from checkpoint C:
 /// …`: (C, the CRCs).
 pub fn takeover_disk_crc(stderr: &str) -> Option<(u64, Vec<(String, u32)>)> {
+    let (c, text) = takeover_disk_text(stderr)?;
+    Some((c, parse_disk_crcs(text)?))
+}
+
+/// The takeover's disk line as printed: (C, the text after the colon).
+pub fn takeover_disk_text(stderr: &str) -> Option<(u64, &str)> {
     stderr.lines().find_map(|l| {
         let rest = l.strip_prefix("ftvmm: disk crc at takeover from checkpoint ")?;
-        let (c, crcs) = rest.split_once(": ")?;
-        Some((c.parse().ok()?, parse_disk_crcs(crcs)?))
+        let (c, text) = rest.split_once(": ")?;
+        Some((c.parse().ok()?, text))
     })
 }
 
