@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod cpio;
+pub mod disk;
 pub mod host;
 pub mod netns;
 
