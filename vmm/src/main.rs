@@ -142,7 +142,7 @@ struct FtArgs {
     /// Fault injection for tests: handshake, initial-sync, mid-checkpoint@N, before-ack@N, during-release@N.
     #[arg(long, value_name = "POINT", hide = true)]
     ft_fault: Option<ftvmm::ft::Fault>,
-    /// Print a CRC of guest memory at this epoch's cut (tests).
+    /// Print CRCs of guest memory and of the disks at this epoch's cut (tests).
     #[arg(long, value_name = "N", hide = true)]
     ft_hash_epoch: Option<u64>,
 }
@@ -161,7 +161,8 @@ struct StandbyArgs {
     /// Console output once the guest runs here: stdout, file:PATH or none.
     #[arg(long, value_name = "SINK", default_value = "stdout")]
     serial: SerialConfig,
-    /// Print a CRC of guest memory after applying this epoch (tests).
+    /// Print CRCs of guest memory and of the replicas after applying this
+    /// epoch, and of the replicas at a takeover (tests).
     #[arg(long, value_name = "N", hide = true)]
     ft_hash_epoch: Option<u64>,
     /// Delay each ack by N ms (tests: output commit must wait for it).
