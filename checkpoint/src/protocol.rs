@@ -59,8 +59,10 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: [u8; 4] = *b"FTVM";
 /// The protocol version this build speaks: preamble, frame headers and handshake bodies.
 /// Version 2: heartbeats are frames of kind `Heartbeat` (version 1 had a 32-byte
-/// heartbeat format of its own).
-pub const WIRE_VERSION: u16 = 2;
+/// heartbeat format of its own). Version 3: checkpoints carry a disk section
+/// (a 40-byte checkpoint header), Hello describes the disks and the sync mode,
+/// and `DiskHashes` frames exist.
+pub const WIRE_VERSION: u16 = 3;
 /// Length of the common frame header.
 pub const FRAME_HEADER_LEN: usize = 16;
 /// Length of the checksum trailer of every frame.
@@ -534,7 +536,7 @@ mod tests {
 
     #[test]
     fn frame_header_round_trip_and_rejections() {
-        for v in 1..=7u16 {
+        for v in 1..=8u16 {
             let kind = FrameKind::from_u16(v).unwrap();
             assert_eq!(kind as u16, v);
             let h = FrameHeader {
@@ -544,7 +546,7 @@ mod tests {
             assert_eq!(FrameHeader::decode(&h.encode()), Ok(h));
         }
         assert_eq!(FrameKind::from_u16(0), None);
-        assert_eq!(FrameKind::from_u16(8), None);
+        assert_eq!(FrameKind::from_u16(9), None);
         let good = FrameHeader {
             kind: FrameKind::Bye,
             body_len: 0,
@@ -557,12 +559,12 @@ mod tests {
             Err(HeaderError::BadMagic { got: *b"FXVM" })
         );
         let mut b = good;
-        b[4] = 3;
+        b[4] = 99;
         let e = FrameHeader::decode(&b).unwrap_err();
-        assert_eq!(e, HeaderError::Version { got: 3 });
+        assert_eq!(e, HeaderError::Version { got: 99 });
         assert_eq!(
             e.to_string(),
-            "unsupported wire version 3 (this build speaks version 2)"
+            format!("unsupported wire version 99 (this build speaks version {WIRE_VERSION})")
         );
         let mut b = good;
         b[6] = 99;

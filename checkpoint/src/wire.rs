@@ -1195,9 +1195,9 @@ mod tests {
             "{e}"
         );
 
-        // gpa field is the first index entry, right after the 32-byte header (field 4).
+        // gpa field is the first index entry, right after the 40-byte header (field 5).
         let mut f = good.clone();
-        forge(&mut f, 4, 64 * 4096);
+        forge(&mut f, 5, 64 * 4096);
         let (e, st) = read_err(&f, 64 * 4096);
         assert_eq!(
             e.to_string(),
@@ -1206,7 +1206,7 @@ mod tests {
         assert_eq!(st.page_count(), 0, "staging left empty");
 
         let mut f = good.clone();
-        forge(&mut f, 4, 0x1234);
+        forge(&mut f, 5, 0x1234);
         let (e, _) = read_err(&f, 64 * 4096);
         assert!(
             matches!(
@@ -1283,11 +1283,11 @@ mod tests {
             Err(WireError::Header(HeaderError::BadMagic { .. }))
         ));
         let mut f = buf.clone();
-        f[4] = 3;
+        f[4] = 99;
         let e = fr.read_frame(&mut &f[..], &mut st).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "unsupported wire version 3 (this build speaks version 2)"
+            format!("unsupported wire version 99 (this build speaks version {WIRE_VERSION})")
         );
         let mut f = buf.clone();
         f[6] = 77;

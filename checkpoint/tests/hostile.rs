@@ -385,7 +385,7 @@ fn allocation_follows_received_bytes() {
     f.extend_from_slice(&(FrameKind::Checkpoint as u16).to_le_bytes());
     let body = CHECKPOINT_HEADER_LEN as u64 + pages * (8 + PAGE_SIZE as u64);
     f.extend_from_slice(&body.to_le_bytes());
-    for field in [1u64, 1, pages, 0] {
+    for field in [1u64, 1, pages, 0, 0] {
         f.extend_from_slice(&field.to_le_bytes());
     }
     f.resize(f.len() + pages as usize * 8, 0); // every page at gpa 0: valid

@@ -436,16 +436,18 @@ mod tests {
                 err,
                 TransportError::UnsupportedVersion {
                     version: 1,
-                    supported: 2,
+                    supported,
                     ..
-                }
+                } if supported == protocol::WIRE_VERSION
             ),
             "{err}"
         );
         assert!(err.is_per_connection());
         assert!(
-            err.to_string()
-                .contains("protocol version 1, this build speaks 2"),
+            err.to_string().contains(&format!(
+                "protocol version 1, this build speaks {}",
+                protocol::WIRE_VERSION
+            )),
             "{err}"
         );
     }
