@@ -1,6 +1,6 @@
 //! `ftvmm demo` through the real binary: a failover on this machine that
-//! ends with exit 0, an exactly-once transcript, a summary table, a
-//! well-formed SVG plot, and no process left behind.
+//! ends with exit 0, an exactly-once transcript, a verified disk replica, a
+//! summary table, a well-formed SVG plot, and no process left behind.
 
 mod common;
 
@@ -48,6 +48,27 @@ fn demo_fails_over_checks_exactly_once_and_plots() {
     assert!(line("takeover:").contains("guest running again"), "{all}");
     let ok = line("exactly-once: OK (primary released hb 1..=");
     assert!(ok.contains("standby continued from hb"), "{ok}");
+    // The standby's heartbeats are on its replica: records from hb 1 on,
+    // up to the last one it printed (whose record a stop may have beaten).
+    let standby_last: u64 = number_after(&ok, "standby reached hb ");
+    let disk = line("disk replica: OK (records hb 1..=");
+    let replica_last: u64 = number_after(&disk, "records hb 1..=");
+    assert!(
+        replica_last == standby_last || replica_last + 1 == standby_last,
+        "{disk}\n{ok}"
+    );
+    assert!(disk.contains("all at their sectors"), "{disk}");
+    assert!(number_after(&disk, "primary wrote 1..=") > 0, "{disk}");
+    for img in ["primary.img", "replica.img"] {
+        let len = std::fs::metadata(dir.path(img)).map(|m| m.len());
+        assert_eq!(len.ok(), Some(8 << 20), "{img}");
+    }
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.contains("epoch") && l.contains("| disk ") && l.contains(" writes |")),
+        "no disk writes in the status line\n{all}"
+    );
 
     // The summary table.
     let summary = line("summary: ");
@@ -59,6 +80,7 @@ fn demo_fails_over_checks_exactly_once_and_plots() {
         "pause µs",
         "dirty pages / epoch",
         "ack latency µs",
+        "disk writes replicated",
         "takeover",
     ] {
         assert!(
@@ -98,6 +120,18 @@ fn demo_fails_over_checks_exactly_once_and_plots() {
         let alive = unsafe { libc::kill(pid, 0) } == 0;
         assert!(!alive, "process {pid} outlived the demo");
     }
+}
+
+/// The number that follows `prefix` in `line`.
+fn number_after(line: &str, prefix: &str) -> u64 {
+    let rest = line
+        .split_once(prefix)
+        .unwrap_or_else(|| panic!("no {prefix:?} in {line:?}"))
+        .1;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("no number after {prefix:?} in {line:?}"))
 }
 
 #[test]

@@ -101,6 +101,14 @@ pub enum DemoError {
         /// The standby's console.
         standby: PathBuf,
     },
+    /// The replica check failed.
+    #[error("disk replica: FAIL: {source} (replica: {replica})")]
+    DiskReplica {
+        /// How.
+        source: super::replica::ReplicaFail,
+        /// The standby's replica image.
+        replica: PathBuf,
+    },
     /// Ctrl-C or a termination signal.
     #[error("interrupted; the primary and the standby were stopped (files in {0})")]
     Interrupted(PathBuf),

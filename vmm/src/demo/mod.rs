@@ -3,7 +3,9 @@
 //!
 //! The demo runs the real roles as separate processes (this executable's
 //! `standby` and `run` subcommands) on loopback, with the embedded test guest
-//! dirtying pages. It is a client of the roles, like `ftvmm ctl`: it learns
+//! dirtying pages and writing a sector record per heartbeat to its disk (an
+//! 8 MiB image for the primary, its replica for the standby, both created
+//! zeroed). It is a client of the roles, like `ftvmm ctl`: it learns
 //! their state from their control APIs (the standby is ready when its API
 //! answers `status`, and has taken over when its role says so), the run's
 //! figures from the primary's per-epoch metrics file, and the guest's output
@@ -13,8 +15,10 @@
 //! it SIGKILLs the primary, times the standby's takeover, lets the guest run
 //! on the standby, then checks with [`ftvmm::transcript`] that the console
 //! transcript (the primary's released output followed by the standby's)
-//! shows every heartbeat exactly once, prints a summary table and writes an
-//! SVG plot of per-epoch pause time and dirty pages.
+//! shows every heartbeat exactly once, checks that the standby's replica
+//! holds every record the guest wrote up to its last heartbeat, each at its
+//! sector, and nothing else, prints a summary table and writes an SVG plot
+//! of per-epoch pause time and dirty pages.
 //!
 //! It lives in the binary rather than in the VMM library: nothing in the
 //! VMM uses it, and its job is to print to the terminal.
@@ -29,6 +33,7 @@ mod error;
 mod live;
 mod plot;
 mod proc;
+mod replica;
 mod session;
 mod summary;
 mod tail;

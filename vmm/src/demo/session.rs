@@ -1,23 +1,29 @@
-//! The demo's course: start the standby and the primary, watch the
-//! protected run, SIGKILL the primary, time the takeover, watch the guest on
-//! the standby, stop it, check the transcript, report.
+//! The demo's course: create the two disk images, start the standby and
+//! the primary, watch the protected run, SIGKILL the primary, time the
+//! takeover, watch the guest on the standby, stop it, check the transcript
+//! and the disk replica, report.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ftvmm::transcript::{check_exactly_once, hb_line};
+use ftvmm::transcript::{check_exactly_once, hb_line, Continuity};
 
 use super::control::{check_primary, check_standby, socket_dir, Control, Role, RoleStatus};
 use super::error::DemoError;
 use super::live::LiveLine;
 use super::plot::{plot_svg, PlotInfo};
 use super::proc::{nap, RoleProc};
+use super::replica::{check_replica, create_image, highest_record, read_image, IMAGE_BYTES};
 use super::summary::{ms, summary_table};
 use super::tail::Tail;
 use super::takeover::{watch_takeover, Takeover};
 use super::view::PrimaryView;
 use super::DemoArgs;
 
+/// The primary's disk image, in the demo's directory.
+const PRIMARY_IMG: &str = "primary.img";
+/// The standby's replica of it.
+const REPLICA_IMG: &str = "replica.img";
 /// How long the standby gets to listen (its control API to answer).
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the primary gets to commit its first checkpoint (initial sync).
@@ -92,13 +98,18 @@ impl<'a> Demo<'a> {
     /// Runs it all; prints as it goes.
     pub fn run(&mut self) -> Result<(), DemoError> {
         println!(
-            "ftvmm demo: a primary and a standby on this machine, the test guest \"{}\", {} ms epochs",
-            self.cmdline, self.args.interval_ms
+            "ftvmm demo: a primary and a standby on this machine, the test guest \"{}\" with a disk of {} MiB, {} ms epochs",
+            self.cmdline,
+            IMAGE_BYTES >> 20,
+            self.args.interval_ms
         );
         println!(
-            "files (consoles, metrics, logs, plot): {}",
+            "files (disk images, consoles, metrics, logs, plot): {}",
             self.dir.display()
         );
+        // Both start as zeros, so the check at the end knows every byte.
+        create_image(&self.path(PRIMARY_IMG))?;
+        create_image(&self.path(REPLICA_IMG))?;
         let (mut standby, addr) = self.start_standby()?;
         let mut primary = self.start_primary(&addr)?;
         println!(
@@ -123,7 +134,8 @@ impl<'a> Demo<'a> {
         report_kill(&view, &primary.proc, &takeover, reaped);
 
         self.on_standby(&mut standby)?;
-        self.check_transcript()?;
+        let continuity = self.check_transcript()?;
+        self.check_disk(&continuity)?;
         self.report(&view, &takeover)
     }
 
@@ -135,6 +147,8 @@ impl<'a> Demo<'a> {
             "standby".to_string(),
             "--listen".into(),
             "127.0.0.1:0".into(),
+            "--disk".into(),
+            format!("path={}", self.path(REPLICA_IMG).display()),
             "--serial".into(),
             format!("file:{}", self.path("standby.console").display()),
             "--api".into(),
@@ -162,6 +176,8 @@ impl<'a> Demo<'a> {
             self.args.interval_ms.to_string(),
             "--heartbeat-ms".into(),
             HEARTBEAT_MS.to_string(),
+            "--disk".into(),
+            format!("path={}", self.path(PRIMARY_IMG).display()),
             "--serial".into(),
             format!("file:{}", self.path("primary.console").display()),
             "--ft-metrics".into(),
@@ -268,7 +284,7 @@ impl<'a> Demo<'a> {
     }
 
     /// The exactly-once check of the two consoles.
-    fn check_transcript(&self) -> Result<(), DemoError> {
+    fn check_transcript(&self) -> Result<Continuity, DemoError> {
         let (p, s) = (self.path("primary.console"), self.path("standby.console"));
         let c = check_exactly_once(&read(&p)?, &read(&s)?, hb_line).map_err(|source| {
             DemoError::ExactlyOnce {
@@ -280,6 +296,28 @@ impl<'a> Demo<'a> {
         println!(
             "exactly-once: OK (primary released hb {}..={}, standby continued from hb {}, {} lost with the in-flight epoch; standby reached hb {})",
             c.primary_first, c.primary_last, c.standby_first, c.lost, c.standby_last
+        );
+        Ok(c)
+    }
+
+    /// The check of the replica against the heartbeats the standby printed
+    /// (`c`, from the whole console, read after the standby stopped).
+    fn check_disk(&self, c: &Continuity) -> Result<(), DemoError> {
+        let replica = self.path(REPLICA_IMG);
+        let ok = check_replica(&read_image(&replica)?, c.standby_last)
+            .map_err(|source| DemoError::DiskReplica { source, replica })?;
+        let primary_wrote = highest_record(&read_image(&self.path(PRIMARY_IMG))?);
+        let unwritten = if ok.last_record < ok.last_hb {
+            format!(
+                ", hb={}'s not yet written when the standby stopped",
+                ok.last_hb
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "disk replica: OK (records hb 1..={}, all at their sectors{unwritten}; primary wrote 1..={primary_wrote} before the kill)",
+            ok.last_record
         );
         Ok(())
     }

@@ -33,7 +33,7 @@ pub fn ms(d: Duration) -> f64 {
 type Field = fn(&EpochMetrics) -> u64;
 
 /// The table: epochs, bytes sent, min / median / p99 / max of the per-epoch
-/// figures, and the takeover.
+/// figures, the disk writes replicated in all, and the takeover.
 pub fn summary_table(epochs: &[EpochMetrics], t: &Takeover, interval_ms: u64) -> String {
     let sent: u64 = epochs.iter().map(|m| m.bytes_sent).sum();
     let mut s = String::new();
@@ -66,6 +66,18 @@ pub fn summary_table(epochs: &[EpochMetrics], t: &Takeover, interval_ms: u64) ->
             quantile(&v, 1.0)
         );
     }
+    let total = |f: Field| epochs.iter().map(f).sum::<u64>();
+    let (writes, bytes) = (total(|m| m.disk_writes), total(|m| m.disk_bytes));
+    let _ = writeln!(
+        s,
+        "  {:<24} {:>9} ({}), {} flushes, in {} of {} epochs",
+        "disk writes replicated",
+        writes,
+        size(bytes),
+        total(|m| m.disk_flushes),
+        epochs.iter().filter(|m| m.disk_writes > 0).count(),
+        epochs.len()
+    );
     let _ = writeln!(
         s,
         "  {:<24} {:>9.1} ms to the guest running, {:.1} ms to its first heartbeat (after the SIGKILL)",
@@ -74,6 +86,15 @@ pub fn summary_table(epochs: &[EpochMetrics], t: &Takeover, interval_ms: u64) ->
         ms(t.first_hb_after_kill)
     );
     s
+}
+
+/// `bytes` in kB or MB.
+fn size(bytes: u64) -> String {
+    if bytes < 1_000_000 {
+        format!("{:.1} kB", bytes as f64 / 1e3)
+    } else {
+        format!("{:.1} MB", bytes as f64 / 1e6)
+    }
 }
 
 #[cfg(test)]
@@ -102,6 +123,9 @@ mod tests {
                 epoch: e,
                 pause_us: e * 100,
                 bytes_sent: 1_000_000,
+                disk_writes: e % 2 * 5,
+                disk_bytes: e % 2 * 2560,
+                disk_flushes: u64::from(e == 3),
                 ..Default::default()
             })
             .collect();
@@ -120,9 +144,17 @@ mod tests {
             "dirty pages / epoch",
             "transfer µs",
             "ack latency µs",
+            "disk writes replicated",
         ] {
             assert!(s.lines().any(|l| l.trim_start().starts_with(row)), "{s}");
         }
+        assert!(
+            s.contains(
+                "  disk writes replicated          25 (12.8 kB), 1 flushes, in 5 of 10 epochs"
+            ),
+            "{s}"
+        );
+        assert_eq!(size(2_600_000), "2.6 MB");
         assert!(s.contains("9.0 ms to the guest running, 17.0 ms to its first heartbeat"));
         assert!(
             s.contains("  pause µs                       100       500      1000      1000"),

@@ -73,20 +73,26 @@ impl PrimaryView {
         self.epochs.iter().map(|m| m.bytes_sent).sum()
     }
 
+    /// Disk writes replicated to the standby so far.
+    pub fn disk_writes(&self) -> u64 {
+        self.epochs.iter().map(|m| m.disk_writes).sum()
+    }
+
     /// The last epoch recorded (0 before the first).
     pub fn last_epoch(&self) -> u64 {
         self.epochs.last().map_or(0, |m| m.epoch)
     }
 
     /// The live status line of the protected run, `t` into it, with the
-    /// stream's rate `mbps` over the last period.
+    /// stream's rate `mbps` over the last period and the disk writes
+    /// replicated so far.
     pub fn status_line(&self, t: Duration, mbps: f64) -> String {
         let Some(last) = self.epochs.last() else {
             return String::new();
         };
         let pauses = sorted(self.epochs.iter().map(|m| m.pause_us));
         format!(
-            "[{:4.1}s] epoch {:>5} | pause {:>5} µs (median {:>5}) | dirty {:>5} pages | {:>6.1} MB/s | held {:>4} B | hb released {:>5}",
+            "[{:4.1}s] epoch {:>5} | pause {:>5} µs (median {:>5}) | dirty {:>5} pages | {:>6.1} MB/s | held {:>4} B | disk {:>6} writes | hb released {:>5}",
             t.as_secs_f64(),
             last.epoch,
             last.pause_us,
@@ -94,6 +100,7 @@ impl PrimaryView {
             last.dirty_total(),
             mbps,
             last.held_bytes,
+            self.disk_writes(),
             self.hb_count
         )
     }
@@ -117,6 +124,8 @@ mod tests {
             dirty_vcpu: 7,
             bytes_sent: 1000,
             held_bytes: 15,
+            disk_writes: 4,
+            disk_bytes: 2048,
             ..Default::default()
         };
         let lines: String = [e(1), e(2), e(3)]
@@ -126,7 +135,10 @@ mod tests {
         std::fs::write(&m, lines).unwrap();
         std::fs::write(&c, "ftguest ready\nftguest hb=1\nftguest hb=2\nftguest hb=").unwrap();
         v.poll().unwrap();
-        assert_eq!((v.last_epoch(), v.bytes_sent()), (3, 3000));
+        assert_eq!(
+            (v.last_epoch(), v.bytes_sent(), v.disk_writes()),
+            (3, 3000, 12)
+        );
         assert_eq!((v.hb_first, v.hb_last, v.hb_count), (Some(1), Some(2), 2));
         let line = v.status_line(Duration::from_secs(1), 12.5);
         assert!(
@@ -134,7 +146,7 @@ mod tests {
             "{line}"
         );
         assert!(
-            line.contains("|   12.5 MB/s | held   15 B | hb released     2"),
+            line.contains("|   12.5 MB/s | held   15 B | disk     12 writes | hb released     2"),
             "{line}"
         );
         // Garbage in the metrics file is an error naming the line.
