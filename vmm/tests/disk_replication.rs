@@ -302,7 +302,8 @@ impl Problems {
 /// - the standby resumed from `resumes_from` when given;
 /// - exactly-once consoles and no `ftguest disk error`;
 /// - the replica holds records 1..=STOP exactly (and zeros past them
-///   where nothing else writes);
+///   where nothing else writes) and, with bulk writes, every round's
+///   slot exactly;
 /// - the takeover's `disk crc` line names the checkpoint it resumed from;
 /// - with `hash` (the run's `--ft-hash-epoch`, on both sides) equal to
 ///   that checkpoint: the primary's disk at that cut, the standby's after
