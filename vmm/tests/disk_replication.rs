@@ -977,7 +977,9 @@ fn refusal_problems(
         }
         Some(_) => true,
     };
-    if !r.stderr.lines().any(&line_ok) {
+    if let Some(l) = r.stderr.lines().find(|l| line_ok(l)) {
+        println!("the primary with {what} was told: {l}");
+    } else {
         p.add(format!(
             "no line on the primary's stderr explains the refusal ({what}); it printed:\n{}",
             r.stderr
