@@ -26,6 +26,7 @@ pub mod runner;
 pub mod session;
 pub mod standby;
 pub mod wait;
+pub mod witness;
 
 pub use error::FtError;
 pub use fault::{die_now, Fault, FaultPoint};
