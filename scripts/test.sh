@@ -12,6 +12,7 @@ need=()
 command -v objdump >/dev/null || need+=(binutils)
 command -v unshare >/dev/null || need+=(util-linux)
 command -v ip >/dev/null || need+=(iproute2)
+command -v etcd >/dev/null || need+=(etcd-server)
 if ((${#need[@]})); then
     echo "test.sh: installing ${need[*]}" >&2
     apt-get update -qq
