@@ -1259,6 +1259,66 @@ mod tests {
         assert_eq!(w.read().unwrap(), Some(rec(2, "s")));
     }
 
+    /// A proxy to `upstream` that forwards each request whole and then hangs
+    /// up without passing the answer on: the request lands, the caller
+    /// never learns it.
+    fn answer_dropping_proxy(upstream: String) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", l.local_addr().expect("addr"));
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Headers, then Content-Length bytes of body.
+                while let Ok(n @ 1..) = s.read(&mut buf) {
+                    req.extend_from_slice(&buf[..n]);
+                    let Some(h) = find(&req, b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&req[..h]).to_ascii_lowercase();
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if req.len() >= h + 4 + len {
+                        break;
+                    }
+                }
+                if let Ok(mut up) = TcpStream::connect(&upstream) {
+                    let _ = up.write_all(&req);
+                    let _ = up.read_to_end(&mut Vec::new());
+                }
+                // `s` drops here: no answer.
+            }
+        });
+        url
+    }
+
+    #[test]
+    fn witness_retry_after_a_lost_answer_still_wins() {
+        let Some(etcd) = Etcd::start("witness_retry_after_a_lost_answer_still_wins") else {
+            return;
+        };
+        let proxy = answer_dropping_proxy(etcd.url.clone());
+        let w = Witness::new(
+            &format!("{proxy},{}", etcd.url),
+            "lossy",
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        // The txn lands through the proxy; the retry on etcd itself finds
+        // this caller's own record and counts it as won.
+        assert_eq!(w.advance(0, "p").unwrap(), Advance::Won(rec(1, "p")));
+        assert_eq!(w.advance(1, "s").unwrap(), Advance::Won(rec(2, "s")));
+        assert_eq!(etcd.witness("lossy").read().unwrap(), Some(rec(2, "s")));
+        // Someone else's record is still a loss.
+        assert_eq!(w.advance(1, "p").unwrap(), Advance::Lost(rec(2, "s")));
+    }
+
     #[test]
     fn witness_foreign_value_is_typed_error() {
         let Some(etcd) = Etcd::start("witness_foreign_value_is_typed_error") else {
