@@ -168,6 +168,11 @@ pub struct Hello {
     pub shape: GuestShape,
     /// How the disks are brought equal at pairing.
     pub disk_sync: DiskSync,
+    /// The VM's id on the witness (empty without one).
+    pub vm_id: String,
+    /// Whether the primary's role changes go through a witness (the
+    /// standby must then use the same one).
+    pub witnessed: bool,
 }
 
 /// Accepts a [`Hello`].
@@ -1027,6 +1032,8 @@ mod tests {
                 heartbeat_ms: 50,
                 shape: shape(1 << 30),
                 disk_sync: DiskSync::Hashes,
+                vm_id: "vm-1".into(),
+                witnessed: true,
             }),
             Message::DiskHashes(DiskHashes {
                 disk: 0,

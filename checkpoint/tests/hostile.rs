@@ -196,6 +196,8 @@ fn arb_message() -> impl Strategy<Value = Message> {
                         devices: DevicesSummary { nic_macs, disks },
                     },
                     disk_sync: DiskSync::Full,
+                    vm_id: String::new(),
+                    witnessed: false,
                 })
             ),
         any::<u64>().prop_map(|generation| Message::HelloAck(HelloAck {

@@ -133,6 +133,13 @@ struct FtArgs {
     /// (send every block).
     #[arg(long, value_enum, default_value_t = DiskSyncArg::Hashes)]
     ft_disk_sync: DiskSyncArg,
+    /// The witness that decides role changes (no split brain under a
+    /// partition): etcd v3 client URLs, comma-separated (http://HOST:PORT).
+    #[arg(long, value_name = "URLS")]
+    witness: Option<String>,
+    /// The VM's id on the witness (default: a fresh one).
+    #[arg(long, value_name = "ID")]
+    vm_id: Option<String>,
     /// Write one JSON line of metrics per epoch to FILE.
     #[arg(long, value_name = "FILE")]
     ft_metrics: Option<PathBuf>,
@@ -171,6 +178,10 @@ struct StandbyArgs {
     /// Control API on this Unix socket (see `ftvmm ctl`).
     #[arg(long, value_name = "SOCKET")]
     api: Option<PathBuf>,
+    /// The witness that decides whether this standby may take over: etcd
+    /// v3 client URLs, comma-separated (the primary's own).
+    #[arg(long, value_name = "URLS")]
+    witness: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -252,6 +263,8 @@ fn ft_options(ft: FtArgs) -> Result<(Option<String>, FtOptions), CliError> {
         metrics_path: ft.ft_metrics,
         fault: ft.ft_fault,
         hash_epoch: ft.ft_hash_epoch,
+        vm_id: ft.vm_id.unwrap_or_else(fresh_vm_id),
+        witness: ft.witness,
         disk_sync: match ft.ft_disk_sync {
             DiskSyncArg::Hashes => ftvmm_checkpoint::DiskSync::Hashes,
             DiskSyncArg::Full => ftvmm_checkpoint::DiskSync::Full,
@@ -262,6 +275,21 @@ fn ft_options(ft: FtArgs) -> Result<(Option<String>, FtOptions), CliError> {
         },
     };
     Ok((ft.ft_peer, opts))
+}
+
+/// A fresh VM id for the witness: 16 random hex digits.
+fn fresh_vm_id() -> String {
+    let mut b = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    let v = u64::from_le_bytes(b) ^ t ^ u64::from(std::process::id());
+    format!("vm-{v:016x}")
 }
 
 /// The API server and the mailbox its requests reach the VMM's loop by.
@@ -301,6 +329,7 @@ fn standby(args: StandbyArgs) -> Result<(), CliError> {
         hash_epoch: args.ft_hash_epoch,
         ack_delay: args.ft_ack_delay_ms.map(Duration::from_millis),
         api: args.api,
+        witness: args.witness,
     };
     match run_standby(&opts)? {
         None => Ok(()),

@@ -31,6 +31,8 @@ fn good_hello(generation: u64) -> Hello {
             devices: DevicesSummary::default(),
         },
         disk_sync: DiskSync::Hashes,
+        vm_id: String::new(),
+        witnessed: false,
     }
 }
 

@@ -26,6 +26,8 @@ impl Runner {
         serde_json::json!({
             "role": self.role,
             "protected": session.is_some(),
+            "deciding": matches!(self.protection, super::runner::Protection::Deciding { .. }),
+            "witness": self.arbiter.status(),
             "peer": session.map(|s| s.peer().to_string()),
             "generation": self.ft.generation,
             "epoch": self.epoch,

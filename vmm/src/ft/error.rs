@@ -93,6 +93,19 @@ pub enum FtError {
     /// Disk replication.
     #[error(transparent)]
     Disk(#[from] super::disk::DiskError),
+    /// The witness could not be asked.
+    #[error(transparent)]
+    Witness(#[from] super::witness::WitnessError),
+    /// The witness gave the next generation to someone else.
+    #[error(
+        "the witness gave generation {generation} to {owner}: this side must not run the guest"
+    )]
+    Outvoted {
+        /// The generation now in force.
+        generation: u64,
+        /// Who holds it.
+        owner: String,
+    },
     /// The control API.
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),

@@ -14,6 +14,7 @@
 //!   the netbuf crate; both drive the same `OutputCommit`).
 //! - [`metrics`], [`fault`] (fault injection for the tests), [`error`].
 
+pub mod arbiter;
 pub mod console;
 pub mod control;
 pub mod disk;
@@ -56,6 +57,11 @@ pub struct FtOptions {
     pub fault: Option<Fault>,
     /// Print a checksum of all guest memory at this epoch's cut (tests).
     pub hash_epoch: Option<u64>,
+    /// The witness's etcd endpoints (`--witness`), if role changes go
+    /// through one.
+    pub witness: Option<String>,
+    /// The VM's id on the witness.
+    pub vm_id: String,
     /// How the disks' replicas are brought equal at pairing.
     pub disk_sync: ftvmm_checkpoint::DiskSync,
     /// Network output commit: backend and memory limit.

@@ -55,7 +55,16 @@ pub fn run_vm(
     let vm = Vm::create_with_output(config, console.writer())?;
     vm.boot(config)?;
     let shape = shape_of(config, &vm);
-    let mut runner = Runner::new(vm, shape, console, ft.clone(), mailbox, "primary")?;
+    let mut ft = ft.clone();
+    if ft.witness.is_some() {
+        // Nothing claimed yet: the pairing claims generation 1.
+        ft.generation = 0;
+    } else if peer.is_some() {
+        log::warn!(
+            "no --witness: a network partition between primary and standby can leave two running copies of the guest"
+        );
+    }
+    let mut runner = Runner::new(vm, shape, console, ft, mailbox, "primary")?;
     // Before the guest runs: a primary whose standby cannot be reached
     // fails here, with nothing released.
     if let Some(peer) = peer {

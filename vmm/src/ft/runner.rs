@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use ftvmm_checkpoint::{CheckpointFrame, DiskSync, EpochMetrics, GuestShape};
 use ftvmm_netbuf::{NetOutput, OutputCommit, Outputs};
 
+use super::arbiter::{Arbiter, Claim, RETRY};
 use super::console::HeldOutput;
 use super::engine::{Capture, Engine};
 use super::fault::{die_now, Fault, FaultPoint};
@@ -49,6 +50,15 @@ pub enum Protection {
     /// No standby: output passes straight through and dirty tracking is
     /// off. Holds the kit of an earlier pairing, if there was one.
     Unprotected(Option<Kit>),
+    /// The standby was lost and the witness has not answered whether this
+    /// side may go on: output stays held, no epochs run, the claim is asked
+    /// again every [`arbiter::RETRY`] (nobody proceeds alone).
+    Deciding {
+        /// The lost standby.
+        peer: String,
+        /// The machinery, output held.
+        kit: Kit,
+    },
     /// Paired with a standby: every epoch is checkpointed to it and output
     /// is held until its ack.
     Protected {
@@ -64,13 +74,15 @@ impl Protection {
     pub fn session(&self) -> Option<&Session> {
         match self {
             Protection::Protected { session, .. } => Some(&**session),
-            Protection::Unprotected(_) => None,
+            Protection::Unprotected(_) | Protection::Deciding { .. } => None,
         }
     }
 
     fn kit(&self) -> Option<&Kit> {
         match self {
-            Protection::Protected { kit, .. } | Protection::Unprotected(Some(kit)) => Some(kit),
+            Protection::Protected { kit, .. }
+            | Protection::Deciding { kit, .. }
+            | Protection::Unprotected(Some(kit)) => Some(kit),
             Protection::Unprotected(None) => None,
         }
     }
@@ -105,6 +117,8 @@ pub struct Runner {
     pub(super) took_over: Option<TookOver>,
     /// The wait's event sources; `None` after the protection changed.
     waiter: Option<Waiter>,
+    /// Who decides role changes.
+    pub(super) arbiter: Arbiter,
 }
 
 impl Runner {
@@ -118,7 +132,16 @@ impl Runner {
         role: &'static str,
     ) -> Result<Self, FtError> {
         let metrics = MetricsLog::new(&ft)?;
+        let arbiter = match &ft.witness {
+            Some(urls) => Arbiter::witness(
+                urls,
+                &ft.vm_id,
+                format!("{role} (pid {})", std::process::id()),
+            )?,
+            None => Arbiter::none(),
+        };
         Ok(Runner {
+            arbiter,
             vm,
             shape,
             console,
@@ -146,6 +169,19 @@ impl Runner {
     /// held and the VM runs on as before.
     pub(super) fn connect(&mut self, peer: &str) -> Result<(), FtError> {
         self.ft.peer = peer.to_string();
+        if self.arbiter.witnessed() {
+            // A new pairing is a role change: claim the next generation.
+            match self.arbiter.claim(self.ft.generation) {
+                Claim::Won(g) => self.ft.generation = g,
+                Claim::Lost(r) => {
+                    return Err(FtError::Outvoted {
+                        generation: r.generation,
+                        owner: r.owner,
+                    })
+                }
+                Claim::Unreachable(e) => return Err(FtError::Witness(e)),
+            }
+        }
         let session = Box::new(Session::connect(&self.shape, &self.ft)?);
         log::info!(
             "protected by standby {peer} (generation {})",
@@ -233,7 +269,7 @@ impl Runner {
     /// rest, and stops. Otherwise it releases everything held and runs on
     /// unprotected, dirty tracking off.
     pub(super) fn lose_standby(&mut self, loss: PeerLoss) -> Result<(), FtError> {
-        let Protection::Protected { session, mut kit } =
+        let Protection::Protected { session, kit } =
             std::mem::replace(&mut self.protection, Protection::Unprotected(None))
         else {
             return Ok(());
@@ -249,11 +285,45 @@ impl Runner {
                 generation,
             });
         }
-        log::warn!("standby {peer} lost ({loss}): releasing held output, running unprotected");
-        kit.outputs.release_all();
-        kit.engine.stop_tracking(&self.vm);
-        self.protection = Protection::Unprotected(Some(kit));
-        Ok(())
+        log::warn!("standby {peer} lost ({loss})");
+        self.decide(peer, kit)
+    }
+
+    /// After the standby's loss: go on unprotected only with the witness's
+    /// word (g → g + 1 won), stop if the standby won it, and hold everything
+    /// while the witness does not answer.
+    fn decide(&mut self, peer: String, mut kit: Kit) -> Result<(), FtError> {
+        match self.arbiter.claim(self.ft.generation) {
+            Claim::Won(g) => {
+                if self.arbiter.witnessed() {
+                    log::warn!("the witness gave this primary generation {g}: running unprotected");
+                    self.ft.generation = g;
+                }
+                log::warn!("standby {peer} lost: releasing held output, running unprotected");
+                kit.outputs.release_all();
+                kit.engine.stop_tracking(&self.vm);
+                self.protection = Protection::Unprotected(Some(kit));
+                Ok(())
+            }
+            Claim::Lost(r) => {
+                let epoch = self.metrics.last.map(|m| m.epoch).unwrap_or(0);
+                kit.outputs.discard_after(epoch);
+                Err(FtError::Fenced {
+                    peer: format!("{peer} (per the witness: owner {})", r.owner),
+                    epoch,
+                    generation: r.generation,
+                })
+            }
+            Claim::Unreachable(e) => {
+                if !matches!(self.protection, Protection::Deciding { .. }) {
+                    log::warn!(
+                        "standby {peer} lost and the witness unreachable ({e}): holding all output until it answers"
+                    );
+                }
+                self.protection = Protection::Deciding { peer, kit };
+                Ok(())
+            }
+        }
     }
 
     /// Runs until the guest ends.
@@ -274,6 +344,15 @@ impl Runner {
                 Wake::Exit(r) => Some(r),
                 Wake::Boundary => None,
             };
+            if exit.is_none() && matches!(self.protection, Protection::Deciding { .. }) {
+                if let Protection::Deciding { peer, kit } =
+                    std::mem::replace(&mut self.protection, Protection::Unprotected(None))
+                {
+                    self.decide(peer, kit)?;
+                }
+                next_boundary = Instant::now() + RETRY;
+                continue;
+            }
             let protected = self.protection.session().is_some();
             if !protected || (self.user_paused && exit.is_none()) {
                 if let Some(reason) = exit {
@@ -325,7 +404,7 @@ impl Runner {
                         cut: kit.netbuf.cut_event(),
                         ring_full: rings,
                     }),
-                    Protection::Unprotected(_) => None,
+                    Protection::Unprotected(_) | Protection::Deciding { .. } => None,
                 };
                 let api = self.mailbox.as_ref().map(|m| m.event_fd());
                 self.waiter.insert(Waiter::new(&self.vm, api, protected)?)
@@ -389,6 +468,12 @@ impl Runner {
 
     /// The guest ended: let out whatever is still held, log the summaries.
     fn finish(&mut self) {
+        if let Protection::Deciding { kit, .. } = &self.protection {
+            // Whether the standby took over is not known: nothing held may
+            // go out (I5).
+            kit.outputs
+                .discard_after(self.metrics.last.map(|m| m.epoch).unwrap_or(0));
+        }
         match self.protection.kit() {
             Some(kit) => kit.outputs.release_all(),
             None => self.console.release_all(),

@@ -108,6 +108,8 @@ impl Session {
             heartbeat_ms: ft.heartbeat.as_millis().clamp(1, u32::MAX as u128) as u32,
             shape: shape.clone(),
             disk_sync: ft.disk_sync,
+            vm_id: ft.vm_id.clone(),
+            witnessed: ft.witness.is_some(),
         });
         send_message(&mut chan, &hello)?;
         if Fault::hits(ft.fault, FaultPoint::Handshake, 0) {

@@ -36,6 +36,8 @@ pub struct StandbyOptions {
     pub ack_delay: Option<Duration>,
     /// Control API socket.
     pub api: Option<std::path::PathBuf>,
+    /// The witness's etcd endpoints (`--witness`).
+    pub witness: Option<String>,
 }
 
 /// What the control API can see of, and do to, a standby.
@@ -110,6 +112,9 @@ enum SessionEnd {
     Refused,
     /// The primary was lost before any checkpoint committed: nothing to run.
     LostEmpty(String),
+    /// The primary was lost, but the witness gave the VM to it: nothing to
+    /// run here.
+    Outvoted(String),
     /// The primary was lost after a checkpoint committed: take over.
     Takeover(Box<Takeover>),
 }
@@ -124,6 +129,11 @@ struct Fencing {
 /// guest's exit reason), or until a primary said goodbye.
 pub fn run_standby(opts: &StandbyOptions) -> Result<Option<VmExit>, FtError> {
     let shared: SharedStatus = Arc::default();
+    if opts.witness.is_none() {
+        log::warn!(
+            "no --witness: a network partition between primary and standby can leave two running copies of the guest"
+        );
+    }
     let mut listener =
         ChannelListener::bind(opts.listen.as_str()).map_err(|source| FtError::Listen {
             addr: opts.listen.clone(),
@@ -199,6 +209,10 @@ pub fn run_standby(opts: &StandbyOptions) -> Result<Option<VmExit>, FtError> {
             SessionEnd::Refused => set_busy(None),
             SessionEnd::LostEmpty(why) => {
                 log::warn!("primary lost before its first checkpoint committed ({why}); nothing to run, waiting for a new primary");
+                set_busy(None);
+            }
+            SessionEnd::Outvoted(why) => {
+                log::warn!("{why}; waiting for a new primary");
                 set_busy(None);
             }
             SessionEnd::Takeover(t) => {

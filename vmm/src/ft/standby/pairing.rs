@@ -17,6 +17,7 @@ use ftvmm_checkpoint::{
 };
 use ftvmm_transport::{Channel, Heartbeat, HeartbeatHandle, HeartbeatStream, TcpChannel};
 
+use super::super::arbiter::{Arbiter, Claim, RETRY};
 use super::super::console::HeldOutput;
 use super::super::disk::{block_hashes, crc_line, size_of, DiskError, Replicas};
 use super::super::{FtError, HEARTBEAT_MISSES};
@@ -65,6 +66,9 @@ pub enum Refusal {
     /// A second handle on a replica.
     #[error("{0}")]
     Disk(DiskError),
+    /// The witness settings do not match, or the witness disagrees.
+    #[error("witness: {0}")]
+    Witness(String),
     /// A replica that does not match the guest's disk.
     #[error("replica '{path}' ({bytes} bytes{}) does not match the guest's disk ({guest_bytes} bytes{}): give this standby a replica of the same size and mode", if *.readonly { ", readonly" } else { "" }, if *.guest_readonly { ", readonly" } else { "" })]
     DiskMismatch {
@@ -185,6 +189,28 @@ fn read_hello(
     Ok(hello)
 }
 
+/// Both sides decide with a witness or neither does; with one, the Hello's
+/// generation must be the one the witness holds for the VM (the primary
+/// claimed it for this pairing).
+fn admit_witness(hello: &Hello, opts: &StandbyOptions) -> Result<Arbiter, Refusal> {
+    match (&opts.witness, hello.witnessed) {
+        (None, false) => Ok(Arbiter::none()),
+        (Some(_), false) => Err(Refusal::Witness(
+            "this standby decides takeovers with a witness and the primary has none: give both the same --witness".into(),
+        )),
+        (None, true) => Err(Refusal::Witness(
+            "the primary decides role changes with a witness: give this standby the same --witness".into(),
+        )),
+        (Some(urls), true) => {
+            let owner = format!("standby {} (pid {})", opts.listen, std::process::id());
+            let a = Arbiter::witness(urls, &hello.vm_id, owner)
+                .map_err(|e| Refusal::Witness(e.to_string()))?;
+            a.current(hello.generation).map_err(Refusal::Witness)?;
+            Ok(a)
+        }
+    }
+}
+
 /// Builds the guest's VM here for `hello`, and sets `reader`'s limits to
 /// its shape.
 fn build_replica(
@@ -273,6 +299,8 @@ struct Receiver<'a> {
     committed: Vec<u8>,
     opts: &'a StandbyOptions,
     shared: &'a SharedStatus,
+    /// Who decides whether this standby may take over.
+    arbiter: Arbiter,
 }
 
 impl Receiver<'_> {
@@ -374,8 +402,17 @@ impl Receiver<'_> {
     /// (I5). If it is alive after all (silence, not death), the notice tells
     /// it that generation + 1 now runs the guest, so it must release nothing
     /// more; then it never hears from this standby again.
-    fn hand_over(mut self, why: String, lost_at: Instant, fencing: &mut Fencing) -> Takeover {
+    fn hand_over(
+        mut self,
+        why: String,
+        lost_at: Instant,
+        fencing: &mut Fencing,
+    ) -> Result<Takeover, String> {
         let epoch = self.fence.last_applied().unwrap_or(0);
+        if let Err(outvoted) = self.win_takeover(fencing) {
+            self.hb.stop();
+            return Err(outvoted);
+        }
         if self.opts.hash_epoch.is_some() {
             self.log_disk_crc(&format!("at takeover from checkpoint {epoch}"));
         }
@@ -395,15 +432,47 @@ impl Receiver<'_> {
         let Replica {
             hello, vm, console, ..
         } = self.replica;
-        Takeover {
+        Ok(Takeover {
             vm: Box::new(vm),
             console,
-            shape: hello.shape,
             heartbeat: Duration::from_millis(u64::from(hello.heartbeat_ms.max(1))),
+            witness: self.opts.witness.clone().filter(|_| hello.witnessed),
+            vm_id: hello.vm_id,
+            shape: hello.shape,
             state: self.committed,
             epoch,
             why,
             lost_at,
+        })
+    }
+
+    /// With a witness, the takeover is a claim of the next generation: won,
+    /// this standby runs the guest; lost (the primary went on), it discards
+    /// its copy; unanswered, it asks again and runs nothing meanwhile.
+    fn win_takeover(&mut self, fencing: &mut Fencing) -> Result<(), String> {
+        let generation = self.replica.hello.generation;
+        let mut warned = false;
+        loop {
+            match self.arbiter.claim(generation) {
+                Claim::Won(_) => return Ok(()),
+                Claim::Lost(r) => {
+                    fencing.max_generation = fencing.max_generation.max(r.generation);
+                    let _ = self.chan.shutdown();
+                    return Err(format!(
+                        "the witness gave generation {} to {}: this standby discards its copy and runs nothing",
+                        r.generation, r.owner
+                    ));
+                }
+                Claim::Unreachable(e) => {
+                    if !warned {
+                        log::warn!(
+                            "primary lost and the witness unreachable ({e}): not taking over until it answers"
+                        );
+                        warned = true;
+                    }
+                    std::thread::sleep(RETRY);
+                }
+            }
         }
     }
 }
@@ -423,9 +492,11 @@ pub fn serve(
         return SessionEnd::Refused;
     }
     let mut reader = FrameReader::new(Limits::handshake());
-    let replica = read_hello(&mut chan, &mut reader, fencing)
-        .and_then(|hello| build_replica(hello, opts, &mut reader));
-    let replica = match replica {
+    let replica = read_hello(&mut chan, &mut reader, fencing).and_then(|hello| {
+        let arbiter = admit_witness(&hello, opts)?;
+        Ok((build_replica(hello, opts, &mut reader)?, arbiter))
+    });
+    let (replica, arbiter) = match replica {
         Ok(r) => r,
         Err(refusal) => {
             // A refused primary may retry at once: free the standby before
@@ -474,6 +545,7 @@ pub fn serve(
         committed: Vec::new(),
         opts,
         shared,
+        arbiter,
     };
     let end = rx.run();
     stop.store(true, Ordering::Release);
@@ -498,5 +570,8 @@ pub fn serve(
         rx.hb.stop();
         return SessionEnd::LostEmpty(why);
     }
-    SessionEnd::Takeover(Box::new(rx.hand_over(why, lost_at, fencing)))
+    match rx.hand_over(why, lost_at, fencing) {
+        Ok(t) => SessionEnd::Takeover(Box::new(t)),
+        Err(outvoted) => SessionEnd::Outvoted(outvoted),
+    }
 }

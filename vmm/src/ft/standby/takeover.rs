@@ -23,6 +23,9 @@ pub struct Takeover {
     pub(super) console: Arc<HeldOutput>,
     pub(super) shape: GuestShape,
     pub(super) heartbeat: Duration,
+    /// The witness the pair decided with, if any, and the VM's id there.
+    pub(super) witness: Option<String>,
+    pub(super) vm_id: String,
     /// The committed checkpoint's encoded machine state.
     pub(super) state: Vec<u8>,
     pub(super) epoch: u64,
@@ -43,6 +46,8 @@ pub fn take_over(
         console,
         shape,
         heartbeat,
+        witness,
+        vm_id,
         state,
         epoch,
         why,
@@ -78,6 +83,8 @@ pub fn take_over(
         fault: None,
         hash_epoch: None,
         disk_sync: ftvmm_checkpoint::DiskSync::default(),
+        witness,
+        vm_id,
         netbuf: ftvmm_netbuf::NetbufConfig::default(),
     };
     let took_over = TookOver {
