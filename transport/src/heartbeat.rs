@@ -24,6 +24,19 @@
 //! down so the peer learns of the loss at once, and both threads end. A loss
 //! declared from outside ([`FailureDetector::declare`]) is acted on at the
 //! sender's next tick.
+//!
+//! Both threads ask for real-time scheduling (`SCHED_FIFO` at
+//! [`HEARTBEAT_RT_PRIORITY`]) so that a host saturated by vCPUs, the
+//! checkpoint stream or unrelated processes delays neither a heartbeat nor
+//! its reading: silence must mean the peer, not our own run queue. Where that
+//! is not permitted (no `CAP_SYS_NICE` and `RLIMIT_RTPRIO` 0) they run at
+//! normal priority, with one warning per process. They sleep between
+//! heartbeats, so they take a negligible share of a CPU either way.
+//!
+//! Liveness is judged from heartbeats only, not from progress on the data
+//! channel: a checkpoint or an ack queued in socket buffers keeps arriving
+//! after its sender froze, so data arriving is not a timely proof of life,
+//! while a heartbeat frame is tiny and sent on its own connection.
 
 use std::fmt;
 use std::io::{self, Read};
@@ -164,6 +177,8 @@ pub struct FailureDetector {
     last_seen: AtomicU64,
     peer_epoch: AtomicU64,
     received: AtomicU64,
+    /// Longest interval between two consecutive valid heartbeats, in ns.
+    longest_gap: AtomicU64,
     failure: OnceLock<PeerLost>,
     /// Highest newer generation seen in a heartbeat (0: none), and the epoch
     /// it carried: a takeover notice, recorded even when another loss was
@@ -183,6 +198,7 @@ impl fmt::Debug for FailureDetector {
             .field("generation", &self.generation())
             .field("timeout", &self.timeout)
             .field("received", &self.heartbeats_received())
+            .field("longest_gap", &self.longest_gap())
             .field("failure", &self.failure())
             .finish()
     }
@@ -201,6 +217,7 @@ impl FailureDetector {
             last_seen: AtomicU64::new(0),
             peer_epoch: AtomicU64::new(0),
             received: AtomicU64::new(0),
+            longest_gap: AtomicU64::new(0),
             failure: OnceLock::new(),
             fenced_by: AtomicU64::new(0),
             fence_epoch: AtomicU64::new(0),
@@ -285,7 +302,10 @@ impl FailureDetector {
             });
         }
         let ns = now.saturating_duration_since(self.started).as_nanos() as u64 + 1;
-        self.last_seen.fetch_max(ns, Ordering::AcqRel);
+        let before = self.last_seen.fetch_max(ns, Ordering::AcqRel);
+        if before != 0 && ns > before {
+            self.longest_gap.fetch_max(ns - before, Ordering::AcqRel);
+        }
         self.peer_epoch.store(msg.epoch, Ordering::Release);
         self.received.fetch_add(1, Ordering::AcqRel);
         Ok(())
@@ -365,6 +385,44 @@ impl FailureDetector {
     pub fn heartbeats_received(&self) -> u64 {
         self.received.load(Ordering::Acquire)
     }
+
+    /// The longest time between two consecutive valid heartbeats so far
+    /// (zero before the second): how close the peer came to being declared
+    /// silent.
+    pub fn longest_gap(&self) -> Duration {
+        Duration::from_nanos(self.longest_gap.load(Ordering::Acquire))
+    }
+}
+
+/// The `SCHED_FIFO` priority of the heartbeat threads: above every normal
+/// (`SCHED_OTHER`) thread, such as vCPUs and the checkpoint stream, and low
+/// among real-time ones, below the kernel's own threads and whatever the
+/// host's operator put there.
+pub const HEARTBEAT_RT_PRIORITY: i32 = 10;
+
+/// Puts the calling thread in `SCHED_FIFO` at [`HEARTBEAT_RT_PRIORITY`];
+/// true if it is. Warns once per process when not permitted.
+fn raise_to_realtime(what: &str) -> bool {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    let param = libc::sched_param {
+        sched_priority: HEARTBEAT_RT_PRIORITY,
+    };
+    // SAFETY: pthread_self() is always a valid handle for the calling
+    // thread, and `param` is a live, initialised sched_param the call only
+    // reads for its duration.
+    let rc = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
+    if rc == 0 {
+        return true;
+    }
+    if !WARNED.swap(true, Ordering::AcqRel) {
+        log::warn!(
+            "heartbeat {what} thread cannot use real-time priority (SCHED_FIFO {}): {}; \
+             heartbeats run at normal priority and may be delayed on a saturated host",
+            HEARTBEAT_RT_PRIORITY,
+            io::Error::from_raw_os_error(rc)
+        );
+    }
+    false
 }
 
 /// Starts heartbeats on a connection; see [`Heartbeat::start`].
@@ -423,6 +481,7 @@ impl Heartbeat {
             thread::Builder::new()
                 .name("ft-hb-send".into())
                 .spawn(move || {
+                    raise_to_realtime("sender");
                     let gens = Generations {
                         ours: generation,
                         successor: &successor,
@@ -438,7 +497,10 @@ impl Heartbeat {
             let (detector, stop) = (detector.clone(), stop.clone());
             thread::Builder::new()
                 .name("ft-hb-recv".into())
-                .spawn(move || recv_loop(rx_stream, rx_ready, peer, &detector, &stop))
+                .spawn(move || {
+                    raise_to_realtime("receiver");
+                    recv_loop(rx_stream, rx_ready, peer, interval, &detector, &stop)
+                })
         };
         let receiver = match receiver {
             Ok(r) => r,
@@ -602,14 +664,68 @@ impl Drop for RxDone<'_> {
     }
 }
 
+/// Logs each new longest gap between heartbeats (a handful over a run: the
+/// records of a random sequence); a warning once it reaches half the
+/// timeout, a near miss.
+struct GapLog<'a> {
+    peer: SocketAddr,
+    interval: Duration,
+    detector: &'a FailureDetector,
+    logged: Duration,
+}
+
+impl GapLog<'_> {
+    fn heard(&mut self) {
+        let gap = self.detector.longest_gap();
+        if gap <= self.logged {
+            return;
+        }
+        self.logged = gap;
+        let (gap_ms, timeout) = (gap.as_secs_f64() * 1e3, self.detector.timeout());
+        if gap * 2 >= timeout {
+            log::warn!(
+                "heartbeat from {}: longest gap {gap_ms:.1} ms (interval {} ms, lost after {} ms)",
+                self.peer,
+                self.interval.as_millis(),
+                timeout.as_millis()
+            );
+        } else {
+            log::info!(
+                "heartbeat from {}: longest gap {gap_ms:.1} ms (interval {} ms, lost after {} ms)",
+                self.peer,
+                self.interval.as_millis(),
+                timeout.as_millis()
+            );
+        }
+    }
+}
+
+impl Drop for GapLog<'_> {
+    fn drop(&mut self) {
+        log::info!(
+            "heartbeats from {}: {} received, longest gap {:.1} ms",
+            self.peer,
+            self.detector.heartbeats_received(),
+            self.detector.longest_gap().as_secs_f64() * 1e3
+        );
+    }
+}
+
 fn recv_loop(
     mut stream: TcpStream,
     mut ready: Readiness,
     peer: SocketAddr,
+    interval: Duration,
     detector: &FailureDetector,
     stop: &StopFlag,
 ) {
     let _done = RxDone(detector);
+    let mut gaps = GapLog {
+        peer,
+        interval,
+        detector,
+        logged: Duration::ZERO,
+    };
     let mut buf = [0u8; HEARTBEAT_FRAME_LEN];
     let mut got = 0;
     let verdict = loop {
@@ -649,6 +765,7 @@ fn recv_loop(
                             if let Err(fenced) = detector.observe(&msg, Instant::now()) {
                                 break fenced;
                             }
+                            gaps.heard();
                         }
                         Err(bad) => break PeerLost::BadMessage(bad),
                     }
@@ -860,6 +977,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(d.check_silence(t0 + Duration::from_millis(150)), None);
+        assert_eq!(d.longest_gap(), Duration::ZERO, "one heartbeat has no gap");
+        let hb = |seq| protocol::Heartbeat {
+            generation: 5,
+            epoch: 1,
+            seq,
+        };
+        d.observe(&hb(1), t0 + Duration::from_millis(110)).unwrap();
+        d.observe(&hb(2), t0 + Duration::from_millis(130)).unwrap();
+        assert_eq!(d.longest_gap(), Duration::from_millis(30));
+        d.observe(&hb(3), t0 + Duration::from_millis(80)).unwrap();
+        assert_eq!(
+            d.longest_gap(),
+            Duration::from_millis(30),
+            "late, not a gap"
+        );
+        // The last valid heartbeat is now 50 ms later than before.
+        let t0 = t0 + Duration::from_millis(50);
         match d.check_silence(t0 + Duration::from_millis(200)) {
             Some(PeerLost::Silence { last_seen_ms }) => {
                 assert!((100..=125).contains(&last_seen_ms))
@@ -891,6 +1025,27 @@ mod tests {
             d.wait_failure(Duration::ZERO),
             Some(PeerLost::ConnectionClosed)
         );
+    }
+
+    #[test]
+    fn heartbeat_threads_are_real_time_where_permitted() {
+        let t = thread::spawn(|| {
+            let raised = raise_to_realtime("test");
+            // SAFETY: sched_getscheduler(0) only queries the calling thread.
+            let policy = unsafe { libc::sched_getscheduler(0) };
+            (raised, policy)
+        });
+        let (raised, policy) = t.join().unwrap();
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            assert!(raised, "root may use SCHED_FIFO");
+        }
+        let want = if raised {
+            libc::SCHED_FIFO
+        } else {
+            libc::SCHED_OTHER
+        };
+        assert_eq!(policy, want);
     }
 
     #[test]

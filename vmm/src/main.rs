@@ -125,8 +125,9 @@ struct FtArgs {
     /// How vCPU writes are tracked: KVM's dirty bitmap (manual protect) or per-vCPU dirty rings.
     #[arg(long, value_enum, default_value_t = DirtyTrackArg::Bitmap)]
     dirty_track: DirtyTrackArg,
-    /// Heartbeat interval in milliseconds; the peer is lost after 5 silent intervals.
-    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    /// Heartbeat interval in milliseconds; the peer is lost after 5 silent
+    /// intervals (250 ms by default).
+    #[arg(long, value_name = "N", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     heartbeat_ms: u64,
     /// How the standby's disk replicas are brought equal at pairing: hashes
     /// (compare SHA-256 of 1 MiB blocks, send the differing ones) or full
