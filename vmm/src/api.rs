@@ -235,9 +235,55 @@ fn serve(listener: UnixListener, handler: Arc<RwLock<Handler>>, stop: Arc<Atomic
     }
 }
 
+/// The user id of the process at the other end of `stream` (SO_PEERCRED).
+fn peer_uid(stream: &UnixStream) -> std::io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes for the call; `len`
+    // holds the size of `cred`, so the kernel writes within it; the fd is
+    // the stream's own, open for the call.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// Only root and the VMM's own user may use its API (the socket is 0600
+/// too; this holds even where its mode was widened).
+fn authorize(stream: &UnixStream) -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    match peer_uid(stream) {
+        Ok(uid) if uid == 0 || uid == me => Ok(()),
+        Ok(uid) => Err(format!(
+            "permission denied: uid {uid} is neither root nor the VMM's user (uid {me})"
+        )),
+        Err(e) => Err(format!("cannot read the client's credentials: {e}")),
+    }
+}
+
 fn answer(stream: UnixStream, handler: &RwLock<Handler>) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    if let Err(why) = authorize(&stream) {
+        log::warn!("control API: refused a client: {why}");
+        let mut out = serde_json::to_vec(&Response::error(why)).map_err(std::io::Error::other)?;
+        out.push(b'\n');
+        return (&stream).write_all(&out);
+    }
     let mut line = Vec::new();
     BufReader::new(&stream)
         .take(MAX_REQUEST as u64 + 1)

@@ -207,3 +207,70 @@ fn reprotection_chains_three_hosts_exactly_once() {
     println!("re-protection: primary → A from hb={a_first}, A → B from hb={b_first} (A released up to {a_last})");
     assert_eq!(ctl_ok(&bsock, &["status"])["generation"], 3);
 }
+
+/// The API answers only root and the VMM's own user, even where its socket
+/// was opened to everyone: another user's request is refused with one line,
+/// and the VM is unaffected.
+#[test]
+fn another_users_request_is_refused() {
+    if !is_root()
+        || std::process::Command::new("setpriv")
+            .arg("--version")
+            .output()
+            .is_err()
+    {
+        println!("SKIP another_users_request_is_refused: needs root and setpriv(1)");
+        return;
+    }
+    let dir = TempDir::new("ctl-cred");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = dir.path("vm.sock");
+    let _vm = spawn(
+        "vm",
+        &dir,
+        &[
+            "run".to_string(),
+            "--cmdline".into(),
+            GUEST.into(),
+            "--serial".into(),
+            "none".into(),
+            "--api".into(),
+            sock.display().to_string(),
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || sock.exists()
+            && ctl(&sock, &["status"]).status.success()),
+        "the VM's API did not answer"
+    );
+    // Widen the socket (as a careless operator might): the credentials
+    // check still stands.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let bin = dir.path("ftvmm");
+    std::fs::copy(env!("CARGO_BIN_EXE_ftvmm"), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let child = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .args(["ctl", "--api", sock.to_str().unwrap(), "pause"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_with_timeout(child, Duration::from_secs(20));
+    assert!(
+        !out.status.success(),
+        "nobody's pause was obeyed: {}",
+        out.stdout
+    );
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("permission denied: uid 65534"),
+        "{}",
+        out.stderr
+    );
+    let st = ctl_ok(&sock, &["status"]);
+    assert_eq!(st["paused"], false, "the refused request changed the VM");
+}
