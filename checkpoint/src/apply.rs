@@ -74,7 +74,7 @@ impl<'a> VerifiedCheckpoint<'a> {
     /// Each disk's records in this checkpoint (verified: the segments are
     /// well formed and name disks of the guest).
     pub fn disk_segments(&self) -> impl Iterator<Item = (u32, &'a [u8])> {
-        crate::wire::DiskSegments(self.staging.disk_bytes()).map_while(Result::ok)
+        crate::wire::DiskSegments::new(self.staging.disk_bytes()).map_while(Result::ok)
     }
 
     /// The checkpoint's generation.

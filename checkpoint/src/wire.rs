@@ -661,37 +661,44 @@ impl<'a> CheckpointFrame<'a> {
 
 /// The segments of a disk section: (disk index, its records' bytes).
 #[derive(Debug, Clone)]
-pub struct DiskSegments<'a>(pub &'a [u8]);
+pub struct DiskSegments<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> DiskSegments<'a> {
+    /// The segments of the disk section `bytes`.
+    pub fn new(bytes: &'a [u8]) -> Self {
+        DiskSegments { bytes, at: 0 }
+    }
+
+    fn fail(&mut self, len: u64, left: usize) -> Option<Result<(u32, &'a [u8]), WireError>> {
+        let at = self.at;
+        self.bytes = &[];
+        Some(Err(WireError::DiskSegment { at, len, left }))
+    }
+}
 
 impl<'a> Iterator for DiskSegments<'a> {
     type Item = Result<(u32, &'a [u8]), WireError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let bytes = self.0;
+        let bytes = self.bytes;
         if bytes.is_empty() {
             return None;
         }
         let Some(h) = bytes.get(..DISK_SEGMENT_HEADER_LEN) else {
-            self.0 = &[];
-            return Some(Err(WireError::DiskSegment {
-                at: 0,
-                len: DISK_SEGMENT_HEADER_LEN as u64,
-                left: bytes.len(),
-            }));
+            return self.fail(DISK_SEGMENT_HEADER_LEN as u64, bytes.len());
         };
         let disk = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
         let len = le_u64(&h[8..]);
         let rest = &bytes[DISK_SEGMENT_HEADER_LEN..];
         if len > rest.len() as u64 {
-            self.0 = &[];
-            return Some(Err(WireError::DiskSegment {
-                at: 0,
-                len,
-                left: rest.len(),
-            }));
+            return self.fail(len, rest.len());
         }
         let (seg, tail) = rest.split_at(len as usize);
-        self.0 = tail;
+        self.bytes = tail;
+        self.at += DISK_SEGMENT_HEADER_LEN + seg.len();
         Some(Ok((disk, seg)))
     }
 }
@@ -934,7 +941,7 @@ impl FrameReader {
         read_exact(r, disk, "checkpoint disk section")?;
         hasher.update(disk);
         check_trailer(r, hasher, FrameKind::Checkpoint, body_len)?;
-        for seg in DiskSegments(staging.disk_bytes()) {
+        for seg in DiskSegments::new(staging.disk_bytes()) {
             let (disk, _) = seg?;
             if disk >= lim.disks {
                 return Err(WireError::NoSuchDisk {
@@ -1362,6 +1369,69 @@ mod tests {
             encode_message(&m, &mut buf),
             Err(WireError::ControlTooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn disk_section_round_trips_and_hostile_sections_are_refused() {
+        let st = staged(&[0x1000], b"state");
+        let (a, b) = (vec![1u8; 100], vec![2u8; 7]);
+        let mut f = Vec::new();
+        CheckpointFrame::with_disks(
+            &st,
+            4,
+            1,
+            [(0, &a[..]), (0, &[][..]), (0, &b[..])].into_iter(),
+        )
+        .copy_into(&mut f);
+        let (mut fr, mut rx) = receiver(64 * 4096);
+        let Frame::Checkpoint(cp) = fr.read_frame(&mut &f[..], &mut rx).unwrap() else {
+            panic!("not a checkpoint")
+        };
+        let segs: Vec<_> = cp.disk_segments().collect();
+        assert_eq!(
+            segs,
+            [(0, &a[..]), (0, &b[..])],
+            "empty segments are left out"
+        );
+
+        // A segment for a disk the guest does not have (it has one).
+        let mut f = Vec::new();
+        CheckpointFrame::with_disks(&st, 5, 1, std::iter::once((1, &a[..]))).copy_into(&mut f);
+        let (e, rx) = read_err(&f, 64 * 4096);
+        assert!(
+            matches!(e, WireError::NoSuchDisk { disk: 1, disks: 1 }),
+            "{e}"
+        );
+        assert_eq!(rx.page_count(), 0, "nothing of it is kept");
+
+        // A segment claiming more than the section holds (checksum fixed).
+        let mut f = Vec::new();
+        CheckpointFrame::with_disks(&st, 6, 1, [(0, &a[..]), (0, &b[..])].into_iter())
+            .copy_into(&mut f);
+        let second = f.len() - TRAILER_LEN - b.len() - DISK_SEGMENT_HEADER_LEN;
+        f[second + 8..second + 16].copy_from_slice(&1000u64.to_le_bytes());
+        let n = f.len() - TRAILER_LEN;
+        let crc = crc32fast::hash(&f[..n]);
+        f[n..].copy_from_slice(&crc.to_le_bytes());
+        let (e, _) = read_err(&f, 64 * 4096);
+        assert!(
+            matches!(
+                e,
+                WireError::DiskSegment {
+                    at: 116,
+                    len: 1000,
+                    left: 7
+                }
+            ),
+            "{e}"
+        );
+
+        // A disk section announced past the limit: refused before reading.
+        let mut f = Vec::new();
+        CheckpointFrame::new(&st, 7, 1).copy_into(&mut f);
+        forge(&mut f, 4, DEFAULT_DISK_LIMIT + 1);
+        let (e, _) = read_err(&f, 64 * 4096);
+        assert!(matches!(e, WireError::DiskTooLarge { .. }), "{e}");
     }
 
     #[test]
