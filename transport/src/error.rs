@@ -184,6 +184,123 @@ pub enum TransportError {
         /// Why it failed.
         source: io::Error,
     },
+    /// The peer refused our handshake (a key on one side only, or ours is
+    /// not the one it holds).
+    #[error("{addr} refused the connection: {reason}")]
+    AuthRefused {
+        /// The peer.
+        addr: SocketAddr,
+        /// What it said.
+        reason: Refusal,
+    },
+    /// The peer failed the handshake (see [`Refusal`]); it was told so and
+    /// the connection closed.
+    #[error("rejected the connection from {addr}: {reason}")]
+    AuthFailed {
+        /// The peer.
+        addr: SocketAddr,
+        /// What was wrong.
+        reason: Refusal,
+    },
+    /// A sealed record did not open: the stream was altered, replayed,
+    /// reordered or truncated, or is not from the key holder. The connection
+    /// is dropped.
+    #[error("rejected a sealed record from {addr}: {source}")]
+    Tampered {
+        /// The peer.
+        addr: SocketAddr,
+        /// Which record.
+        source: crate::secure::Rejected,
+    },
+    /// A sealed record announced a length beyond the limit.
+    #[error("rejected a sealed record from {addr}: length {len} (at most {max})")]
+    RecordTooLong {
+        /// The peer.
+        addr: SocketAddr,
+        /// The length it announced.
+        len: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// A clone of a sealed channel was used to send or receive (clones hold
+    /// no keys: they can only shut the channel down).
+    #[error("a clone of the sealed channel to {addr} can only shut it down")]
+    SealedClone {
+        /// The peer.
+        addr: SocketAddr,
+    },
+    /// The handshake's random nonce could not be drawn.
+    #[error("cannot draw a handshake nonce: {0}")]
+    Random(crate::secure::KeyError),
+}
+
+/// Why one side of a handshake turned the other away. Sent as one byte, so
+/// the refused side can say exactly why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The accepting side holds a key; the connecting one runs `--ft-insecure`.
+    NeedKey,
+    /// The accepting side runs `--ft-insecure`; the connecting one holds a key.
+    Insecure,
+    /// The connecting side's proof failed: it does not hold the key the
+    /// accepting side holds.
+    WrongKey,
+    /// The accepting side's proof failed: it does not hold the connecting
+    /// side's key.
+    ResponderWrongKey,
+    /// A cipher this side does not know.
+    Cipher(u8),
+    /// A refusal code this build does not know.
+    Unknown(u8),
+}
+
+impl Refusal {
+    /// Its code on the wire.
+    pub fn code(self) -> u8 {
+        match self {
+            Refusal::NeedKey => 1,
+            Refusal::Insecure => 2,
+            Refusal::WrongKey => 3,
+            Refusal::ResponderWrongKey => 4,
+            Refusal::Cipher(_) => 5,
+            Refusal::Unknown(c) => c,
+        }
+    }
+
+    /// The refusal with this code (never 0, which means "accepted").
+    pub fn from_code(code: u8) -> Refusal {
+        match code {
+            1 => Refusal::NeedKey,
+            2 => Refusal::Insecure,
+            3 => Refusal::WrongKey,
+            4 => Refusal::ResponderWrongKey,
+            5 => Refusal::Cipher(0),
+            c => Refusal::Unknown(c),
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::NeedKey => f.write_str(
+                "the standby requires a key (--ft-key) but the primary runs with --ft-insecure",
+            ),
+            Refusal::Insecure => f.write_str(
+                "the standby runs with --ft-insecure but the primary has a key (--ft-key): \
+                 both sides must use the same setting",
+            ),
+            Refusal::WrongKey => f.write_str(
+                "authentication failed: the primary does not hold the standby's key (--ft-key differs)",
+            ),
+            Refusal::ResponderWrongKey => f.write_str(
+                "authentication failed: the standby does not hold the primary's key (--ft-key differs)",
+            ),
+            Refusal::Cipher(0) => f.write_str("the peer offered a cipher this build does not know"),
+            Refusal::Cipher(c) => write!(f, "unknown cipher code {c}"),
+            Refusal::Unknown(c) => write!(f, "refused with code {c}"),
+        }
+    }
 }
 
 impl TransportError {
@@ -198,6 +315,10 @@ impl TransportError {
                 | TransportError::Recv { .. }
                 | TransportError::Timeout { .. }
                 | TransportError::SocketOption { .. }
+                | TransportError::AuthFailed { .. }
+                | TransportError::Tampered { .. }
+                | TransportError::RecordTooLong { .. }
+                | TransportError::Send { .. }
         )
     }
 
@@ -223,9 +344,15 @@ impl TransportError {
             TransportError::Timeout { .. } | TransportError::AcceptTimeout { .. } => {
                 io::ErrorKind::TimedOut
             }
-            TransportError::BadPreamble { .. } | TransportError::UnsupportedVersion { .. } => {
-                io::ErrorKind::InvalidData
+            TransportError::BadPreamble { .. }
+            | TransportError::UnsupportedVersion { .. }
+            | TransportError::Tampered { .. }
+            | TransportError::RecordTooLong { .. } => io::ErrorKind::InvalidData,
+            TransportError::AuthRefused { .. } | TransportError::AuthFailed { .. } => {
+                io::ErrorKind::PermissionDenied
             }
+            TransportError::SealedClone { .. } => io::ErrorKind::Unsupported,
+            TransportError::Random(_) => io::ErrorKind::Other,
         }
     }
 }

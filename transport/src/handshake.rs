@@ -23,6 +23,7 @@ use ftvmm_checkpoint::protocol::WIRE_VERSION;
 use ftvmm_checkpoint::protocol::{self, PreambleError, PREAMBLE_LEN, SESSION_ID_LEN};
 
 use crate::heartbeat::HeartbeatStream;
+use crate::secure::Security;
 use crate::tcp::{connect_stream, resolve, TcpChannel, TcpOptions};
 use crate::{ChannelListener, TransportError};
 
@@ -126,19 +127,23 @@ pub(crate) struct PendingHalf {
 
 /// Connects the pair to the standby at `addr` (data first, then heartbeat,
 /// both to the same address) within `timeout` in all, with the default
-/// [`TcpOptions`] on the data channel.
+/// [`TcpOptions`] and no authentication (a standby that listens with
+/// [`Security::Insecure`]).
 pub fn connect_pair<A: ToSocketAddrs + fmt::Display>(
     addr: A,
     timeout: Duration,
 ) -> Result<(TcpChannel, HeartbeatStream), TransportError> {
-    connect_pair_with(addr, timeout, &TcpOptions::default())
+    connect_pair_with(addr, timeout, &TcpOptions::default(), &Security::Insecure)
 }
 
-/// [`connect_pair`] with explicit socket options for the data channel.
+/// [`connect_pair`] with explicit socket options for the data channel and
+/// the handshake of [`crate::auth`] on both connections: with a key, both
+/// come back sealed under their own session keys.
 pub fn connect_pair_with<A: ToSocketAddrs + fmt::Display>(
     addr: A,
     timeout: Duration,
     options: &TcpOptions,
+    security: &Security,
 ) -> Result<(TcpChannel, HeartbeatStream), TransportError> {
     let deadline = Instant::now() + timeout;
     let addrs = resolve(&addr)?;
@@ -147,34 +152,54 @@ pub fn connect_pair_with<A: ToSocketAddrs + fmt::Display>(
     let (data, peer) = connect_stream(&addrs, deadline)?;
     let mut data = TcpChannel::from_stream(data, peer, options)?;
     data.set_session(session);
-    send_preamble(data.as_tcp(), peer, ConnectionKind::Data, session)?;
+    let preamble = send_preamble(data.as_tcp(), peer, ConnectionKind::Data, session)?;
+    data.authenticate(&preamble, security, deadline)?;
 
     // Same address as the data channel, so both reach the same standby.
     let (hb, _) = connect_stream(&[peer], deadline)?;
-    let hb = HeartbeatStream::new(hb, peer, Some(session))?;
-    send_preamble(hb.as_tcp(), peer, ConnectionKind::Heartbeat, session)?;
-    log::debug!("connected data and heartbeat channels to {peer}, session {session}");
+    let preamble = send_preamble(&hb, peer, ConnectionKind::Heartbeat, session)?;
+    let keys = crate::auth::initiate(&hb, peer, &preamble, security, deadline)?;
+    let hb = HeartbeatStream::new(hb, peer, Some(session), keys)?;
+    log::debug!(
+        "connected data and heartbeat channels to {peer}, session {session}, {}",
+        match data.cipher() {
+            Some(c) => c.name(),
+            None => "not sealed",
+        }
+    );
     Ok((data, hb))
 }
 
+/// Sends the preamble and returns its bytes (the start of the handshake's
+/// transcript).
 fn send_preamble(
     mut stream: &TcpStream,
     addr: SocketAddr,
     kind: ConnectionKind,
     session: SessionId,
-) -> Result<(), TransportError> {
+) -> Result<[u8; PREAMBLE_LEN + SESSION_ID_LEN], TransportError> {
+    let bytes = encode_preamble(kind, session);
     // 24 bytes into an empty socket buffer: cannot block.
     stream
-        .write_all(&encode_preamble(kind, session))
-        .map_err(|source| TransportError::Send { addr, source })
+        .write_all(&bytes)
+        .map_err(|source| TransportError::Send { addr, source })?;
+    Ok(bytes)
 }
 
-/// Reads and checks the preamble and session id within `timeout`.
+/// Reads and checks the preamble and session id within `timeout`; also
+/// returns the bytes (the start of the handshake's transcript).
 fn read_preamble(
     mut stream: &TcpStream,
     addr: SocketAddr,
     timeout: Duration,
-) -> Result<(ConnectionKind, SessionId), TransportError> {
+) -> Result<
+    (
+        ConnectionKind,
+        SessionId,
+        [u8; PREAMBLE_LEN + SESSION_ID_LEN],
+    ),
+    TransportError,
+> {
     let opt_err = |source| TransportError::SocketOption {
         addr,
         option: "SO_RCVTIMEO",
@@ -220,7 +245,7 @@ fn read_preamble(
     stream.set_read_timeout(None).map_err(opt_err)?;
     let kind = decode_preamble(addr, b[..PREAMBLE_LEN].try_into().expect("8 bytes"))?;
     let session = SessionId(b[PREAMBLE_LEN..].try_into().expect("16 bytes"));
-    Ok((kind, session))
+    Ok((kind, session, b))
 }
 
 impl ChannelListener {
@@ -243,22 +268,34 @@ impl ChannelListener {
         what: &'static str,
     ) -> Result<Incoming, TransportError> {
         let (stream, peer) = self.accept_stream(Some((deadline, timeout)), what)?;
-        let preamble_time = deadline
+        // The preamble and the key exchange share one budget: a peer that
+        // dawdles holds the listener at most this long.
+        let budget = deadline
             .saturating_duration_since(Instant::now())
-            .min(PREAMBLE_TIMEOUT);
-        let tagged = read_preamble(&stream, peer, preamble_time.max(Duration::from_millis(1)))
-            .and_then(|(kind, session)| match kind {
+            .min(PREAMBLE_TIMEOUT)
+            .max(Duration::from_millis(1));
+        let handshake_deadline = Instant::now() + budget;
+        let security = &self.security;
+        let tagged = read_preamble(&stream, peer, budget).and_then(|(kind, session, preamble)| {
+            let keys =
+                crate::auth::respond(&stream, peer, &preamble, security, handshake_deadline)?;
+            match kind {
                 ConnectionKind::Data => {
                     let mut c = TcpChannel::from_stream(stream, peer, &self.options)?;
                     c.set_session(session);
+                    if let Some(keys) = keys {
+                        c.seal_with(keys);
+                    }
                     Ok(Incoming::Data(c))
                 }
                 ConnectionKind::Heartbeat => Ok(Incoming::Heartbeat(HeartbeatStream::new(
                     stream,
                     peer,
                     Some(session),
+                    keys,
                 )?)),
-            });
+            }
+        });
         if tagged.is_err() {
             // The stream was dropped (closed) on the error path.
             self.rejected += 1;
@@ -457,10 +494,12 @@ mod tests {
         let mut l = ChannelListener::bind("127.0.0.1:0").unwrap();
         let (sa, sb) = (SessionId::random(), SessionId::random());
         // data A, data B, heartbeat B, heartbeat A.
-        let _da = raw_connect(&l, &encode_preamble(ConnectionKind::Data, sa));
-        let _db = raw_connect(&l, &encode_preamble(ConnectionKind::Data, sb));
-        let _hb = raw_connect(&l, &encode_preamble(ConnectionKind::Heartbeat, sb));
-        let _ha = raw_connect(&l, &encode_preamble(ConnectionKind::Heartbeat, sa));
+        // Each half as an insecure primary sends it: preamble, then offer.
+        let half = |kind, s| [&encode_preamble(kind, s)[..], &crate::auth::INSECURE_OFFER].concat();
+        let _da = raw_connect(&l, &half(ConnectionKind::Data, sa));
+        let _db = raw_connect(&l, &half(ConnectionKind::Data, sb));
+        let _hb = raw_connect(&l, &half(ConnectionKind::Heartbeat, sb));
+        let _ha = raw_connect(&l, &half(ConnectionKind::Heartbeat, sa));
         let (d1, h1) = l.accept_pair(T).unwrap();
         assert_eq!((d1.session(), h1.session()), (Some(sb), Some(sb)));
         let (d2, h2) = l.accept_pair(T).unwrap();

@@ -55,6 +55,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::handshake::SessionId;
+use crate::secure::{Opener, Sealer, SessionKeys, TAG_LEN};
 use crate::tcp::{apply_options, TcpOptions};
 use crate::wait::Readiness;
 use crate::TransportError;
@@ -83,6 +84,13 @@ pub enum PeerLost {
     },
     /// The peer sent something that is not a heartbeat frame.
     BadMessage(BadHeartbeat),
+    /// A sealed heartbeat failed to open: altered, replayed, reordered or
+    /// not from the key holder. Never acted on (not even as a fencing
+    /// notice); the connection is lost.
+    Forged {
+        /// Which sealed heartbeat.
+        record: u64,
+    },
 }
 
 impl fmt::Display for PeerLost {
@@ -99,6 +107,10 @@ impl fmt::Display for PeerLost {
                 )
             }
             PeerLost::BadMessage(why) => write!(f, "peer sent a bad heartbeat: {why}"),
+            PeerLost::Forged { record } => write!(
+                f,
+                "heartbeat {record} failed authentication (altered, replayed or not from the key holder)"
+            ),
         }
     }
 }
@@ -110,6 +122,8 @@ pub struct HeartbeatStream {
     stream: TcpStream,
     peer: SocketAddr,
     session: Option<SessionId>,
+    /// Each heartbeat is sealed (and each received one opened) with these.
+    keys: Option<SessionKeys>,
 }
 
 impl HeartbeatStream {
@@ -117,6 +131,7 @@ impl HeartbeatStream {
         stream: TcpStream,
         peer: SocketAddr,
         session: Option<SessionId>,
+        keys: Option<SessionKeys>,
     ) -> Result<HeartbeatStream, TransportError> {
         // Small messages: no Nagle, default buffers, keepalive off.
         let opts = TcpOptions {
@@ -129,7 +144,13 @@ impl HeartbeatStream {
             stream,
             peer,
             session,
+            keys,
         })
+    }
+
+    /// Whether heartbeats on it are sealed (a keyed handshake).
+    pub fn is_sealed(&self) -> bool {
+        self.keys.is_some()
     }
 
     /// Uses an already connected stream for heartbeats (no handshake).
@@ -137,7 +158,7 @@ impl HeartbeatStream {
         let peer = stream
             .peer_addr()
             .map_err(|source| TransportError::NoPeer { source })?;
-        HeartbeatStream::new(stream, peer, None)
+        HeartbeatStream::new(stream, peer, None, None)
     }
 
     /// The session of the handshake that produced it, if any.
@@ -443,6 +464,7 @@ impl Heartbeat {
         let interval = interval.max(Duration::from_millis(1));
         let timeout = interval.saturating_mul(k.max(1));
         let peer = stream.peer;
+        let (sealer, opener) = stream.keys.map(|k| (k.tx, k.rx)).unzip();
         let detector = Arc::new(FailureDetector::new(generation, timeout)?);
         let epoch = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(StopFlag::default());
@@ -486,7 +508,9 @@ impl Heartbeat {
                         ours: generation,
                         successor: &successor,
                     };
-                    send_loop(tx_stream, peer, interval, gens, &epoch, &detector, &stop)
+                    send_loop(
+                        tx_stream, sealer, peer, interval, gens, &epoch, &detector, &stop,
+                    )
                 })
                 .map_err(|source| TransportError::Spawn {
                     what: "sender",
@@ -499,7 +523,9 @@ impl Heartbeat {
                 .name("ft-hb-recv".into())
                 .spawn(move || {
                     raise_to_realtime("receiver");
-                    recv_loop(rx_stream, rx_ready, peer, interval, &detector, &stop)
+                    recv_loop(
+                        rx_stream, opener, rx_ready, peer, interval, &detector, &stop,
+                    )
                 })
         };
         let receiver = match receiver {
@@ -581,8 +607,10 @@ struct Generations<'a> {
     successor: &'a AtomicU64,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn send_loop(
     stream: TcpStream,
+    mut sealer: Option<Sealer>,
     peer: SocketAddr,
     interval: Duration,
     gens: Generations<'_>,
@@ -603,12 +631,22 @@ fn send_loop(
         } else {
             gens.ours
         };
-        let msg = protocol::Heartbeat {
+        let frame = protocol::Heartbeat {
             generation,
             epoch: epoch.load(Ordering::Acquire),
             seq,
         }
         .encode_frame();
+        let mut sealed = [0u8; HEARTBEAT_FRAME_LEN + TAG_LEN];
+        sealed[..HEARTBEAT_FRAME_LEN].copy_from_slice(&frame);
+        let msg = match sealer.as_mut() {
+            Some(sealer) => {
+                let tag = sealer.seal(&[], &mut sealed[..HEARTBEAT_FRAME_LEN]);
+                sealed[HEARTBEAT_FRAME_LEN..].copy_from_slice(&tag);
+                &sealed[..]
+            }
+            None => &sealed[..HEARTBEAT_FRAME_LEN],
+        };
         let mut sent = 0;
         while sent < msg.len() {
             // MSG_NOSIGNAL: a peer that went away is EPIPE, not SIGPIPE.
@@ -713,6 +751,7 @@ impl Drop for GapLog<'_> {
 
 fn recv_loop(
     mut stream: TcpStream,
+    mut opener: Option<Opener>,
     mut ready: Readiness,
     peer: SocketAddr,
     interval: Duration,
@@ -726,7 +765,9 @@ fn recv_loop(
         detector,
         logged: Duration::ZERO,
     };
-    let mut buf = [0u8; HEARTBEAT_FRAME_LEN];
+    // A sealed heartbeat is the frame's ciphertext and its tag.
+    let frame_len = HEARTBEAT_FRAME_LEN + if opener.is_some() { TAG_LEN } else { 0 };
+    let mut buf = [0u8; HEARTBEAT_FRAME_LEN + TAG_LEN];
     let mut got = 0;
     let verdict = loop {
         if stop.is_raised() {
@@ -754,13 +795,25 @@ fn recv_loop(
         }
         // Readable, so this returns at once (SO_RCVTIMEO bounds a spurious
         // wakeup; the sender's clone never reads).
-        match stream.read(&mut buf[got..]) {
+        match stream.read(&mut buf[got..frame_len]) {
             Ok(0) => break PeerLost::ConnectionClosed,
             Ok(n) => {
                 got += n;
-                if got == HEARTBEAT_FRAME_LEN {
+                if got == frame_len {
                     got = 0;
-                    match protocol::Heartbeat::decode_frame(&buf) {
+                    if let Some(opener) = opener.as_mut() {
+                        let (frame, tag) = buf.split_at_mut(HEARTBEAT_FRAME_LEN);
+                        let tag: [u8; TAG_LEN] = (&*tag).try_into().expect("TAG_LEN bytes");
+                        if let Err(bad) = opener.open(&[], frame, tag) {
+                            break PeerLost::Forged {
+                                record: bad.counter,
+                            };
+                        }
+                    }
+                    let frame: &[u8; HEARTBEAT_FRAME_LEN] = (&buf[..HEARTBEAT_FRAME_LEN])
+                        .try_into()
+                        .expect("frame length");
+                    match protocol::Heartbeat::decode_frame(frame) {
                         Ok(msg) => {
                             if let Err(fenced) = detector.observe(&msg, Instant::now()) {
                                 break fenced;

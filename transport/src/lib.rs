@@ -47,17 +47,21 @@
 //! # Ok(()) }
 //! ```
 
+mod auth;
 pub mod channel;
 mod error;
 pub mod handshake;
 pub mod heartbeat;
+pub mod record;
+pub mod secure;
 mod tcp;
 #[cfg(test)]
 mod test_utils;
 mod wait;
 
 pub use channel::{Channel, ChannelReader, ChannelWriter, SEND_WINDOW};
-pub use error::TransportError;
+pub use error::{Refusal, TransportError};
 pub use handshake::{connect_pair, connect_pair_with, ConnectionKind, Incoming, SessionId};
 pub use heartbeat::{FailureDetector, Heartbeat, HeartbeatHandle, HeartbeatStream, PeerLost};
+pub use secure::{Cipher, FtKey, KeyError, Security};
 pub use tcp::{ChannelListener, ChannelStats, TcpChannel, TcpOptions, DEFAULT_SOCKET_BUFFER};

@@ -10,6 +10,8 @@ use vmm_sys_util::epoll::EventSet;
 
 use crate::channel::{write_all_chunks, Channel};
 use crate::handshake::{PendingHalf, SessionId};
+use crate::record::{check_len, Records, RECORD_HEADER};
+use crate::secure::{Cipher, Security, SessionKeys, TAG_LEN};
 use crate::wait::Readiness;
 use crate::TransportError;
 
@@ -63,6 +65,12 @@ pub struct TcpChannel {
     write_timeout: Option<Duration>,
     session: Option<SessionId>,
     stats: ChannelStats,
+    /// Sealing state when the handshake was keyed (see [`crate::record`]).
+    records: Option<Box<Records>>,
+    /// The cipher of `records`.
+    cipher: Option<Cipher>,
+    /// A key-less clone of a sealed channel: it can only shut down.
+    sealed_clone: bool,
 }
 
 impl std::fmt::Debug for TcpChannel {
@@ -71,6 +79,7 @@ impl std::fmt::Debug for TcpChannel {
             .field("peer", &self.peer)
             .field("fd", &self.stream.as_raw_fd())
             .field("session", &self.session)
+            .field("cipher", &self.cipher)
             .finish()
     }
 }
@@ -154,11 +163,48 @@ impl TcpChannel {
             write_timeout: None,
             session: None,
             stats: ChannelStats::default(),
+            records: None,
+            cipher: None,
+            sealed_clone: false,
         })
     }
 
     pub(crate) fn set_session(&mut self, session: SessionId) {
         self.session = Some(session);
+    }
+
+    /// From now on every byte both ways is sealed with these keys (see
+    /// [`crate::record`]).
+    pub(crate) fn seal_with(&mut self, keys: SessionKeys) {
+        self.cipher = Some(keys.cipher);
+        self.records = Some(Box::new(Records::new(keys)));
+    }
+
+    /// The AEAD sealing this channel, or `None` for a plain
+    /// (`--ft-insecure`) one.
+    pub fn cipher(&self) -> Option<Cipher> {
+        self.cipher
+    }
+
+    /// Sealed records sent and received so far (0, 0 when plain).
+    pub fn records(&self) -> (u64, u64) {
+        self.records.as_ref().map_or((0, 0), |r| r.counts())
+    }
+
+    /// Runs the handshake of [`crate::auth`] as the initiator on a channel
+    /// whose `preamble` was just sent, and seals the channel if keyed.
+    pub(crate) fn authenticate(
+        &mut self,
+        preamble: &[u8],
+        security: &Security,
+        deadline: Instant,
+    ) -> Result<(), TransportError> {
+        if let Some(keys) =
+            crate::auth::initiate(&self.stream, self.peer, preamble, security, deadline)?
+        {
+            self.seal_with(keys);
+        }
+        Ok(())
     }
 
     /// The session id of the handshake that paired this channel with its
@@ -214,8 +260,9 @@ impl TcpChannel {
     }
 }
 
-impl Channel for TcpChannel {
-    fn send_chunks(
+impl TcpChannel {
+    /// Sends the chunks as they are (the plain stream, or sealed records).
+    fn send_plain(
         &mut self,
         chunks: &mut dyn Iterator<Item = &[u8]>,
     ) -> Result<u64, TransportError> {
@@ -256,7 +303,8 @@ impl Channel for TcpChannel {
         }
     }
 
-    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
+    /// One `read(2)` of the raw stream (retrying `EINTR`); 0 is EOF.
+    fn read_some(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
         loop {
             match self.stream.read(buf) {
                 Ok(n) => return Ok(n),
@@ -266,23 +314,227 @@ impl Channel for TcpChannel {
         }
     }
 
-    fn recv_exact(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
+    /// Fills `buf` from the raw stream.
+    fn read_full(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
         let mut got = 0;
         while got < buf.len() {
-            match self.stream.read(&mut buf[got..]) {
-                Ok(0) => {
+            match self.read_some(&mut buf[got..])? {
+                0 => {
                     return Err(TransportError::Closed {
                         addr: self.peer,
                         got,
                         wanted: buf.len(),
                     })
                 }
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(self.recv_err(e)),
+                n => got += n,
             }
         }
         Ok(())
+    }
+
+    fn refuse_clone(&self) -> Result<(), TransportError> {
+        if self.sealed_clone {
+            return Err(TransportError::SealedClone { addr: self.peer });
+        }
+        Ok(())
+    }
+
+    fn send_sealed(
+        &mut self,
+        rec: &mut Records,
+        chunks: &mut dyn Iterator<Item = &[u8]>,
+    ) -> Result<u64, TransportError> {
+        let mut total = 0u64;
+        for chunk in chunks {
+            total += chunk.len() as u64;
+            let mut rest = chunk;
+            while !rest.is_empty() {
+                let n = rec.push(rest);
+                rest = &rest[n..];
+                if rec.is_full() {
+                    self.send_plain(&mut std::iter::once(rec.seal()))?;
+                }
+            }
+        }
+        if rec.pending() > 0 {
+            self.send_plain(&mut std::iter::once(rec.seal()))?;
+        }
+        Ok(total)
+    }
+
+    /// Reads the next record's header into `rec`'s partial record; false
+    /// on a clean end of stream (between records). A timeout can end it
+    /// anywhere; the next call goes on from there.
+    fn read_header(&mut self, rec: &mut Records) -> Result<bool, TransportError> {
+        if rec.broken {
+            return Err(TransportError::Closed {
+                addr: self.peer,
+                got: 0,
+                wanted: RECORD_HEADER,
+            });
+        }
+        loop {
+            let (p, _) = rec.partial();
+            if p.header_got == RECORD_HEADER {
+                return Ok(true);
+            }
+            let got = p.header_got;
+            let mut head = p.header;
+            let n = self.read_some(&mut head[got..])?;
+            let (p, _) = rec.partial();
+            if n == 0 {
+                if got == 0 {
+                    return Ok(false);
+                }
+                return Err(TransportError::Closed {
+                    addr: self.peer,
+                    got,
+                    wanted: RECORD_HEADER,
+                });
+            }
+            p.header = head;
+            p.header_got += n;
+            if let Some(len) = p.len() {
+                if let Err(len) = check_len(len) {
+                    rec.broken = true;
+                    return Err(TransportError::RecordTooLong {
+                        addr: self.peer,
+                        len,
+                        max: crate::record::RECORD_MAX as u32,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Receives the rest of the current record into `rec` and opens it;
+    /// false on a clean end of stream.
+    fn fill_record(&mut self, rec: &mut Records) -> Result<bool, TransportError> {
+        if !self.read_header(rec)? {
+            return Ok(false);
+        }
+        loop {
+            let (p, body) = rec.partial();
+            if p.body_got == body.len() {
+                break;
+            }
+            let got = p.body_got;
+            let wanted = body.len();
+            let n = loop {
+                match self.stream.read(&mut body[got..]) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(self.recv_err(e)),
+                }
+            };
+            if n == 0 {
+                rec.broken = true;
+                return Err(TransportError::Closed {
+                    addr: self.peer,
+                    got,
+                    wanted,
+                });
+            }
+            p.body_got += n;
+        }
+        rec.open_partial().map_err(|source| {
+            rec.broken = true;
+            TransportError::Tampered {
+                addr: self.peer,
+                source,
+            }
+        })?;
+        Ok(true)
+    }
+
+    fn recv_sealed(&mut self, rec: &mut Records, buf: &mut [u8]) -> Result<usize, TransportError> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if !rec.has_plaintext() && !self.fill_record(rec)? {
+            return Ok(0);
+        }
+        Ok(rec.take(buf))
+    }
+
+    fn recv_exact_sealed(
+        &mut self,
+        rec: &mut Records,
+        buf: &mut [u8],
+    ) -> Result<(), TransportError> {
+        let mut pos = rec.take(buf);
+        while pos < buf.len() {
+            if !self.read_header(rec)? {
+                return Err(TransportError::Closed {
+                    addr: self.peer,
+                    got: pos,
+                    wanted: buf.len(),
+                });
+            }
+            let (p, _) = rec.partial();
+            let len = p.len().expect("header complete");
+            if p.body_got == 0 && len <= buf.len() - pos {
+                // A whole record fits: open it where the caller wants it.
+                let header = p.header;
+                let mut tag = [0u8; TAG_LEN];
+                let dst = &mut buf[pos..pos + len];
+                if let Err(e) = self.read_full(dst).and_then(|()| self.read_full(&mut tag)) {
+                    rec.broken = true;
+                    return Err(e);
+                }
+                rec.clear_partial();
+                rec.open_direct(header, &mut buf[pos..pos + len], tag)
+                    .map_err(|source| {
+                        rec.broken = true;
+                        TransportError::Tampered {
+                            addr: self.peer,
+                            source,
+                        }
+                    })?;
+                pos += len;
+            } else {
+                if !self.fill_record(rec)? {
+                    unreachable!("the header was in");
+                }
+                pos += rec.take(&mut buf[pos..]);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Channel for TcpChannel {
+    fn send_chunks(
+        &mut self,
+        chunks: &mut dyn Iterator<Item = &[u8]>,
+    ) -> Result<u64, TransportError> {
+        self.refuse_clone()?;
+        let Some(mut rec) = self.records.take() else {
+            return self.send_plain(chunks);
+        };
+        let r = self.send_sealed(&mut rec, chunks);
+        self.records = Some(rec);
+        r
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
+        self.refuse_clone()?;
+        let Some(mut rec) = self.records.take() else {
+            return self.read_some(buf);
+        };
+        let r = self.recv_sealed(&mut rec, buf);
+        self.records = Some(rec);
+        r
+    }
+
+    fn recv_exact(&mut self, buf: &mut [u8]) -> Result<(), TransportError> {
+        self.refuse_clone()?;
+        let Some(mut rec) = self.records.take() else {
+            return self.read_full(buf);
+        };
+        let r = self.recv_exact_sealed(&mut rec, buf);
+        self.records = Some(rec);
+        r
     }
 
     fn set_read_timeout(&mut self, timeout: Option<Duration>) -> Result<(), TransportError> {
@@ -327,6 +579,9 @@ impl Channel for TcpChannel {
             write_timeout: self.write_timeout,
             session: self.session,
             stats: ChannelStats::default(),
+            records: None,
+            cipher: self.cipher,
+            sealed_clone: self.records.is_some() || self.sealed_clone,
         })
     }
 
@@ -343,6 +598,12 @@ impl Channel for TcpChannel {
 impl Read for TcpChannel {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.recv(buf).map_err(io::Error::from)
+    }
+
+    /// [`Channel::recv_exact`]: on a sealed channel, whole records are
+    /// opened straight in `buf`.
+    fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        self.recv_exact(buf).map_err(io::Error::from)
     }
 }
 
@@ -427,6 +688,8 @@ pub struct ChannelListener {
     /// Handshaken connections still waiting for their other half.
     pub(crate) pending: Vec<PendingHalf>,
     pub(crate) rejected: u64,
+    /// What the handshake demands of a connecting primary.
+    pub(crate) security: Security,
 }
 
 impl std::fmt::Debug for ChannelListener {
@@ -467,7 +730,14 @@ impl ChannelListener {
             options,
             pending: Vec::new(),
             rejected: 0,
+            security: Security::Insecure,
         })
+    }
+
+    /// What the handshake demands of connecting primaries from now on
+    /// (a new listener accepts unauthenticated ones: [`Security::Insecure`]).
+    pub fn set_security(&mut self, security: Security) {
+        self.security = security;
     }
 
     /// The address actually bound.
