@@ -62,7 +62,7 @@ pub const MAGIC: [u8; 4] = *b"FTVM";
 /// heartbeat format of its own). Version 3: checkpoints carry a disk section
 /// (a 40-byte checkpoint header), Hello describes the disks and the sync mode,
 /// and `DiskHashes` frames exist.
-pub const WIRE_VERSION: u16 = 3;
+pub const WIRE_VERSION: u16 = 4;
 /// Length of the common frame header.
 pub const FRAME_HEADER_LEN: usize = 16;
 /// Length of the checksum trailer of every frame.

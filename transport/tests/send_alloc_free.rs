@@ -11,7 +11,9 @@ use std::thread;
 use std::time::Duration;
 
 use ftvmm_checkpoint::{CheckpointFrame, Staging, StagingConfig, PAGE_SIZE};
-use ftvmm_transport::{Channel, ChannelListener, TcpChannel, TcpOptions};
+use ftvmm_transport::{
+    connect_pair_with, Channel, ChannelListener, FtKey, Security, TcpChannel, TcpOptions,
+};
 
 struct Counting;
 
@@ -60,6 +62,17 @@ const PAGES: usize = 2000;
 
 #[test]
 fn send_checkpoint_allocates_nothing_even_when_the_socket_is_full() {
+    send_rounds(false);
+}
+
+/// Sealing copies each chunk into the channel's one record buffer and
+/// encrypts it in place: still nothing allocated per checkpoint.
+#[test]
+fn a_sealed_channel_allocates_nothing_either() {
+    send_rounds(true);
+}
+
+fn send_rounds(sealed: bool) {
     // Four pages per slab: 500 slab chunks, several send windows per frame.
     let mut st = Staging::new(StagingConfig {
         slab_bytes: 4 * PAGE_SIZE,
@@ -79,9 +92,21 @@ fn send_checkpoint_allocates_nothing_even_when_the_socket_is_full() {
         send_buffer: Some(64 << 10),
         recv_buffer: Some(64 << 10),
     };
-    let l = ChannelListener::bind_with("127.0.0.1:0", small).unwrap();
-    let mut tx = TcpChannel::connect_with(l.local_addr(), Duration::from_secs(5), &small).unwrap();
-    let mut rx = l.accept_timeout(Duration::from_secs(5)).unwrap();
+    let mut l = ChannelListener::bind_with("127.0.0.1:0", small).unwrap();
+    let t = Duration::from_secs(5);
+    let (mut tx, mut rx, _hbs) = if sealed {
+        let key = || Security::keyed(FtKey::from_bytes(&[9; 32]).unwrap());
+        l.set_security(key());
+        let addr = l.local_addr();
+        let p = thread::spawn(move || connect_pair_with(addr, t, &small, &key()).unwrap());
+        let (rx, s_hb) = l.accept_pair(t).unwrap();
+        let (tx, p_hb) = p.join().unwrap();
+        assert!(tx.cipher().is_some());
+        (tx, rx, Some((p_hb, s_hb)))
+    } else {
+        let tx = TcpChannel::connect_with(l.local_addr(), t, &small).unwrap();
+        (tx, l.accept_timeout(t).unwrap(), None)
+    };
     let frame_len = CheckpointFrame::new(&st, 0, 1).len();
     const ROUNDS: u64 = 6;
     let drain = thread::spawn(move || {
@@ -110,10 +135,12 @@ fn send_checkpoint_allocates_nothing_even_when_the_socket_is_full() {
     drain.join().unwrap();
 
     let after = tx.stats();
-    assert_eq!(
-        after.bytes_sent - before.bytes_sent,
-        frame_len * (ROUNDS - 1)
-    );
+    if !sealed {
+        assert_eq!(
+            after.bytes_sent - before.bytes_sent,
+            frame_len * (ROUNDS - 1)
+        );
+    }
     assert!(
         after.send_waits > before.send_waits,
         "the counted rounds should have waited for buffer room: {after:?}"

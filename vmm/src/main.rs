@@ -34,6 +34,53 @@ enum Command {
     Ctl(CtlArgs),
     /// A primary and a standby on this machine, a failover, a summary.
     Demo(demo::DemoArgs),
+    /// Write a fresh pre-shared key for the checkpoint channel (mode 0600).
+    Keygen(KeygenArgs),
+}
+
+#[derive(Args, Debug)]
+struct KeygenArgs {
+    /// Where to write the key (never overwritten).
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+}
+
+/// The checkpoint channel's protection, as `run` and `standby` take it.
+#[derive(Args, Debug)]
+struct KeyArgs {
+    /// The pre-shared key that authenticates and seals the checkpoint
+    /// channel (at least 32 random bytes, readable by its owner only; make
+    /// one with `ftvmm keygen FILE`). Also read from $FTVMM_FT_KEY.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "FTVMM_FT_KEY",
+        conflicts_with = "ft_insecure"
+    )]
+    ft_key: Option<PathBuf>,
+    /// Run the checkpoint channel without authentication or encryption
+    /// (anyone who reaches the standby's port can feed it a VM); a warning
+    /// is printed. Both sides must agree.
+    #[arg(long)]
+    ft_insecure: bool,
+}
+
+impl KeyArgs {
+    /// The key or the insecure choice; `None` if neither was given.
+    fn security(&self) -> Result<Option<ftvmm_transport::Security>, CliError> {
+        use ftvmm_transport::{FtKey, Security};
+        match (&self.ft_key, self.ft_insecure) {
+            (Some(path), _) => Ok(Some(Security::keyed(FtKey::load(path)?))),
+            (None, true) => {
+                log::warn!(
+                    "--ft-insecure: the checkpoint channel is neither authenticated nor encrypted; \
+                     anyone who reaches the standby's port can read the guest's memory or feed it a VM"
+                );
+                Ok(Some(Security::Insecure))
+            }
+            (None, false) => Ok(None),
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -122,6 +169,8 @@ struct FtArgs {
     /// Checkpoint transport.
     #[arg(long, value_enum, default_value_t = TransportArg::Tcp)]
     transport: TransportArg,
+    #[command(flatten)]
+    key: KeyArgs,
     /// How vCPU writes are tracked: KVM's dirty bitmap (manual protect) or per-vCPU dirty rings.
     #[arg(long, value_enum, default_value_t = DirtyTrackArg::Bitmap)]
     dirty_track: DirtyTrackArg,
@@ -183,6 +232,8 @@ struct StandbyArgs {
     /// v3 client URLs, comma-separated (the primary's own).
     #[arg(long, value_name = "URLS")]
     witness: Option<String>,
+    #[command(flatten)]
+    key: KeyArgs,
 }
 
 #[derive(Args, Debug)]
@@ -256,7 +307,12 @@ fn ft_options(ft: FtArgs) -> Result<(Option<String>, FtOptions), CliError> {
     if ft.transport == TransportArg::Rdma {
         return Err(CliError::NoRdma);
     }
+    let security = ft.key.security()?;
+    if ft.ft_peer.is_some() && security.is_none() {
+        return Err(CliError::NeedKey("a protected run (--ft-peer)"));
+    }
     let opts = FtOptions {
+        security,
         peer: ft.ft_peer.clone().unwrap_or_default(),
         interval: Duration::from_millis(ft.ft_interval_ms),
         heartbeat: Duration::from_millis(ft.heartbeat_ms),
@@ -322,7 +378,9 @@ fn run(args: RunArgs) -> Result<(), CliError> {
 }
 
 fn standby(args: StandbyArgs) -> Result<(), CliError> {
+    let security = args.key.security()?.ok_or(CliError::NeedKey("a standby"))?;
     let opts = StandbyOptions {
+        security,
         listen: args.listen,
         serial: args.serial,
         net: args.net,
@@ -346,6 +404,12 @@ enum CliError {
     /// `--vcpus` out of range.
     #[error("--vcpus {0} is invalid: it must be between 1 and 254")]
     Vcpus(u64),
+    /// Neither `--ft-key` nor `--ft-insecure` where one is required.
+    #[error("{0} needs --ft-key FILE (make one with `ftvmm keygen FILE` and copy it to both hosts) or --ft-insecure")]
+    NeedKey(&'static str),
+    /// A key file.
+    #[error(transparent)]
+    Key(#[from] ftvmm_transport::KeyError),
     /// `--transport rdma` in a build without it.
     #[error("--transport rdma is not available in this build; use --transport tcp")]
     NoRdma,
@@ -409,6 +473,18 @@ fn ctl(args: CtlArgs) -> Result<(), CliError> {
     }
 }
 
+fn keygen(args: &KeygenArgs) -> Result<(), CliError> {
+    ftvmm_transport::FtKey::write_new(&args.file)?;
+    let key = ftvmm_transport::FtKey::load(&args.file)?;
+    println!(
+        "wrote a {}-byte key to {} (mode 0600, fingerprint {}); copy it to the other host over a trusted channel",
+        ftvmm_transport::secure::KEY_MIN_LEN,
+        args.file.display(),
+        key.fingerprint()
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -431,6 +507,7 @@ fn main() -> ExitCode {
         Command::Standby(args) => standby(args),
         Command::Ctl(args) => ctl(args),
         Command::Demo(args) => demo::run(&args).map_err(CliError::from),
+        Command::Keygen(args) => keygen(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,9 @@ use std::process::ExitStatus;
 /// Why the demo failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
+    /// The pair's key could not be made.
+    #[error("cannot make the demo's channel key: {0}")]
+    Key(#[from] ftvmm_transport::KeyError),
     /// KVM is not usable.
     #[error("the demo needs KVM: {0}")]
     Kvm(#[from] ftvmm::vm::VmError),

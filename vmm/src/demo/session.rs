@@ -24,6 +24,8 @@ use super::DemoArgs;
 const PRIMARY_IMG: &str = "primary.img";
 /// The standby's replica of it.
 const REPLICA_IMG: &str = "replica.img";
+/// The pair's pre-shared key, made fresh for each demo.
+const KEY_FILE: &str = "ft.key";
 /// How long the standby gets to listen (its control API to answer).
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the primary gets to commit its first checkpoint (initial sync).
@@ -107,6 +109,9 @@ impl<'a> Demo<'a> {
             "files (disk images, consoles, metrics, logs, plot): {}",
             self.dir.display()
         );
+        // The pair's own key: the channel is authenticated and sealed.
+        let _ = std::fs::remove_file(self.path(KEY_FILE));
+        ftvmm_transport::FtKey::write_new(&self.path(KEY_FILE))?;
         // Both start as zeros, so the check at the end knows every byte.
         create_image(&self.path(PRIMARY_IMG))?;
         create_image(&self.path(REPLICA_IMG))?;
@@ -153,6 +158,8 @@ impl<'a> Demo<'a> {
             format!("file:{}", self.path("standby.console").display()),
             "--api".into(),
             api.socket().display().to_string(),
+            "--ft-key".into(),
+            self.path(KEY_FILE).display().to_string(),
         ];
         let mut proc = RoleProc::spawn("standby", &self.exe, &self.dir, &args)?;
         let status = api.wait_ready(&mut proc, LISTEN_TIMEOUT, &self.dir)?;
@@ -184,6 +191,8 @@ impl<'a> Demo<'a> {
             self.path("metrics.jsonl").display().to_string(),
             "--api".into(),
             api.socket().display().to_string(),
+            "--ft-key".into(),
+            self.path(KEY_FILE).display().to_string(),
         ];
         let proc = RoleProc::spawn("primary", &self.exe, &self.dir, &args)?;
         Ok(Role { proc, api })

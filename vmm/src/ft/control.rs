@@ -80,6 +80,9 @@ impl Runner {
                 }
                 .to_string(),
             ),
+            Request::Protect { .. } if self.ft.security.is_none() => {
+                Response::error(FtError::NoKey.to_string())
+            }
             Request::Protect { .. } if self.user_paused => {
                 Response::error("resume the guest before protecting it")
             }

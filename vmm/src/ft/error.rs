@@ -84,6 +84,10 @@ pub enum FtError {
     /// sync).
     #[error("standby lost: {0}")]
     PeerLost(Box<super::session::PeerLoss>),
+    /// Protection asked of a VM started with neither `--ft-key` nor
+    /// `--ft-insecure`.
+    #[error("this VM was started without --ft-key FILE (or --ft-insecure): it cannot pair with a standby")]
+    NoKey,
     /// `ctl protect` on a VM that has a standby.
     #[error("already protected by standby {peer}")]
     AlreadyProtected {

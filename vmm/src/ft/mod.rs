@@ -66,6 +66,10 @@ pub struct FtOptions {
     pub disk_sync: ftvmm_checkpoint::DiskSync,
     /// Network output commit: backend and memory limit.
     pub netbuf: ftvmm_netbuf::NetbufConfig,
+    /// How the checkpoint channel is protected (`--ft-key` or
+    /// `--ft-insecure`); `None`: neither was given, so this VM cannot be
+    /// protected.
+    pub security: Option<ftvmm_transport::Security>,
 }
 
 /// CRC-32 of all guest RAM, region by region: the memory-equality tests

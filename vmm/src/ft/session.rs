@@ -17,7 +17,8 @@ use ftvmm_checkpoint::{
     Staging, StagingConfig, WireError, WIRE_VERSION,
 };
 use ftvmm_transport::{
-    connect_pair, Channel, Heartbeat, HeartbeatHandle, PeerLost, TcpChannel, TransportError,
+    connect_pair_with, Channel, Heartbeat, HeartbeatHandle, PeerLost, TcpChannel, TcpOptions,
+    TransportError,
 };
 
 use super::fault::{die_now, Fault, FaultPoint};
@@ -100,7 +101,20 @@ impl Session {
     /// Connects to the standby at `ft.peer` and pairs: Hello with the
     /// guest's shape, its HelloAck (or its refusal), heartbeats started.
     pub fn connect(shape: &GuestShape, ft: &FtOptions) -> Result<Session, FtError> {
-        let (mut chan, hb_stream) = connect_pair(ft.peer.as_str(), CONNECT_TIMEOUT)?;
+        let security = ft.security.as_ref().ok_or(FtError::NoKey)?;
+        let (mut chan, hb_stream) = connect_pair_with(
+            ft.peer.as_str(),
+            CONNECT_TIMEOUT,
+            &TcpOptions::default(),
+            security,
+        )?;
+        if let Some(cipher) = chan.cipher() {
+            log::info!(
+                "channel to {} authenticated and sealed with {}",
+                ft.peer,
+                cipher.name()
+            );
+        }
         let hello = Message::Hello(Hello {
             version: WIRE_VERSION,
             generation: ft.generation,

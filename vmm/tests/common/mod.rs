@@ -18,11 +18,28 @@ use std::time::{Duration, Instant};
 pub use ftvmm::transcript::{self, complete_lines, hb_line, heartbeats};
 pub use host::*;
 
-/// The `ftvmm` binary cargo built for these tests.
+/// The `ftvmm` binary cargo built for these tests, with the tests' shared
+/// channel key in `FTVMM_FT_KEY` (so every primary and standby they start
+/// runs keyed, as in production; a test of the key rules removes it).
 pub fn ftvmm() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ftvmm"));
     c.stdin(Stdio::null());
+    c.env("FTVMM_FT_KEY", test_key());
     c
+}
+
+/// A channel key made once per test process (mode 0600, removed at exit
+/// by nobody: it lives in this process's own temporary directory name).
+pub fn test_key() -> &'static Path {
+    static KEY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("ftvmm-test-key-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("key directory");
+        let path = dir.join("ft.key");
+        ftvmm_transport::FtKey::write_new(&path).expect("test key");
+        path
+    })
 }
 
 /// What a finished process left.

@@ -438,6 +438,7 @@ impl Receiver<'_> {
             heartbeat: Duration::from_millis(u64::from(hello.heartbeat_ms.max(1))),
             witness: self.opts.witness.clone().filter(|_| hello.witnessed),
             vm_id: hello.vm_id,
+            security: self.opts.security.clone(),
             shape: hello.shape,
             state: self.committed,
             epoch,

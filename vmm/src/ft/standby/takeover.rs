@@ -26,6 +26,8 @@ pub struct Takeover {
     /// The witness the pair decided with, if any, and the VM's id there.
     pub(super) witness: Option<String>,
     pub(super) vm_id: String,
+    /// The standby's key (or insecure choice), for a later `ctl protect`.
+    pub(super) security: ftvmm_transport::Security,
     /// The committed checkpoint's encoded machine state.
     pub(super) state: Vec<u8>,
     pub(super) epoch: u64,
@@ -48,6 +50,7 @@ pub fn take_over(
         heartbeat,
         witness,
         vm_id,
+        security,
         state,
         epoch,
         why,
@@ -86,6 +89,7 @@ pub fn take_over(
         witness,
         vm_id,
         netbuf: ftvmm_netbuf::NetbufConfig::default(),
+        security: Some(security),
     };
     let took_over = TookOver {
         from_epoch: epoch,
