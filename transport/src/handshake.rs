@@ -120,6 +120,44 @@ impl Incoming {
     }
 }
 
+/// Logs the connections a listener turns away: one line each, but at most
+/// [`RejectLog::PER_SECOND`] a second; the rest are counted and summarised
+/// in one line, so a flood of bad peers cannot fill the log.
+#[derive(Debug, Default)]
+pub(crate) struct RejectLog {
+    window: Option<Instant>,
+    in_window: u32,
+    suppressed: u64,
+}
+
+impl RejectLog {
+    const PER_SECOND: u32 = 5;
+
+    pub(crate) fn note(&mut self, e: &TransportError) {
+        let now = Instant::now();
+        if self
+            .window
+            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1))
+        {
+            if self.suppressed > 0 {
+                log::warn!(
+                    "{} more connections were turned away (not logged one by one)",
+                    self.suppressed
+                );
+            }
+            self.window = Some(now);
+            self.in_window = 0;
+            self.suppressed = 0;
+        }
+        if self.in_window < Self::PER_SECOND {
+            self.in_window += 1;
+            log::warn!("{e}");
+        } else {
+            self.suppressed += 1;
+        }
+    }
+}
+
 /// A handshaken connection waiting in the listener for its other half.
 pub(crate) struct PendingHalf {
     incoming: Incoming,
@@ -323,7 +361,7 @@ impl ChannelListener {
                 match self.accept_tagged_until(deadline, timeout, "data + heartbeat pair") {
                     Ok(i) => i,
                     Err(e) if e.is_per_connection() => {
-                        log::warn!("{e}");
+                        self.reject_log.note(&e);
                         continue;
                     }
                     Err(e) => return Err(e),

@@ -84,6 +84,9 @@ pub enum PeerLost {
     },
     /// The peer sent something that is not a heartbeat frame.
     BadMessage(BadHeartbeat),
+    /// This side gave the pairing up (its checkpoint channel failed): the
+    /// peer is told by the end of our heartbeats.
+    GaveUp,
     /// A sealed heartbeat failed to open: altered, replayed, reordered or
     /// not from the key holder. Never acted on (not even as a fencing
     /// notice); the connection is lost.
@@ -107,6 +110,7 @@ impl fmt::Display for PeerLost {
                 )
             }
             PeerLost::BadMessage(why) => write!(f, "peer sent a bad heartbeat: {why}"),
+            PeerLost::GaveUp => write!(f, "the checkpoint channel failed; pairing given up"),
             PeerLost::Forged { record } => write!(
                 f,
                 "heartbeat {record} failed authentication (altered, replayed or not from the key holder)"

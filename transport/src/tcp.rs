@@ -690,6 +690,8 @@ pub struct ChannelListener {
     pub(crate) rejected: u64,
     /// What the handshake demands of a connecting primary.
     pub(crate) security: Security,
+    /// Rate-limited log of turned-away connections.
+    pub(crate) reject_log: crate::handshake::RejectLog,
 }
 
 impl std::fmt::Debug for ChannelListener {
@@ -731,6 +733,7 @@ impl ChannelListener {
             pending: Vec::new(),
             rejected: 0,
             security: Security::Insecure,
+            reject_log: Default::default(),
         })
     }
 

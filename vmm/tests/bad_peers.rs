@@ -14,7 +14,7 @@ use ftvmm_checkpoint::{
     DevicesSummary, DiskShape, DiskSync, Frame, FrameReader, GuestShape, Hello, Role, Staging,
     StagingConfig, WIRE_VERSION,
 };
-use ftvmm_transport::{connect_pair, Channel};
+use ftvmm_transport::{connect_pair_with, Channel, FtKey, Security, TcpOptions};
 
 const GUEST: &str = "dirty=256 rounds=2 round_us=2000";
 
@@ -36,10 +36,18 @@ fn good_hello(generation: u64) -> Hello {
     }
 }
 
-/// Sends `hello` as a primary would and returns the standby's answer.
+/// Sends `hello` as a primary holding the pair's key would and returns the
+/// standby's answer (these peers get past authentication: what is tested is
+/// the standby's judgement of what they say).
 fn handshake(port: u16, hello: Hello) -> Message {
-    let (mut chan, _hb) =
-        connect_pair(format!("127.0.0.1:{port}").as_str(), Duration::from_secs(5)).unwrap();
+    let key = Security::keyed(FtKey::load(test_key()).unwrap());
+    let (mut chan, _hb) = connect_pair_with(
+        format!("127.0.0.1:{port}").as_str(),
+        Duration::from_secs(5),
+        &TcpOptions::default(),
+        &key,
+    )
+    .unwrap();
     let mut buf = Vec::new();
     encode_message(&Message::Hello(hello), &mut buf).unwrap();
     chan.send_all(&buf).unwrap();

@@ -276,6 +276,7 @@ impl Runner {
         };
         self.waiter = None;
         let peer = session.peer().to_string();
+        log::warn!("standby {peer} lost ({loss})");
         if let Some((generation, epoch)) = session.settle() {
             kit.outputs.release_upto(epoch);
             kit.outputs.discard_after(epoch);
@@ -285,7 +286,6 @@ impl Runner {
                 generation,
             });
         }
-        log::warn!("standby {peer} lost ({loss})");
         self.decide(peer, kit)
     }
 

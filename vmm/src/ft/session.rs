@@ -316,6 +316,13 @@ impl Session {
     /// when there was one.
     pub fn settle(self) -> Option<(u64, u64)> {
         let detector = self.hb.detector().clone();
+        // If the loss was ours to see (a send or an ack failed while the
+        // heartbeats flowed), the standby may not know yet: end our side of
+        // both connections now, so it learns at once, and so that a standby
+        // that takes over on that news fences us (its notice comes back on
+        // the heartbeat connection) before we decide to run on alone.
+        let _ = self.chan.shutdown();
+        detector.declare(PeerLost::GaveUp);
         let settle = detector.timeout() + Duration::from_millis(100);
         if !detector.wait_receiver_done(settle) {
             log::warn!(

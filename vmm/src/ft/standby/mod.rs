@@ -106,33 +106,6 @@ fn standby_handler(shared: SharedStatus, listen: std::net::SocketAddr) -> crate:
     })
 }
 
-/// Logs a connection the listener turned away: one line each, but at most
-/// a few per second in a flood (the rest are counted and summarised), so
-/// unauthenticated peers cannot fill the log.
-fn note_rejected(e: &TransportError) {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::time::{SystemTime, UNIX_EPOCH};
-    static WINDOW: AtomicU64 = AtomicU64::new(0);
-    static IN_WINDOW: AtomicU64 = AtomicU64::new(0);
-    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
-    const PER_SECOND: u64 = 5;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    if WINDOW.swap(now, Ordering::Relaxed) != now {
-        let hidden = SUPPRESSED.swap(0, Ordering::Relaxed);
-        if hidden > 0 {
-            log::warn!("{hidden} more connections were turned away in the last second(s)");
-        }
-        IN_WINDOW.store(0, Ordering::Relaxed);
-    }
-    if IN_WINDOW.fetch_add(1, Ordering::Relaxed) < PER_SECOND {
-        log::warn!("dropped a connection: {e}");
-    } else {
-        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 /// What became of a session with a primary.
 enum SessionEnd {
     /// The primary finished (its guest ended): nothing to take over.
@@ -209,7 +182,7 @@ pub fn run_standby(opts: &StandbyOptions) -> Result<Option<VmExit>, FtError> {
                         }
                     }
                     Err(TransportError::AcceptTimeout { .. }) => {}
-                    Err(e) if e.is_per_connection() => note_rejected(&e),
+                    Err(e) if e.is_per_connection() => log::warn!("dropped a connection: {e}"),
                     Err(e) => {
                         log::error!("accepting primaries: {e}");
                         std::thread::sleep(Duration::from_millis(100));
