@@ -297,23 +297,27 @@ fn tampered_pair(tag: &str, tamper: Tamper, rejected_by: &str, want: &str) {
         "--mem-mib",
         "64",
         "--cmdline",
-        &format!("{GUEST} stop=400"),
+        GUEST,
         "--ft-peer",
         &relay.addr.to_string(),
+        // The relay runs at normal priority in this process: give its
+        // pumps 1 s before a silence counts (a relay stalled in both
+        // directions is a partition, which only a witness settles).
         "--heartbeat-ms",
-        "50",
+        "200",
         "--serial",
         &format!("file:{}", dir.path("primary.console").display()),
     ]);
     let mut primary = Proc::spawn(c, "primary", &dir.0);
+    let log = |who: &str| read(&dir.path(&format!("{who}.stderr")));
     assert!(
-        wait_until(Duration::from_secs(20), || relay
+        wait_until(Duration::from_secs(60), || relay
             .flipped
             .load(std::sync::atomic::Ordering::SeqCst)),
-        "the relay never flipped a byte: {}",
-        read(&dir.path("primary.stderr"))
+        "the relay never flipped a byte:\nprimary:\n{}\nstandby:\n{}",
+        log("primary"),
+        log("standby")
     );
-    let log = |who: &str| read(&dir.path(&format!("{who}.stderr")));
     assert!(
         wait_until(Duration::from_secs(10), || log(rejected_by).contains(want)),
         "{rejected_by} did not reject the tampered bytes ('{want}'):\nprimary:\n{}\nstandby:\n{}",
@@ -327,12 +331,18 @@ fn tampered_pair(tag: &str, tamper: Tamper, rejected_by: &str, want: &str) {
     // Which side goes on: the standby takes over (and fences the primary),
     // or the primary runs on without it.
     wait_until(Duration::from_secs(15), || log("standby").contains("took over"));
+    let logs = || format!("primary:\n{}\nstandby:\n{}", log("primary"), log("standby"));
     if log("standby").contains("took over") {
         let n = hbs("standby");
-        assert!(wait_until(Duration::from_secs(30), || hbs("standby") >= n + 5));
+        assert!(
+            wait_until(Duration::from_secs(30), || hbs("standby") >= n + 5),
+            "{}",
+            logs()
+        );
         assert!(
             primary.wait(Duration::from_secs(20)).is_some(),
-            "the primary must stop once fenced"
+            "the primary must stop once fenced: {}",
+            logs()
         );
         check_exactly_once(
             &read(&dir.path("primary.console")),
@@ -343,7 +353,11 @@ fn tampered_pair(tag: &str, tamper: Tamper, rejected_by: &str, want: &str) {
         // The primary lost its standby and runs on unprotected: its own
         // transcript is whole.
         let n = hbs("primary");
-        assert!(wait_until(Duration::from_secs(30), || hbs("primary") >= n + 5));
+        assert!(
+            wait_until(Duration::from_secs(30), || hbs("primary") >= n + 5),
+            "{}",
+            logs()
+        );
         let lines = complete_lines(&read(&dir.path("primary.console")), hb_line);
         assert_eq!(lines, (1..=lines.len() as u64).collect::<Vec<_>>());
         assert!(read(&dir.path("standby.console")).is_empty());
