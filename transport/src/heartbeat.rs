@@ -127,7 +127,7 @@ pub struct HeartbeatStream {
     peer: SocketAddr,
     session: Option<SessionId>,
     /// Each heartbeat is sealed (and each received one opened) with these.
-    keys: Option<SessionKeys>,
+    keys: Option<Box<SessionKeys>>,
 }
 
 impl HeartbeatStream {
@@ -148,7 +148,7 @@ impl HeartbeatStream {
             stream,
             peer,
             session,
-            keys,
+            keys: keys.map(Box::new),
         })
     }
 

@@ -139,7 +139,7 @@ struct Bench {
 impl Bench {
     fn spawn(&self, name: &'static str, args: &[String]) -> Proc {
         let mut c = Command::new(&self.bin);
-        c.args(args);
+        c.args(args).env("FTVMM_FT_KEY", host::test_key());
         Proc::spawn(c, name, &self.dir.0)
     }
 

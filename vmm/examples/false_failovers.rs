@@ -75,6 +75,7 @@ fn spawn_vm(bin: &Path, name: &'static str, dir: &TempDir, args: &[String]) -> P
     let err = dir.path(&format!("{name}.stderr"));
     let mut cmd = Command::new(bin);
     cmd.args(args)
+        .env("FTVMM_FT_KEY", test_key())
         .env("FTVMM_LOG", LOG)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(dir.path(&format!("{name}.stdout"))).unwrap())

@@ -330,7 +330,9 @@ fn tampered_pair(tag: &str, tamper: Tamper, rejected_by: &str, want: &str) {
         |who: &str| complete_lines(&read(&dir.path(&format!("{who}.console"))), hb_line).len();
     // Which side goes on: the standby takes over (and fences the primary),
     // or the primary runs on without it.
-    wait_until(Duration::from_secs(15), || log("standby").contains("took over"));
+    wait_until(Duration::from_secs(15), || {
+        log("standby").contains("took over")
+    });
     let logs = || format!("primary:\n{}\nstandby:\n{}", log("primary"), log("standby"));
     if log("standby").contains("took over") {
         let n = hbs("standby");

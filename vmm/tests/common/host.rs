@@ -149,3 +149,18 @@ impl Drop for Proc {
         self.kill();
     }
 }
+
+/// The channel key of this test (or benchmark) process: made once, mode
+/// 0600, in a directory of the system temp dir named after the process
+/// (a few bytes left behind per process).
+pub fn test_key() -> &'static Path {
+    static KEY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("ftvmm-test-key-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("key directory");
+        let path = dir.join("ft.key");
+        ftvmm_transport::FtKey::write_new(&path).expect("test key");
+        path
+    })
+}

@@ -29,20 +29,6 @@ pub fn ftvmm() -> Command {
     c
 }
 
-/// A channel key made once per test process (mode 0600, removed at exit
-/// by nobody: it lives in this process's own temporary directory name).
-pub fn test_key() -> &'static Path {
-    static KEY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    KEY.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("ftvmm-test-key-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("key directory");
-        let path = dir.join("ft.key");
-        ftvmm_transport::FtKey::write_new(&path).expect("test key");
-        path
-    })
-}
-
 /// What a finished process left.
 #[derive(Debug)]
 pub struct Output {

@@ -115,11 +115,11 @@ impl Netns {
     /// `ip netns exec NAME PROGRAM`, to complete and spawn (`ip netns exec`
     /// execs the program: same pid).
     /// The tests' channel key goes along in `FTVMM_FT_KEY` (see
-    /// [`super::ftvmm`]).
+    /// `ftvmm()` of the tests).
     pub fn exec(&self, program: &str) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name, program]);
-        c.env("FTVMM_FT_KEY", super::test_key());
+        c.env("FTVMM_FT_KEY", super::host::test_key());
         c
     }
 

@@ -28,12 +28,15 @@ pub struct Tamper {
     pub after: Duration,
 }
 
+/// What the primary sent on one connection, filled as it goes.
+type Log = Arc<Mutex<Vec<u8>>>;
+
 /// A running relay; dropping it stops accepting (connections in flight go
 /// on until either side closes).
 pub struct Relay {
     pub addr: SocketAddr,
     /// What the primary sent on each connection, in connection order.
-    pub recorded: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>,
+    pub recorded: Arc<Mutex<Vec<Log>>>,
     /// Set once the byte was flipped.
     pub flipped: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
@@ -45,7 +48,7 @@ impl Relay {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         l.set_nonblocking(true).unwrap();
         let addr = l.local_addr().unwrap();
-        let recorded: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>> = Arc::default();
+        let recorded: Arc<Mutex<Vec<Log>>> = Arc::default();
         let flipped = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         {
@@ -110,7 +113,7 @@ impl Drop for Relay {
 fn pump(
     mut from: TcpStream,
     mut to: TcpStream,
-    log: Option<Arc<Mutex<Vec<u8>>>>,
+    log: Option<Log>,
     mut flip: Option<(Instant, Arc<AtomicBool>)>,
 ) {
     thread::spawn(move || {
