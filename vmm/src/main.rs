@@ -73,6 +73,16 @@ struct RunArgs {
     vm: VmArgs,
     #[command(flatten)]
     ft: FtArgs,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+}
+
+#[derive(Args, Debug)]
+struct SandboxArgs {
+    /// Run without seccomp filters (debugging only: a system call outside
+    /// a thread's allowlist then runs instead of ending the process).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -183,6 +193,8 @@ struct StandbyArgs {
     /// v3 client URLs, comma-separated (the primary's own).
     #[arg(long, value_name = "URLS")]
     witness: Option<String>,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 }
 
 #[derive(Args, Debug)]
@@ -304,6 +316,7 @@ fn start_api(
 }
 
 fn run(args: RunArgs) -> Result<(), CliError> {
+    ftvmm::seccomp::init(!args.sandbox.no_seccomp)?;
     let api_path = args.vm.api.clone();
     let mut config = args.vm.into_config()?;
     config.dirty_ring = args.ft.dirty_track == DirtyTrackArg::Ring;
@@ -322,6 +335,7 @@ fn run(args: RunArgs) -> Result<(), CliError> {
 }
 
 fn standby(args: StandbyArgs) -> Result<(), CliError> {
+    ftvmm::seccomp::init(!args.sandbox.no_seccomp)?;
     let opts = StandbyOptions {
         listen: args.listen,
         serial: args.serial,
@@ -355,6 +369,9 @@ enum CliError {
     /// The control API.
     #[error(transparent)]
     Api(#[from] ftvmm::api::ApiError),
+    /// Setting up the seccomp filters.
+    #[error(transparent)]
+    Seccomp(#[from] ftvmm::seccomp::SeccompError),
     /// Running the VM, protected or not, or the standby.
     #[error(transparent)]
     Ft(#[from] FtError),
