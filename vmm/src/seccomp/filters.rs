@@ -111,11 +111,6 @@ impl List {
         self
     }
 
-    /// The number of system calls allowed (in any form).
-    pub(super) fn len(&self) -> usize {
-        self.rules.len()
-    }
-
     /// Whether `call` is allowed in some form.
     #[cfg(test)]
     pub(super) fn allows(&self, call: libc::c_long) -> bool {

@@ -99,11 +99,6 @@ impl ThreadKind {
         }
     }
 
-    /// The number of system calls the kind's list allows (in some form).
-    pub fn allowed_calls(self) -> usize {
-        filters::list(self, std::process::id()).len()
-    }
-
     fn index(self) -> usize {
         ThreadKind::ALL
             .iter()
