@@ -344,3 +344,35 @@ fn an_unknown_hook_kind_is_refused_with_one_line() {
         format!("ftvmm: {HOOK}='gpu' names no thread kind (expected primary, standby, vcpu, device, api, accept, heartbeat, watch, resolver or announce)")
     );
 }
+
+#[test]
+fn a_pair_whose_guest_powers_off_ends_cleanly_under_its_filters() {
+    // The ends of both roles (the goodbye, the summaries, the API sockets
+    // removed) run under the filters too.
+    let dir = TempDir::new("seccomp-end");
+    let port = free_port();
+    let mut standby = spawn_with("standby", &dir, &standby_args_with_disk(&dir, port), None);
+    assert!(listening(&dir, "standby"), "{}", standby.stderr());
+    let mut args = primary_args(&dir, Some(port), &[]);
+    let at = args.iter().position(|a| a == GUEST).unwrap();
+    args[at] = format!("{GUEST} stop=20");
+    let mut primary = spawn_with("primary", &dir, &args, None);
+    for (p, what) in [(&mut primary, "primary"), (&mut standby, "standby")] {
+        let status = p
+            .wait(T)
+            .unwrap_or_else(|| panic!("{what} did not end; stderr:\n{}", p.stderr()));
+        assert!(
+            status.success(),
+            "{what}: exit {status:?}; stderr:\n{}",
+            p.stderr()
+        );
+        assert!(
+            !p.stderr().contains("ftvmm: seccomp:"),
+            "{what}: {}",
+            p.stderr()
+        );
+    }
+    assert_eq!(hbs(&dir, "primary.console"), 20);
+    assert!(!dir.path("primary.sock").exists());
+    assert!(!dir.path("standby.sock").exists());
+}

@@ -390,6 +390,8 @@ fn runner(l: &mut List, pid: u32) {
         SYS_fdatasync,
         SYS_eventfd2,
         SYS_rt_sigaction,
+        // The control API's socket, removed when the VMM ends.
+        SYS_unlink,
     ]);
     l.allow_if(SYS_kill, vec![Cond::eq(0, u64::from(pid))]);
     l.allow_values(SYS_sched_setscheduler, 1, &[SCHED_FIFO as u64]);
