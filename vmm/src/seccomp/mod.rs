@@ -213,11 +213,6 @@ pub fn init(enabled: bool) -> Result<(), SeccompError> {
         .map_err(|_| SeccompError::AlreadySetUp)
 }
 
-/// Whether threads get filters.
-pub fn enabled() -> bool {
-    POLICY.get().is_some_and(|p| p.filters.is_some())
-}
-
 fn thread_name() -> String {
     std::thread::current().name().unwrap_or("?").to_string()
 }
@@ -271,7 +266,8 @@ fn forbidden_call(kind: ThreadKind, filtered: bool) {
 
 /// Runs `f` on a helper thread that installed `kind`'s filter first, so
 /// that the threads `f` starts inherit it (for threads started by crates
-/// that take no hook). Without filters, runs `f` here.
+/// that take no hook). Where [`init`] was never called (a library user),
+/// runs `f` here.
 pub fn within<R: Send>(kind: ThreadKind, f: impl FnOnce() -> R + Send) -> Result<R, SeccompError> {
     if POLICY.get().is_none() {
         return Ok(f());
