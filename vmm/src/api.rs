@@ -210,6 +210,8 @@ impl Drop for ApiServer {
 }
 
 fn serve(listener: UnixListener, handler: Arc<RwLock<Handler>>, stop: Arc<AtomicBool>) {
+    // Its connection threads inherit the filter.
+    crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Api);
     while !stop.load(Ordering::Acquire) {
         let mut p = libc::pollfd {
             fd: listener.as_raw_fd(),

@@ -14,6 +14,7 @@ pub mod ft;
 pub mod memory;
 pub mod persist;
 pub mod quirks;
+pub mod seccomp;
 pub mod transcript;
 pub mod vcpu;
 pub mod vm;

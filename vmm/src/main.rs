@@ -120,6 +120,16 @@ struct RunArgs {
     vm: VmArgs,
     #[command(flatten)]
     ft: FtArgs,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+}
+
+#[derive(Args, Debug)]
+struct SandboxArgs {
+    /// Run without seccomp filters (debugging only: a system call outside
+    /// a thread's allowlist then runs instead of ending the process).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -234,6 +244,8 @@ struct StandbyArgs {
     witness: Option<String>,
     #[command(flatten)]
     key: KeyArgs,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 }
 
 #[derive(Args, Debug)]
@@ -360,6 +372,7 @@ fn start_api(
 }
 
 fn run(args: RunArgs) -> Result<(), CliError> {
+    ftvmm::seccomp::init(!args.sandbox.no_seccomp)?;
     let api_path = args.vm.api.clone();
     let mut config = args.vm.into_config()?;
     config.dirty_ring = args.ft.dirty_track == DirtyTrackArg::Ring;
@@ -379,6 +392,7 @@ fn run(args: RunArgs) -> Result<(), CliError> {
 
 fn standby(args: StandbyArgs) -> Result<(), CliError> {
     let security = args.key.security()?.ok_or(CliError::NeedKey("a standby"))?;
+    ftvmm::seccomp::init(!args.sandbox.no_seccomp)?;
     let opts = StandbyOptions {
         security,
         listen: args.listen,
@@ -419,6 +433,9 @@ enum CliError {
     /// The control API.
     #[error(transparent)]
     Api(#[from] ftvmm::api::ApiError),
+    /// Setting up the seccomp filters.
+    #[error(transparent)]
+    Seccomp(#[from] ftvmm::seccomp::SeccompError),
     /// Running the VM, protected or not, or the standby.
     #[error(transparent)]
     Ft(#[from] FtError),

@@ -365,6 +365,12 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
     }
 }
 
+/// What a worker thread runs first, before it serves the guest (the VMM
+/// installs the thread's seccomp filter there). An error stops the worker
+/// and fails the device's creation with it.
+pub type WorkerStart =
+    Box<dyn FnOnce() -> Result<(), Box<dyn std::error::Error + Send + Sync>> + Send>;
+
 /// A virtio-mmio device and its worker thread: what the VMM keeps.
 pub struct VirtioMmioDevice<D: VirtioDevice> {
     pub(crate) shared: Arc<Shared<D>>,
@@ -384,6 +390,18 @@ impl<D: VirtioDevice> VirtioMmioDevice<D> {
     /// `irq` (an eventfd the VMM registers as an irqfd), and starts its
     /// worker thread.
     pub fn new(dev: D, mem: GuestMemory, irq: EventFd) -> std::io::Result<Self> {
+        Self::with_worker_start(dev, mem, irq, None)
+    }
+
+    /// [`VirtioMmioDevice::new`], with `start` run first on the worker
+    /// thread; returns once it has, with its error if it failed (the
+    /// worker then ends without serving anything).
+    pub fn with_worker_start(
+        dev: D,
+        mem: GuestMemory,
+        irq: EventFd,
+        start: Option<WorkerStart>,
+    ) -> std::io::Result<Self> {
         let name = dev.name();
         let nq = dev.num_queues();
         let queue_evts = (0..nq)
@@ -403,9 +421,30 @@ impl<D: VirtioDevice> VirtioMmioDevice<D> {
             name: name.clone(),
         });
         let s = shared.clone();
+        let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
+        let waits = start.is_some();
         let worker = std::thread::Builder::new()
             .name(format!("virtio-{}", short_name(&name)))
-            .spawn(move || worker_loop(s))?;
+            .spawn(move || {
+                if let Some(start) = start {
+                    let r = start();
+                    let failed = r.is_err();
+                    let _ = started_tx.send(r.map_err(|e| e.to_string()));
+                    if failed {
+                        return;
+                    }
+                }
+                worker_loop(s)
+            })?;
+        if waits {
+            let started = started_rx
+                .recv()
+                .unwrap_or_else(|_| Err("the worker ended before it started".into()));
+            if let Err(e) = started {
+                let _ = worker.join();
+                return Err(std::io::Error::other(format!("{name}: worker start: {e}")));
+            }
+        }
         Ok(VirtioMmioDevice {
             shared,
             worker: Some(worker),
@@ -561,5 +600,68 @@ fn worker_loop<D: VirtioDevice>(s: Arc<Shared<D>>) {
         if used {
             s.signal_used(common);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::test_utils::test_mem;
+
+    /// A device with one queue that never has work.
+    struct Idle;
+
+    impl VirtioDevice for Idle {
+        fn device_type(&self) -> u32 {
+            0x2a
+        }
+        fn name(&self) -> String {
+            "idle".into()
+        }
+        fn device_features(&self) -> u64 {
+            features::VERSION_1
+        }
+        fn num_queues(&self) -> usize {
+            1
+        }
+        fn read_config(&self, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn process_queue(
+            &mut self,
+            _index: usize,
+            _queues: &mut [Queue],
+            _mem: &GuestMemory,
+            _stop: &AtomicBool,
+        ) -> bool {
+            false
+        }
+    }
+
+    fn irq() -> EventFd {
+        EventFd::new(EFD_NONBLOCK).unwrap()
+    }
+
+    #[test]
+    fn the_worker_start_runs_on_the_worker_before_the_device_is_returned() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let start: WorkerStart = Box::new(move || {
+            let name = std::thread::current().name().map(str::to_string);
+            tx.send(name).unwrap();
+            Ok(())
+        });
+        let dev = VirtioMmioDevice::with_worker_start(Idle, test_mem(1 << 16), irq(), Some(start))
+            .unwrap();
+        // It already ran: nothing to wait for.
+        assert_eq!(rx.try_recv().unwrap().as_deref(), Some("virtio-idle"));
+        drop(dev);
+    }
+
+    #[test]
+    fn a_failed_worker_start_fails_the_device_with_its_reason() {
+        let start: WorkerStart = Box::new(|| Err("no filter for you".into()));
+        let e = VirtioMmioDevice::with_worker_start(Idle, test_mem(1 << 16), irq(), Some(start))
+            .unwrap_err();
+        assert_eq!(e.to_string(), "idle: worker start: no filter for you");
     }
 }

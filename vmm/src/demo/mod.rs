@@ -66,6 +66,9 @@ pub struct DemoArgs {
     /// temporary directory).
     #[arg(long, value_name = "PATH")]
     pub dir: Option<PathBuf>,
+    /// Run the primary and the standby without seccomp filters (debugging).
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// Runs the demo; prints as it goes.

@@ -148,7 +148,7 @@ impl<'a> Demo<'a> {
     /// control API answers (it listens by then); returns it and its address.
     fn start_standby(&self) -> Result<(Role, String), DemoError> {
         let api = Control::new("standby", self.sock_dir.join("standby.sock"));
-        let args = vec![
+        let mut args = vec![
             "standby".to_string(),
             "--listen".into(),
             "127.0.0.1:0".into(),
@@ -161,6 +161,9 @@ impl<'a> Demo<'a> {
             "--ft-key".into(),
             self.path(KEY_FILE).display().to_string(),
         ];
+        if self.args.no_seccomp {
+            args.push("--no-seccomp".into());
+        }
         let mut proc = RoleProc::spawn("standby", &self.exe, &self.dir, &args)?;
         let status = api.wait_ready(&mut proc, LISTEN_TIMEOUT, &self.dir)?;
         let addr = status.listen.ok_or_else(|| DemoError::Api {
@@ -173,7 +176,7 @@ impl<'a> Demo<'a> {
     /// Starts the primary, protected by the standby at `addr`.
     fn start_primary(&self, addr: &str) -> Result<Role, DemoError> {
         let api = Control::new("primary", self.sock_dir.join("primary.sock"));
-        let args = vec![
+        let mut args = vec![
             "run".to_string(),
             "--cmdline".into(),
             self.cmdline.clone(),
@@ -194,6 +197,9 @@ impl<'a> Demo<'a> {
             "--ft-key".into(),
             self.path(KEY_FILE).display().to_string(),
         ];
+        if self.args.no_seccomp {
+            args.push("--no-seccomp".into());
+        }
         let proc = RoleProc::spawn("primary", &self.exe, &self.dir, &args)?;
         Ok(Role { proc, api })
     }

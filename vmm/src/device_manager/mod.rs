@@ -123,7 +123,9 @@ fn wire<D: VirtioDevice>(
     };
     let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(host("irqfd"))?;
     vm.register_irqfd(&irq_evt, irq).map_err(kvm("KVM_IRQFD"))?;
-    let device = VirtioMmioDevice::new(dev, mem.clone(), irq_evt)
+    // The worker installs its seccomp filter before it serves the guest.
+    let start = crate::seccomp::worker_start(crate::seccomp::ThreadKind::Device);
+    let device = VirtioMmioDevice::with_worker_start(dev, mem.clone(), irq_evt, Some(start))
         .map_err(host("queue eventfds and worker"))?;
     for (q, evt) in device.queue_evts().iter().enumerate() {
         vm.register_ioevent(

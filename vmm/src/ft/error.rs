@@ -44,6 +44,9 @@ pub enum FtError {
         /// What was wrong.
         what: String,
     },
+    /// The seccomp filters.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// Dirty logging.
     #[error(transparent)]
     DirtyLog(#[from] crate::dirty_log::DirtyLogError),

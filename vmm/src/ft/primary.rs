@@ -65,6 +65,10 @@ pub fn run_vm(
         );
     }
     let mut runner = Runner::new(vm, shape, console, ft, mailbox, "primary")?;
+    // Set up: from here on this thread, and every thread it starts (the
+    // vCPUs, the pairings' heartbeats and watchers), runs under the
+    // primary's seccomp filter.
+    crate::seccomp::apply(crate::seccomp::ThreadKind::Primary)?;
     // Before the guest runs: a primary whose standby cannot be reached
     // fails here, with nothing released.
     if let Some(peer) = peer {

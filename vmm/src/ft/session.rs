@@ -166,7 +166,11 @@ impl Session {
                 ))
             }
         }
-        let hb = Heartbeat::start(hb_stream, ft.heartbeat, HEARTBEAT_MISSES, ft.generation)?;
+        // The heartbeat threads inherit their filter from the helper that
+        // starts them.
+        let hb = crate::seccomp::within(crate::seccomp::ThreadKind::Heartbeat, || {
+            Heartbeat::start(hb_stream, ft.heartbeat, HEARTBEAT_MISSES, ft.generation)
+        })??;
         let watcher_stop = Arc::new(AtomicBool::new(false));
         spawn_failure_watcher(&hb, &chan, watcher_stop.clone());
         let mut session = Session {
@@ -356,6 +360,7 @@ fn spawn_failure_watcher(hb: &HeartbeatHandle, chan: &TcpChannel, stop: Arc<Atom
     let _ = std::thread::Builder::new()
         .name("ft-watch".into())
         .spawn(move || {
+            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Watcher);
             while !stop.load(Ordering::Acquire) {
                 if let Some(lost) = detector.wait_failure(Duration::from_millis(200)) {
                     log::warn!("peer lost: {lost}");

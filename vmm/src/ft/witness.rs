@@ -515,6 +515,7 @@ fn resolve(target: &Target, within: Duration) -> Result<Vec<SocketAddr>, Failure
     std::thread::Builder::new()
         .name("witness-dns".into())
         .spawn(move || {
+            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Resolver);
             let _ = tx.send(name.to_socket_addrs().map(|a| a.collect::<Vec<_>>()));
         })
         .map_err(|e| Failure::Transport(format!("cannot resolve {}: {e}", target.host)))?;

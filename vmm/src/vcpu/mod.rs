@@ -305,6 +305,13 @@ impl Vcpu {
     }
 
     fn run_thread(mut self) {
+        if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu) {
+            // The guest never runs on an unfiltered vCPU thread.
+            self.exit
+                .raise(VmExit::Error(format!("vCPU {}: {e}", self.id)));
+            self.park_while_requested(true);
+            return;
+        }
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         KVM_RUN_PTR.with(|p| p.set(run_ptr));
         loop {

@@ -127,6 +127,39 @@ struct Fencing {
     max_generation: u64,
 }
 
+/// The acceptor: hands each primary that connects to the standby's loop,
+/// or refuses it with the reason in `busy` while the standby is busy.
+fn accept_loop(
+    listener: &mut ChannelListener,
+    busy: &Mutex<Option<String>>,
+    tx: &mpsc::Sender<(TcpChannel, HeartbeatStream)>,
+) {
+    loop {
+        match listener.accept_pair(Duration::from_secs(3600)) {
+            Ok((mut chan, hb)) => {
+                let reason = busy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                match reason {
+                    Some(r) => {
+                        refuse(&mut chan, &r);
+                        drop(hb);
+                    }
+                    None => {
+                        if tx.send((chan, hb)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            Err(TransportError::AcceptTimeout { .. }) => {}
+            Err(e) if e.is_per_connection() => log::warn!("dropped a connection: {e}"),
+            Err(e) => {
+                log::error!("accepting primaries: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
 /// Runs a standby until it has taken over and its guest ended (returns the
 /// guest's exit reason), or until a primary said goodbye.
 pub fn run_standby(opts: &StandbyOptions) -> Result<Option<VmExit>, FtError> {
@@ -154,6 +187,10 @@ pub fn run_standby(opts: &StandbyOptions) -> Result<Option<VmExit>, FtError> {
         None => None,
     };
     listener.set_security(opts.security.clone());
+    // Set up: from here on this thread, and every thread it starts, runs
+    // under the standby's seccomp filter (which allows the takeover's VM
+    // build).
+    crate::seccomp::apply(crate::seccomp::ThreadKind::Standby)?;
     log::info!(
         "standby listening on {}, channel {}",
         listener.local_addr(),
@@ -165,29 +202,9 @@ pub fn run_standby(opts: &StandbyOptions) -> Result<Option<VmExit>, FtError> {
         let busy = busy.clone();
         std::thread::Builder::new()
             .name("ft-accept".into())
-            .spawn(move || loop {
-                match listener.accept_pair(Duration::from_secs(3600)) {
-                    Ok((mut chan, hb)) => {
-                        let reason = busy.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                        match reason {
-                            Some(r) => {
-                                refuse(&mut chan, &r);
-                                drop(hb);
-                            }
-                            None => {
-                                if tx.send((chan, hb)).is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                    Err(TransportError::AcceptTimeout { .. }) => {}
-                    Err(e) if e.is_per_connection() => log::warn!("dropped a connection: {e}"),
-                    Err(e) => {
-                        log::error!("accepting primaries: {e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
+            .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Acceptor);
+                accept_loop(&mut listener, &busy, &tx)
             })
             .map_err(|source| FtError::Spawn {
                 what: "acceptor",

@@ -279,6 +279,7 @@ fn spawn_watcher(hb: &HeartbeatHandle, chan: &TcpChannel, stop: Arc<AtomicBool>)
     let _ = std::thread::Builder::new()
         .name("ft-watch".into())
         .spawn(move || {
+            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Watcher);
             while !stop.load(Ordering::Acquire) {
                 if detector.wait_failure(Duration::from_millis(200)).is_some() {
                     let _ = c.shutdown();
@@ -517,8 +518,14 @@ pub fn serve(
         return SessionEnd::LostEmpty(e.to_string());
     }
     let interval = Duration::from_millis(u64::from(replica.hello.heartbeat_ms.max(1)));
-    let hb = match Heartbeat::start(hb, interval, HEARTBEAT_MISSES, generation) {
-        Ok(h) => h,
+    // The heartbeat threads inherit their filter from the helper that
+    // starts them.
+    let hb = crate::seccomp::within(crate::seccomp::ThreadKind::Heartbeat, || {
+        Heartbeat::start(hb, interval, HEARTBEAT_MISSES, generation)
+    });
+    let hb = match hb {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => return SessionEnd::LostEmpty(e.to_string()),
         Err(e) => return SessionEnd::LostEmpty(e.to_string()),
     };
     let stop = Arc::new(AtomicBool::new(false));

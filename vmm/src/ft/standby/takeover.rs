@@ -62,7 +62,10 @@ pub fn take_over(
     reset_vmm_bitmap(&vm);
     let announce = announce_nics(&vm);
     vm.start()?;
-    ftvmm_netbuf::announce::spawn_announcer(announce);
+    // The announce thread inherits its filter from the helper that starts it.
+    crate::seccomp::within(crate::seccomp::ThreadKind::Announce, || {
+        ftvmm_netbuf::announce::spawn_announcer(announce)
+    })?;
     let after_loss = lost_at.elapsed();
     log::info!(
         target: crate::REPORT,
