@@ -66,6 +66,9 @@ pub struct FtOptions {
     pub disk_sync: ftvmm_checkpoint::DiskSync,
     /// Network output commit: backend and memory limit.
     pub netbuf: ftvmm_netbuf::NetbufConfig,
+    /// Bytes of recently sent pages the primary keeps to send them again as
+    /// deltas (`--ft-cache-mib`; 0: no deltas).
+    pub cache_bytes: u64,
 }
 
 /// CRC-32 of all guest RAM, region by region: the memory-equality tests

@@ -86,6 +86,7 @@ pub fn take_over(
         witness,
         vm_id,
         netbuf: ftvmm_netbuf::NetbufConfig::default(),
+        cache_bytes: ftvmm_checkpoint::DEFAULT_CACHE_BYTES,
     };
     let took_over = TookOver {
         from_epoch: epoch,
