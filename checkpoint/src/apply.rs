@@ -3,15 +3,20 @@
 //! A [`VerifiedCheckpoint`] can only be made by [`crate::wire::FrameReader`], after the
 //! whole frame arrived and its checksum matched: an unverified or partial checkpoint
 //! cannot be applied, by construction. [`VerifiedCheckpoint::apply`] checks every page
-//! against the guest memory map before it writes any, so it either writes all pages or
-//! none.
+//! against the guest memory map, and every delta page's base (the copy it applies to)
+//! against the CRC the primary sent with it, before it writes any, so it either writes
+//! all pages or none.
 //!
 //! Which checkpoints may be applied at all (generation and epoch fencing, I5) is decided
 //! by [`crate::protocol::EpochFence`].
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
-use crate::slab::{Chunks, EpochStats, Page, Staging, PAGE_SIZE};
+use crate::encoding::{is_zero, runs, PageData};
+use crate::slab::{Chunks, Entries, EpochStats, RawPages, Staging, PAGE_SIZE};
+
+/// A zero page, to write zero pages from.
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
 /// Errors of applying a verified checkpoint to guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +32,33 @@ pub enum ApplyError {
         index: usize,
         /// The page's address.
         gpa: u64,
+    },
+    /// A delta page's base is not what the primary encoded against: this standby's copy
+    /// of the page differs from the one the primary believes it sent (checked before
+    /// anything is written).
+    #[error("checkpoint {epoch} page {index} at {gpa:#x} is a delta against a copy with CRC {expected:#010x}, but this standby's copy has CRC {found:#010x}; nothing was applied")]
+    DeltaBase {
+        /// The checkpoint's epoch.
+        epoch: u64,
+        /// Position in the page index.
+        index: usize,
+        /// The page's address.
+        gpa: u64,
+        /// The CRC the delta was made against.
+        expected: u32,
+        /// The CRC of this standby's copy.
+        found: u32,
+    },
+    /// Reading a delta page's base failed (after validation).
+    #[error("cannot read checkpoint {epoch} page at {gpa:#x} from guest memory: {source}")]
+    Read {
+        /// The checkpoint's epoch.
+        epoch: u64,
+        /// The page's address.
+        gpa: u64,
+        /// vm-memory's error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
     },
     /// Writing a page failed (after validation: the memory map changed under us).
     #[error("cannot write checkpoint {epoch} page at {gpa:#x} into guest memory: {source}")]
@@ -87,6 +119,11 @@ impl<'a> VerifiedCheckpoint<'a> {
         self.staging.page_count()
     }
 
+    /// Pages sent raw (4096 bytes each on the wire).
+    pub fn raw_count(&self) -> usize {
+        self.staging.raw_count()
+    }
+
     /// Number of state bytes.
     pub fn state_len(&self) -> usize {
         self.staging.state_len()
@@ -97,9 +134,15 @@ impl<'a> VerifiedCheckpoint<'a> {
         &self.stats
     }
 
-    /// The pages with their addresses, in the order sent.
-    pub fn pages(&self) -> impl ExactSizeIterator<Item = (u64, &'a Page)> + 'a {
+    /// The raw pages with their addresses, in the order sent (every page of a checkpoint
+    /// sent without encoding).
+    pub fn pages(&self) -> RawPages<'a> {
         self.staging.pages()
+    }
+
+    /// Every page with its address and how it was sent, in the order sent.
+    pub fn entries(&self) -> Entries<'a> {
+        self.staging.entries()
     }
 
     /// The state bytes, as one or more chunks.
@@ -117,39 +160,59 @@ impl<'a> VerifiedCheckpoint<'a> {
         self.staging.copy_state_into(out)
     }
 
-    /// Hands every page to `f`, in order; stops at the first error.
-    pub fn apply_with<E>(&self, mut f: impl FnMut(u64, &Page) -> Result<(), E>) -> Result<(), E> {
-        for (gpa, page) in self.pages() {
-            f(gpa, page)?;
-        }
-        Ok(())
-    }
-
     /// Writes every page into `mem` and copies the state bytes into `state_out`, returning
-    /// them. Every page is checked against `mem` first: on [`ApplyError::NotInMemory`]
-    /// nothing was written. Pages are written in the order sent (a repeated address: the
-    /// last copy wins).
+    /// them. First every page is checked against `mem`, and every delta page's base (this
+    /// side's copy) against the CRC it was encoded against: on [`ApplyError::NotInMemory`]
+    /// or [`ApplyError::DeltaBase`] nothing was written. Then raw pages are copied, zero
+    /// pages zeroed (left alone where already zero, so untouched memory stays unbacked)
+    /// and deltas' runs written over their bases, in the order sent.
     pub fn apply<'o, M: GuestMemory + ?Sized>(
         &self,
         mem: &M,
         state_out: &'o mut Vec<u8>,
     ) -> Result<&'o [u8], ApplyError> {
-        for (index, (gpa, _)) in self.pages().enumerate() {
+        let epoch = self.epoch;
+        let mut page = [0u8; PAGE_SIZE];
+        for (index, (gpa, data)) in self.entries().enumerate() {
             if !mem.check_range(GuestAddress(gpa), PAGE_SIZE, Permissions::Write) {
-                return Err(ApplyError::NotInMemory {
-                    epoch: self.epoch,
-                    index,
-                    gpa,
-                });
+                return Err(ApplyError::NotInMemory { epoch, index, gpa });
+            }
+            if let PageData::Delta { base_crc, .. } = data {
+                mem.read_slice(&mut page, GuestAddress(gpa))
+                    .map_err(|source| ApplyError::Read { epoch, gpa, source })?;
+                let found = crc32fast::hash(&page);
+                if found != base_crc {
+                    return Err(ApplyError::DeltaBase {
+                        epoch,
+                        index,
+                        gpa,
+                        expected: base_crc,
+                        found,
+                    });
+                }
             }
         }
-        for (gpa, page) in self.pages() {
-            mem.write_slice(page, GuestAddress(gpa))
-                .map_err(|source| ApplyError::Write {
-                    epoch: self.epoch,
-                    gpa,
-                    source,
-                })?;
+        let write = |bytes: &[u8], gpa: u64| {
+            mem.write_slice(bytes, GuestAddress(gpa))
+                .map_err(|source| ApplyError::Write { epoch, gpa, source })
+        };
+        for (gpa, data) in self.entries() {
+            match data {
+                PageData::Raw(p) => write(p, gpa)?,
+                PageData::Zero => {
+                    mem.read_slice(&mut page, GuestAddress(gpa))
+                        .map_err(|source| ApplyError::Read { epoch, gpa, source })?;
+                    if !is_zero(&page) {
+                        write(&ZERO_PAGE, gpa)?;
+                    }
+                }
+                PageData::Delta { runs: list, .. } => {
+                    // Checked when the frame arrived: every run lies inside the page.
+                    for (offset, bytes) in runs(list).map_while(Result::ok) {
+                        write(bytes, gpa + offset as u64)?;
+                    }
+                }
+            }
         }
         self.copy_state_into(state_out);
         Ok(state_out)
@@ -244,7 +307,7 @@ mod tests {
     }
 
     #[test]
-    fn apply_with_sees_every_page() {
+    fn entries_see_every_page() {
         let f = frame(&[(0, 1), (0x1000, 2)], b"", 1);
         let mut rx = Staging::new(StagingConfig {
             slab_bytes: 4096,
@@ -257,12 +320,13 @@ mod tests {
         else {
             panic!()
         };
-        let mut seen = Vec::new();
-        v.apply_with(|gpa, p| {
-            seen.push((gpa, p[0]));
-            Ok::<(), ()>(())
-        })
-        .unwrap();
+        let seen: Vec<(u64, u8)> = v
+            .entries()
+            .map(|(gpa, d)| match d {
+                PageData::Raw(p) => (gpa, p[0]),
+                other => panic!("{other:?}"),
+            })
+            .collect();
         assert_eq!(seen, vec![(0, 1), (0x1000, 2)]);
     }
 }

@@ -84,6 +84,7 @@
 pub mod apply;
 pub mod codec;
 pub mod dirty;
+pub mod encoding;
 pub mod metrics;
 pub mod persist;
 pub mod protocol;
@@ -95,6 +96,7 @@ pub mod wire;
 pub use apply::{ApplyError, VerifiedCheckpoint};
 pub use codec::{decode_state, encode_state, CodecError, DEFAULT_STATE_LIMIT};
 pub use dirty::{DirtyBitmap, DirtyCounts, DirtyError, DirtyPages, HarvestBuffer, PageBitmap};
+pub use encoding::{EncodeStats, Encoder, PageData, PageKind, DEFAULT_CACHE_BYTES};
 pub use metrics::{EpochMetrics, FieldSummary, Histogram, Summary, SummaryReport};
 pub use persist::Persist;
 pub use protocol::{EpochFence, FenceError, WIRE_VERSION};

@@ -61,8 +61,12 @@ pub const MAGIC: [u8; 4] = *b"FTVM";
 /// Version 2: heartbeats are frames of kind `Heartbeat` (version 1 had a 32-byte
 /// heartbeat format of its own). Version 3: checkpoints carry a disk section
 /// (a 40-byte checkpoint header), Hello describes the disks and the sync mode,
-/// and `DiskHashes` frames exist.
-pub const WIRE_VERSION: u16 = 4;
+/// and `DiskHashes` frames exist. Version 4: pages are encoded (a kind in the low bits
+/// of each index entry: raw, zero or a delta against the standby's copy), and the
+/// checkpoint header (48 bytes) gives the length of the delta section.
+/// Version 5: each connection runs the authenticated handshake after its preamble,
+/// and with a key every later byte travels in sealed records (ftvmm-transport).
+pub const WIRE_VERSION: u16 = 5;
 /// Length of the common frame header.
 pub const FRAME_HEADER_LEN: usize = 16;
 /// Length of the checksum trailer of every frame.

@@ -3,7 +3,14 @@
 //! A checkpoint's payload is a byte stream laid over a list of fixed-size slabs: first the
 //! dirty pages, back to back, 4 KiB each, then the encoded state bytes (which may straddle
 //! slabs). A page-index table records the guest physical address of each staged page, in
-//! order, as little-endian `u64`s — exactly the bytes the wire format sends.
+//! order, as little-endian `u64`s — exactly the bytes the wire format sends (the low 12
+//! bits of an entry carry the page's [`PageKind`], raw until it is encoded).
+//!
+//! After the pause, [`crate::encoding::Encoder`] may encode the staged pages: zero pages
+//! and deltas leave their slots unsent (the frame sends the raw pages' slots in runs) and
+//! the deltas go to a delta section. A receiver lays only the raw pages it received into
+//! its slots, back to back, and keeps the delta section; [`Staging::entries`] gives every
+//! page of either layout as [`PageData`].
 //!
 //! - The head slab is permanent, and the index table is reserved for the guest's whole
 //!   page count up front, so an idle epoch (no dirty page, a small state) allocates
@@ -24,6 +31,7 @@
 //! the writer leaves the staging empty.
 
 use crate::codec::DEFAULT_STATE_LIMIT;
+use crate::encoding::{DeltaRecords, PageData, PageKind, KIND_MASK};
 
 /// The guest page size that dirty tracking and staging work in.
 pub const PAGE_SIZE: usize = 4096;
@@ -163,11 +171,20 @@ pub struct Staging {
     cfg: StagingConfig,
     pages_per_slab: usize,
     slabs: Vec<Box<[Page]>>,
-    /// Little-endian gpa of each staged page.
+    /// Little-endian index entry of each staged page: gpa | kind.
     index: Vec<[u8; 8]>,
-    /// Payload bytes: pages × 4096 + state.
+    /// Payload bytes in the slabs: page slots × 4096 + state.
     used: usize,
     state_len: usize,
+    /// Pages of kind raw (their 4096 bytes are sent).
+    raw: usize,
+    /// Receiver layout: the raw pages back to back in the slots. Otherwise (sender) page
+    /// i is in slot i, whatever its kind.
+    packed: bool,
+    /// The kinds were set by an encoder.
+    encoded: bool,
+    /// The delta section (sent or received).
+    delta: Vec<u8>,
     strikes: u32,
     shrink_to: Option<usize>,
     grown: usize,
@@ -197,6 +214,10 @@ impl Staging {
             index: Vec::with_capacity(cfg.max_pages),
             used: 0,
             state_len: 0,
+            raw: 0,
+            packed: false,
+            encoded: false,
+            delta: Vec::new(),
             strikes: 0,
             shrink_to: None,
             grown: 0,
@@ -263,35 +284,92 @@ impl Staging {
         self.state_len
     }
 
-    /// Payload bytes in the staged checkpoint (pages × 4096 + state).
+    /// Payload bytes in the slabs (page slots × 4096 + state).
     pub fn payload_len(&self) -> usize {
         self.used
     }
 
-    /// The page index as sent on the wire: one little-endian `u64` gpa per staged page.
+    /// Pages of kind raw: all of them until an encoder ran.
+    pub fn raw_count(&self) -> usize {
+        self.raw
+    }
+
+    /// The delta section (empty until an encoder made deltas).
+    pub fn delta_bytes(&self) -> &[u8] {
+        &self.delta
+    }
+
+    /// Bytes the frame carries after its page index, disks aside: the raw pages, the
+    /// state and the delta section.
+    pub fn wire_payload_len(&self) -> usize {
+        self.raw * PAGE_SIZE + self.state_len + self.delta.len()
+    }
+
+    /// The page index as sent on the wire: one little-endian `u64` per staged page, its
+    /// gpa with the page's kind in the low 12 bits.
     pub fn index_bytes(&self) -> &[u8] {
         self.index.as_flattened()
     }
 
     /// The guest physical addresses of the staged pages, in staging order.
     pub fn gpas(&self) -> impl ExactSizeIterator<Item = u64> + '_ {
-        self.index.iter().map(|b| u64::from_le_bytes(*b))
+        self.index
+            .iter()
+            .map(|b| u64::from_le_bytes(*b) & !KIND_MASK)
     }
 
-    /// The staged pages with their addresses, in staging order.
-    pub fn pages(&self) -> impl ExactSizeIterator<Item = (u64, &Page)> + '_ {
-        self.index.iter().enumerate().map(|(i, b)| {
-            (
-                u64::from_le_bytes(*b),
-                &self.slabs[i / self.pages_per_slab][i % self.pages_per_slab],
-            )
-        })
+    /// The raw pages with their addresses, in staging order: every staged page until an
+    /// encoder ran.
+    pub fn pages(&self) -> RawPages<'_> {
+        RawPages {
+            staging: self,
+            entry: 0,
+            slot: 0,
+            left: self.raw,
+        }
     }
 
-    /// The used part of each slab, in order: the payload exactly, ready for vectored
-    /// writes or incremental checksumming.
+    /// Every staged page with its address and how it is sent, in staging order.
+    pub fn entries(&self) -> Entries<'_> {
+        Entries {
+            staging: self,
+            entry: 0,
+            slot: 0,
+            deltas: DeltaRecords::new(&self.delta),
+        }
+    }
+
+    fn slot(&self, n: usize) -> &Page {
+        &self.slabs[n / self.pages_per_slab][n % self.pages_per_slab]
+    }
+
+    /// The used part of each slab, in order (the slots of every staged page, then the
+    /// state), for incremental checksumming and tests.
     pub fn slab_chunks(&self) -> Chunks<'_> {
         self.chunks(0, self.used)
+    }
+
+    /// The frame's payload after its page index, as chunks straight into the slabs, for
+    /// vectored writes: the raw pages (runs of consecutive raw slots), the state, the
+    /// delta section.
+    pub fn payload_chunks(&self) -> PayloadChunks<'_> {
+        let contiguous = self.packed || self.raw == self.index.len();
+        let (runs_end, state) = if contiguous {
+            // Raw pages and state are one stretch of the slabs.
+            (self.index.len(), self.chunks(0, self.used))
+        } else {
+            (0, self.state_chunks())
+        };
+        PayloadChunks {
+            runs: RawRuns {
+                index: &self.index,
+                slabs: &self.slabs,
+                per_slab: self.pages_per_slab,
+                at: runs_end,
+            },
+            state,
+            delta: (!self.delta.is_empty()).then_some(&self.delta[..]),
+        }
     }
 
     /// The state bytes, as one or more chunks (they may straddle slabs).
@@ -363,10 +441,40 @@ impl Staging {
     /// Empties the staged checkpoint (the cache is kept).
     fn reset(&mut self) {
         self.disk.clear();
+        self.delta.clear();
         self.index.clear();
         self.used = 0;
         self.state_len = 0;
+        self.raw = 0;
+        self.packed = false;
+        self.encoded = false;
         self.grown = 0;
+    }
+
+    /// Sets each staged page's kind with `f(gpa, page, delta section)`, which appends a
+    /// delta record for a page it makes a delta. Only a finished, not yet encoded
+    /// checkpoint of a sender is encoded; otherwise nothing happens.
+    pub(crate) fn encode_with(&mut self, mut f: impl FnMut(u64, &Page, &mut Vec<u8>) -> PageKind) {
+        if self.encoded || self.packed {
+            return;
+        }
+        let Staging {
+            slabs,
+            index,
+            delta,
+            pages_per_slab,
+            ..
+        } = self;
+        delta.clear();
+        let mut raw = 0;
+        for (i, entry) in index.iter_mut().enumerate() {
+            let gpa = u64::from_le_bytes(*entry) & !KIND_MASK;
+            let kind = f(gpa, &slabs[i / *pages_per_slab][i % *pages_per_slab], delta);
+            *entry = (gpa | kind as u64).to_le_bytes();
+            raw += usize::from(kind == PageKind::Raw);
+        }
+        self.raw = raw;
+        self.encoded = true;
     }
 
     /// Strike accounting for a finished checkpoint.
@@ -405,21 +513,42 @@ impl Staging {
     pub(crate) fn recv_begin(&mut self, pages: usize) -> &mut [u8] {
         self.reset();
         self.trim();
+        self.packed = true;
         self.index.resize(pages, [0; 8]);
         self.index.as_flattened_mut()
     }
 
-    /// Fills the payload announced to [`Self::recv_begin`], chunk by chunk, with `f`
-    /// (slabs are added only as the data reaches them).
+    /// Fills the payload announced to [`Self::recv_begin`] — `raw` raw pages back to back,
+    /// then `state_len` state bytes — chunk by chunk, with `f` (slabs are added only as
+    /// the data reaches them).
     pub(crate) fn recv_payload<E>(
         &mut self,
+        raw: usize,
         state_len: usize,
         f: impl FnMut(&mut [u8]) -> Result<(), E>,
     ) -> Result<(), E> {
-        let total = self.index.len() * PAGE_SIZE + state_len;
+        let total = raw * PAGE_SIZE + state_len;
+        self.raw = raw;
         self.used = total;
         self.state_len = state_len;
         self.for_each_chunk_mut(0, total, f)
+    }
+
+    /// Fills a received checkpoint's delta section of `len` bytes with `f`, a piece at a
+    /// time (the buffer grows as data arrives, never on a header's word alone).
+    pub(crate) fn recv_delta<E>(
+        &mut self,
+        len: usize,
+        mut f: impl FnMut(&mut [u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        const PIECE: usize = 64 << 10;
+        self.delta.clear();
+        while self.delta.len() < len {
+            let start = self.delta.len();
+            self.delta.resize(start + (len - start).min(PIECE), 0);
+            f(&mut self.delta[start..])?;
+        }
+        Ok(())
     }
 
     /// The buffer for a received checkpoint's disk section of `len` bytes.
@@ -444,9 +573,146 @@ impl Staging {
         self.reset();
     }
 
-    /// Page index entry `i` (gpa).
-    pub(crate) fn gpa_at(&self, i: usize) -> u64 {
+    /// Page index entry `i` (gpa | kind).
+    pub(crate) fn entry_at(&self, i: usize) -> u64 {
         u64::from_le_bytes(self.index[i])
+    }
+}
+
+/// The raw pages of a staging with their addresses (see [`Staging::pages`]).
+#[derive(Debug, Clone)]
+pub struct RawPages<'a> {
+    staging: &'a Staging,
+    entry: usize,
+    slot: usize,
+    left: usize,
+}
+
+impl<'a> Iterator for RawPages<'a> {
+    type Item = (u64, &'a Page);
+
+    fn next(&mut self) -> Option<(u64, &'a Page)> {
+        let st = self.staging;
+        while self.entry < st.index.len() {
+            let (i, e) = (self.entry, st.entry_at(self.entry));
+            self.entry += 1;
+            let slot = if st.packed { self.slot } else { i };
+            if e & KIND_MASK == PageKind::Raw as u64 {
+                self.slot += 1;
+                self.left = self.left.saturating_sub(1);
+                return Some((e & !KIND_MASK, st.slot(slot)));
+            }
+        }
+        None
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl ExactSizeIterator for RawPages<'_> {}
+
+/// Every page of a staging with its address and data (see [`Staging::entries`]). A
+/// received staging's delta section was checked when it arrived; should a record still
+/// not parse, its page is yielded as an empty delta against CRC 0, which no page matches
+/// (the standby's apply checks every base before writing).
+#[derive(Debug, Clone)]
+pub struct Entries<'a> {
+    staging: &'a Staging,
+    entry: usize,
+    slot: usize,
+    deltas: DeltaRecords<'a>,
+}
+
+impl<'a> Iterator for Entries<'a> {
+    type Item = (u64, PageData<'a>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let st = self.staging;
+        if self.entry >= st.index.len() {
+            return None;
+        }
+        let (i, e) = (self.entry, st.entry_at(self.entry));
+        self.entry += 1;
+        let gpa = e & !KIND_MASK;
+        let data = match PageKind::of_entry(e) {
+            Some(PageKind::Raw) => {
+                let slot = if st.packed { self.slot } else { i };
+                self.slot += 1;
+                PageData::Raw(st.slot(slot))
+            }
+            Some(PageKind::Zero) => PageData::Zero,
+            Some(PageKind::Delta) | None => match self.deltas.next_record() {
+                Ok((base_crc, runs)) => PageData::Delta { base_crc, runs },
+                Err(_) => PageData::Delta {
+                    base_crc: 0,
+                    runs: &[],
+                },
+            },
+        };
+        Some((gpa, data))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.staging.index.len() - self.entry;
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for Entries<'_> {}
+
+/// Runs of consecutive raw slots within one slab, each as one chunk (a sender's encoded
+/// staging, where zero and delta pages leave their slots unsent).
+#[derive(Debug, Clone)]
+struct RawRuns<'a> {
+    index: &'a [[u8; 8]],
+    slabs: &'a [Box<[Page]>],
+    per_slab: usize,
+    at: usize,
+}
+
+impl<'a> Iterator for RawRuns<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let raw = |e: &[u8; 8]| u64::from_le_bytes(*e) & KIND_MASK == PageKind::Raw as u64;
+        while self.at < self.index.len() && !raw(&self.index[self.at]) {
+            self.at += 1;
+        }
+        if self.at >= self.index.len() {
+            return None;
+        }
+        let start = self.at;
+        let slab = start / self.per_slab;
+        while self.at < self.index.len()
+            && self.at / self.per_slab == slab
+            && raw(&self.index[self.at])
+        {
+            self.at += 1;
+        }
+        let first = start % self.per_slab;
+        let pages = &self.slabs[slab][first..first + (self.at - start)];
+        Some(pages.as_flattened())
+    }
+}
+
+/// The chunks of a frame's payload after its index (see [`Staging::payload_chunks`]).
+#[derive(Debug, Clone)]
+pub struct PayloadChunks<'a> {
+    runs: RawRuns<'a>,
+    state: Chunks<'a>,
+    delta: Option<&'a [u8]>,
+}
+
+impl<'a> Iterator for PayloadChunks<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        self.runs
+            .next()
+            .or_else(|| self.state.next())
+            .or_else(|| self.delta.take())
     }
 }
 
@@ -509,7 +775,18 @@ impl EpochWriter<'_> {
         // Within the capacity reserved in `Staging::new`: no reallocation.
         s.index.push(gpa.to_le_bytes());
         s.used += PAGE_SIZE;
+        s.raw += 1;
         Ok(&mut s.slabs[slab][page])
+    }
+
+    /// Takes back the page staged last (a page the caller found it need not send). Does
+    /// nothing once state bytes were staged.
+    pub fn unstage_last(&mut self) {
+        let s = &mut *self.staging;
+        if s.state_len == 0 && s.index.pop().is_some() {
+            s.used -= PAGE_SIZE;
+            s.raw -= 1;
+        }
     }
 
     /// Copies the page at `gpa` from `src` into the next page slot.

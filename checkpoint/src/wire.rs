@@ -10,18 +10,24 @@
 //! at a time:
 //!
 //! ```text
-//! epoch u64 | generation u64 | page_count u64 | state_len u64     (32 bytes)
-//! page index: page_count × gpa u64
-//! page data:  page_count × 4096 bytes       \  the slabs' used parts,
-//! state:      state_len bytes               /  in order
+//! epoch u64 | generation u64 | page_count u64 | state_len u64 | disk_len u64 | delta_len u64
+//!                                                                           (48 bytes)
+//! page index:    page_count × u64: gpa | kind (low 12 bits: 0 raw, 1 zero, 2 delta)
+//! raw pages:     4096 bytes per raw page, in index order  \  runs of the slabs'
+//! state:         state_len bytes                          /  used parts
+//! delta section: delta_len bytes, a record per delta page, in index order
+//! disk section:  disk_len bytes
 //! ```
+//!
+//! (Page kinds and delta records: [`crate::encoding`].)
 //!
 //! The receiver ([`FrameReader`]) checks every length against [`Limits`] derived from the
 //! guest's shape *before* it allocates or reads further (page count ≤ guest pages, state
-//! length ≤ cap, body length consistent, every gpa page aligned and inside guest memory),
-//! reads the payload into its own [`Staging`] (reusing its slabs), verifies the checksum,
-//! and only then yields a [`VerifiedCheckpoint`]. A torn or corrupt frame is an error and
-//! leaves the staging empty: nothing of it can be applied (I2).
+//! length ≤ cap, every index entry of a known kind, page aligned and inside guest memory,
+//! body length consistent with the raw pages the index announces), reads the payload into
+//! its own [`Staging`] (reusing its slabs), verifies the checksum and the delta records'
+//! structure, and only then yields a [`VerifiedCheckpoint`]. A torn or corrupt frame is an
+//! error and leaves the staging empty: nothing of it can be applied (I2).
 
 use std::io::{self, Read};
 
@@ -29,13 +35,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::apply::VerifiedCheckpoint;
 use crate::codec::{self, CodecError};
+use crate::encoding::{
+    DeltaRecords, DeltaSectionError, PageKind, DELTA_HEADER_LEN, KIND_MASK, MAX_DELTA_RECORD,
+};
 use crate::protocol::{
     FrameHeader, FrameKind, HeaderError, Heartbeat, FRAME_HEADER_LEN, TRAILER_LEN,
 };
 use crate::slab::{EpochStats, Staging, StagingConfig, PAGE_SIZE};
 
 /// Length of the fixed part of a checkpoint body.
-pub const CHECKPOINT_HEADER_LEN: usize = 40;
+pub const CHECKPOINT_HEADER_LEN: usize = 48;
 /// Length of a disk segment's header in a checkpoint's disk section.
 pub const DISK_SEGMENT_HEADER_LEN: usize = 16;
 /// Largest disk section a checkpoint may carry by default (the writes of one
@@ -53,9 +62,6 @@ pub const MAX_VCPUS: u32 = 254;
 pub const MAX_NICS: usize = 32;
 /// Most disks in a handshake.
 pub const MAX_DISKS: usize = 32;
-
-/// Bytes per page on the wire: an index entry and the page.
-const WIRE_BYTES_PER_PAGE: u64 = 8 + PAGE_SIZE as u64;
 
 /// Which side of the protected VM a peer is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -389,17 +395,28 @@ pub enum WireError {
         pages: u64,
         /// Declared state length.
         state_len: u64,
-        /// What they add up to.
+        /// What they add up to (with the raw pages the index announces, once it is read).
         expected: u64,
     },
-    /// A page address is not page aligned.
-    #[error("checkpoint page {index} has address {gpa:#x}, not aligned to {PAGE_SIZE} bytes")]
-    UnalignedGpa {
+    /// An index entry's low bits name no page kind.
+    #[error("checkpoint page {index} has index entry {entry:#x}, whose kind {} is unknown", entry & KIND_MASK)]
+    UnknownPageKind {
         /// Position in the page index.
         index: u64,
-        /// The address.
-        gpa: u64,
+        /// The entry.
+        entry: u64,
     },
+    /// The delta section cannot hold the delta pages the index announces.
+    #[error("checkpoint delta section of {len} bytes cannot hold {deltas} delta records (each {DELTA_HEADER_LEN}..={MAX_DELTA_RECORD} bytes)")]
+    DeltaLength {
+        /// Declared length.
+        len: u64,
+        /// Delta pages in the index.
+        deltas: u64,
+    },
+    /// A delta record is malformed.
+    #[error("checkpoint delta section: {0}")]
+    Delta(#[from] DeltaSectionError),
     /// A page address is outside guest memory.
     #[error(
         "checkpoint page {index} has address {gpa:#x}, outside guest memory ending at {gpa_end:#x}"
@@ -557,8 +574,10 @@ impl<'a> CheckpointFrame<'a> {
         }
         let pages = staging.page_count() as u64;
         let state_len = staging.state_len() as u64;
-        let body_len =
-            CHECKPOINT_HEADER_LEN as u64 + pages * WIRE_BYTES_PER_PAGE + state_len + disk_len;
+        let delta_len = staging.delta_bytes().len() as u64;
+        let body_len = (CHECKPOINT_HEADER_LEN + staging.index_bytes().len()) as u64
+            + staging.wire_payload_len() as u64
+            + disk_len;
         let mut head = [0u8; FRAME_HEADER_LEN + CHECKPOINT_HEADER_LEN];
         let header = FrameHeader {
             kind: FrameKind::Checkpoint,
@@ -571,6 +590,7 @@ impl<'a> CheckpointFrame<'a> {
         c[16..24].copy_from_slice(&pages.to_le_bytes());
         c[24..32].copy_from_slice(&state_len.to_le_bytes());
         c[32..40].copy_from_slice(&disk_len.to_le_bytes());
+        c[40..48].copy_from_slice(&delta_len.to_le_bytes());
         let mut frame = CheckpointFrame {
             staging,
             head,
@@ -595,7 +615,7 @@ impl<'a> CheckpointFrame<'a> {
             .flat_map(|(h, d)| [&h[..], *d]);
         std::iter::once(&self.head[..])
             .chain(std::iter::once(self.staging.index_bytes()))
-            .chain(self.staging.slab_chunks())
+            .chain(self.staging.payload_chunks())
             .chain(disks)
     }
 
@@ -607,7 +627,7 @@ impl<'a> CheckpointFrame<'a> {
             .sum();
         (self.head.len()
             + self.staging.index_bytes().len()
-            + self.staging.payload_len()
+            + self.staging.wire_payload_len()
             + disks
             + TRAILER_LEN) as u64
     }
@@ -632,7 +652,7 @@ impl<'a> CheckpointFrame<'a> {
         u32::from_le_bytes(self.trailer)
     }
 
-    /// Frame header and checkpoint header (48 bytes).
+    /// Frame header and checkpoint header (64 bytes).
     pub fn head(&self) -> &[u8] {
         &self.head
     }
@@ -642,8 +662,9 @@ impl<'a> CheckpointFrame<'a> {
         &self.trailer
     }
 
-    /// The frame's parts in order: head, page index, each slab's used part, each disk
-    /// segment's header and records, trailer. They point into the staging and the disks'
+    /// The frame's parts in order: head, page index, the raw pages and the state (runs of
+    /// the slabs' used parts), the delta section, each disk segment's header and records,
+    /// trailer. They point into the staging and the disks'
     /// journals: a sender gathers them into its vectored writes (the transport's
     /// `Channel::send_checkpoint`), copying nothing.
     pub fn chunks(&self) -> impl Iterator<Item = &[u8]> + '_ {
@@ -881,6 +902,7 @@ impl FrameReader {
         let pages = le_u64(&ch[16..]);
         let state_len = le_u64(&ch[24..]);
         let disk_len = le_u64(&ch[32..]);
+        let delta_len = le_u64(&ch[40..]);
         // Every length is checked before anything is allocated or read.
         if disk_len > lim.max_disk_bytes {
             return Err(WireError::DiskTooLarge {
@@ -901,28 +923,48 @@ impl FrameReader {
                 max: max_state,
             });
         }
-        // No overflow: pages ≤ 2^52, state_len ≤ usize::MAX, disk_len ≤ the limit.
-        let expected =
-            CHECKPOINT_HEADER_LEN as u64 + pages * WIRE_BYTES_PER_PAGE + state_len + disk_len;
-        if body_len != expected {
+        if delta_len > pages * MAX_DELTA_RECORD as u64 {
+            return Err(WireError::DeltaLength {
+                len: delta_len,
+                deltas: pages,
+            });
+        }
+        // No overflow: pages ≤ 2^52, state_len ≤ usize::MAX, the others bounded above.
+        let body_len_for = |raw: u64| {
+            CHECKPOINT_HEADER_LEN as u64
+                + pages * 8
+                + raw * PAGE_SIZE as u64
+                + state_len
+                + delta_len
+                + disk_len
+        };
+        // Before the index: the body must hold at least the index and the sections.
+        if body_len < body_len_for(0) || body_len > body_len_for(pages) {
             return Err(WireError::BodyLength {
                 body_len,
                 pages,
                 state_len,
-                expected,
+                expected: body_len_for(pages),
             });
         }
 
         let index = staging.recv_begin(pages as usize);
         read_exact(r, index, "checkpoint page index")?;
         hasher.update(index);
+        let (mut raw, mut deltas) = (0u64, 0u64);
         for i in 0..pages as usize {
-            let gpa = staging.gpa_at(i);
-            if gpa % PAGE_SIZE as u64 != 0 {
-                return Err(WireError::UnalignedGpa {
-                    index: i as u64,
-                    gpa,
-                });
+            let entry = staging.entry_at(i);
+            let gpa = entry & !KIND_MASK;
+            match PageKind::of_entry(entry) {
+                Some(PageKind::Raw) => raw += 1,
+                Some(PageKind::Delta) => deltas += 1,
+                Some(PageKind::Zero) => {}
+                None => {
+                    return Err(WireError::UnknownPageKind {
+                        index: i as u64,
+                        entry,
+                    })
+                }
             }
             if gpa >= lim.gpa_end || lim.gpa_end - gpa < PAGE_SIZE as u64 {
                 return Err(WireError::GpaOutOfRange {
@@ -932,15 +974,37 @@ impl FrameReader {
                 });
             }
         }
-        staging.recv_payload(state_len as usize, |chunk| {
+        if delta_len < deltas * DELTA_HEADER_LEN as u64
+            || delta_len > deltas * MAX_DELTA_RECORD as u64
+        {
+            return Err(WireError::DeltaLength {
+                len: delta_len,
+                deltas,
+            });
+        }
+        if body_len != body_len_for(raw) {
+            return Err(WireError::BodyLength {
+                body_len,
+                pages,
+                state_len,
+                expected: body_len_for(raw),
+            });
+        }
+        staging.recv_payload(raw as usize, state_len as usize, |chunk| {
             read_exact(r, chunk, "checkpoint payload")?;
             hasher.update(chunk);
+            Ok::<(), WireError>(())
+        })?;
+        staging.recv_delta(delta_len as usize, |piece| {
+            read_exact(r, piece, "checkpoint delta section")?;
+            hasher.update(piece);
             Ok::<(), WireError>(())
         })?;
         let disk = staging.recv_disk(disk_len as usize);
         read_exact(r, disk, "checkpoint disk section")?;
         hasher.update(disk);
         check_trailer(r, hasher, FrameKind::Checkpoint, body_len)?;
+        DeltaRecords::check(staging.delta_bytes(), deltas as usize)?;
         for seg in DiskSegments::new(staging.disk_bytes()) {
             let (disk, _) = seg?;
             if disk >= lim.disks {
@@ -1195,23 +1259,43 @@ mod tests {
         );
 
         let mut f = good.clone();
-        forge(&mut f, 2, 2);
+        forge(&mut f, 3, 5000);
         let (e, _) = read_err(&f, 64 * 4096);
         assert!(
             matches!(
                 e,
                 WireError::BodyLength {
-                    pages: 2,
-                    state_len: 2,
+                    pages: 1,
+                    state_len: 5000,
                     ..
                 }
             ),
             "{e}"
         );
 
-        // gpa field is the first index entry, right after the 40-byte header (field 5).
+        // One more page than sent: the page's first bytes read as an index entry of no
+        // known kind.
         let mut f = good.clone();
-        forge(&mut f, 5, 64 * 4096);
+        forge(&mut f, 2, 2);
+        let (e, st) = read_err(&f, 64 * 4096);
+        assert!(
+            matches!(e, WireError::UnknownPageKind { index: 1, .. }),
+            "{e}"
+        );
+        assert_eq!(st.page_count(), 0, "staging left empty");
+
+        // A delta section the index has no delta page for.
+        let mut f = good.clone();
+        forge(&mut f, 5, 6);
+        let (e, _) = read_err(&f, 64 * 4096);
+        assert!(
+            matches!(e, WireError::DeltaLength { len: 6, deltas: 0 }),
+            "{e}"
+        );
+
+        // The first index entry follows the 48-byte header (field 6).
+        let mut f = good.clone();
+        forge(&mut f, 6, 64 * 4096);
         let (e, st) = read_err(&f, 64 * 4096);
         assert_eq!(
             e.to_string(),
@@ -1220,17 +1304,11 @@ mod tests {
         assert_eq!(st.page_count(), 0, "staging left empty");
 
         let mut f = good.clone();
-        forge(&mut f, 5, 0x1234);
+        forge(&mut f, 6, 0x1234);
         let (e, _) = read_err(&f, 64 * 4096);
-        assert!(
-            matches!(
-                e,
-                WireError::UnalignedGpa {
-                    index: 0,
-                    gpa: 0x1234
-                }
-            ),
-            "{e}"
+        assert_eq!(
+            e.to_string(),
+            "checkpoint page 0 has index entry 0x1234, whose kind 564 is unknown"
         );
 
         let (mut fr, mut st) = (

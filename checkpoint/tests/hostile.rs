@@ -15,8 +15,8 @@ use ftvmm_checkpoint::wire::{
     MAX_CONTROL_BODY,
 };
 use ftvmm_checkpoint::{
-    decode_state, CheckpointFrame, DevicesSummary, DiskShape, DiskSync, GuestShape, Hello, Limits,
-    Role, Staging, StagingConfig, WireError, PAGE_SIZE,
+    decode_state, CheckpointFrame, DevicesSummary, DiskShape, DiskSync, Encoder, GuestShape, Hello,
+    Limits, Role, Staging, StagingConfig, WireError, PAGE_SIZE,
 };
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -158,6 +158,45 @@ fn checkpoint_frame(gpas: &[u64], state: &[u8], epoch: u64) -> Vec<u8> {
     v
 }
 
+/// An encoded checkpoint: each page is sent once as `(gpa, before)` to warm the encoder's
+/// cache, then as its `after` content, which the encoder turns into a zero flag, a delta
+/// or a raw page as it sees fit.
+fn encoded_frame(pages: &[(u64, u8, u8)], state: &[u8]) -> Vec<u8> {
+    let content = |gpa: u64, kind: u8| -> [u8; PAGE_SIZE] {
+        let mut p = [0u8; PAGE_SIZE];
+        match kind % 4 {
+            0 => {}
+            1 => p[(gpa as usize / PAGE_SIZE) % PAGE_SIZE] = kind,
+            2 => p
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b = (i as u64 ^ gpa) as u8),
+            _ => p
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b = (i * 31) as u8 ^ kind),
+        }
+        p
+    };
+    let mut enc = Encoder::new(1 << 20, MEM);
+    let mut st = staging();
+    for round in 0..2 {
+        let mut w = st.begin_epoch();
+        for &(gpa, before, after) in pages {
+            let kind = if round == 0 { before } else { after };
+            w.stage_page(gpa, &content(gpa, kind)).unwrap();
+        }
+        if round == 1 {
+            w.stage_state(state).unwrap();
+        }
+        w.finish();
+        enc.encode(&mut st);
+    }
+    let mut v = Vec::new();
+    CheckpointFrame::new(&st, 2, 1).copy_into(&mut v);
+    v
+}
+
 fn control_frame(m: &Message) -> Vec<u8> {
     let mut v = Vec::new();
     encode_message(m, &mut v).unwrap();
@@ -227,6 +266,18 @@ fn arb_frame() -> impl Strategy<Value = Vec<u8>> {
             any::<u64>()
         )
             .prop_map(|(g, s, e)| checkpoint_frame(&g, &s, e)),
+        (
+            prop::collection::vec(
+                (
+                    (0..MEM / PAGE_SIZE as u64).prop_map(|p| p * PAGE_SIZE as u64),
+                    any::<u8>(),
+                    any::<u8>()
+                ),
+                0..40
+            ),
+            prop::collection::vec(any::<u8>(), 0..300),
+        )
+            .prop_map(|(pages, s)| encoded_frame(&pages, &s)),
         arb_message().prop_map(|m| control_frame(&m)),
     ]
 }
@@ -237,7 +288,7 @@ fn arb_forged() -> impl Strategy<Value = Vec<u8>> {
     (
         1u16..=8,
         prop_oneof![any::<u64>(), 0u64..100_000],
-        any::<[u64; 4]>(),
+        any::<[u64; 6]>(),
         prop_oneof![Just(0u64), 0..(1u64 << 20)],
         prop::collection::vec(any::<u8>(), 0..20_000),
     )
@@ -252,6 +303,8 @@ fn arb_forged() -> impl Strategy<Value = Vec<u8>> {
                 if small_pages != 0 {
                     ckpt[2] = small_pages % 20_000;
                     ckpt[3] %= 300_000;
+                    ckpt[4] = 0;
+                    ckpt[5] %= 30_000;
                 }
                 for f in ckpt {
                     v.extend_from_slice(&f.to_le_bytes());
@@ -387,7 +440,7 @@ fn allocation_follows_received_bytes() {
     f.extend_from_slice(&(FrameKind::Checkpoint as u16).to_le_bytes());
     let body = CHECKPOINT_HEADER_LEN as u64 + pages * (8 + PAGE_SIZE as u64);
     f.extend_from_slice(&body.to_le_bytes());
-    for field in [1u64, 1, pages, 0, 0] {
+    for field in [1u64, 1, pages, 0, 0, 0] {
         f.extend_from_slice(&field.to_le_bytes());
     }
     f.resize(f.len() + pages as usize * 8, 0); // every page at gpa 0: valid

@@ -12,6 +12,7 @@ pub mod device_manager;
 pub mod dirty_log;
 pub mod ft;
 pub mod memory;
+pub mod pagemap;
 pub mod persist;
 pub mod quirks;
 pub mod seccomp;

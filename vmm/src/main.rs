@@ -203,6 +203,11 @@ struct FtArgs {
     /// Write one JSON line of metrics per epoch to FILE.
     #[arg(long, value_name = "FILE")]
     ft_metrics: Option<PathBuf>,
+    /// MiB of recently sent pages kept to send them again as deltas (XBZRLE
+    /// runs against the standby's copy); 0: no deltas (zero pages are still
+    /// sent as a flag).
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=65_536))]
+    ft_cache_mib: u64,
     /// Protection generation (fences older primaries).
     #[arg(long, value_name = "N", default_value_t = 1, hide = true)]
     ft_generation: u64,
@@ -342,6 +347,7 @@ fn ft_options(ft: FtArgs) -> Result<(Option<String>, FtOptions), CliError> {
             backend,
             limit_bytes: (limit_kib << 10) as usize,
         },
+        cache_bytes: ft.ft_cache_mib << 20,
     };
     Ok((ft.ft_peer, opts))
 }

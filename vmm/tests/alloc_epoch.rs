@@ -1,7 +1,8 @@
 //! The epoch pause allocates nothing: after warm-up, an epoch of an idle
 //! guest with a virtio disk — stop the vCPUs, quiesce the device, harvest,
 //! stage pages and the whole machine state, resume — makes no heap
-//! allocation on the thread that drives it. (The vCPU threads save their
+//! allocation on the thread that drives it, and neither does the page
+//! encoding that follows the resume. (The vCPU threads save their
 //! registers into buffers they reuse; the engine's own structures are proven
 //! allocation-free in the checkpoint crate's tests.)
 
@@ -87,11 +88,14 @@ fn an_idle_epoch_allocates_nothing() {
     // device-state vectors.
     for epoch in 1..=5 {
         engine.capture(&mut vm, None, epoch, false).unwrap();
+        engine.encode();
         engine.trim();
     }
     let mut total = 0;
     for epoch in 6..=25 {
         let (c, n) = counted(|| engine.capture(&mut vm, None, epoch, false).unwrap());
+        let (_, m) = counted(|| engine.encode());
+        assert_eq!(m, 0, "the encoding of epoch {epoch} allocated");
         engine.trim();
         assert!(
             c.counts.total() < 64,

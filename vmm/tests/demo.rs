@@ -76,6 +76,17 @@ fn demo_fails_over_checks_exactly_once_and_plots() {
         summary.contains("epochs") && summary.contains("MB sent"),
         "{summary}"
     );
+    // The bytes on the wire against the dirty pages' own: the guest writes
+    // one word per page, so the deltas leave a few per cent at most.
+    let sent = line("  sent: ");
+    let pct: f64 = sent
+        .trim_start_matches("  sent: ")
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{sent}"));
+    assert!(pct < 25.0, "{sent}");
+    assert!(sent.contains("% of dirty page bytes"), "{sent}");
     for row in [
         "pause µs",
         "dirty pages / epoch",

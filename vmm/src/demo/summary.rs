@@ -67,6 +67,18 @@ pub fn summary_table(epochs: &[EpochMetrics], t: &Takeover, interval_ms: u64) ->
         );
     }
     let total = |f: Field| epochs.iter().map(f).sum::<u64>();
+    let dirty = total(EpochMetrics::dirty_bytes);
+    if dirty > 0 {
+        let _ = writeln!(
+            s,
+            "  sent: {:.1} % of dirty page bytes ({} for {} of dirty pages; {} zero and {} delta pages)",
+            sent as f64 * 100.0 / dirty as f64,
+            size(sent),
+            size(dirty),
+            total(|m| m.zero_pages),
+            total(|m| m.delta_pages)
+        );
+    }
     let (writes, bytes) = (total(|m| m.disk_writes), total(|m| m.disk_bytes));
     let _ = writeln!(
         s,
@@ -123,6 +135,8 @@ mod tests {
                 epoch: e,
                 pause_us: e * 100,
                 bytes_sent: 1_000_000,
+                dirty_vcpu: 1000,
+                delta_pages: 900,
                 disk_writes: e % 2 * 5,
                 disk_bytes: e % 2 * 2560,
                 disk_flushes: u64::from(e == 3),
@@ -139,6 +153,10 @@ mod tests {
         };
         let s = summary_table(&epochs, &t, 25);
         assert!(s.starts_with("summary: 10 epochs of 25 ms on the primary, 10.0 MB sent"));
+        assert!(
+            s.contains("  sent: 24.4 % of dirty page bytes (10.0 MB for 41.0 MB of dirty pages; 0 zero and 9000 delta pages)"),
+            "{s}"
+        );
         for row in [
             "pause µs",
             "dirty pages / epoch",

@@ -1,13 +1,14 @@
 //! The primary's checkpoint machinery: dirty log, harvest buffers and slab
-//! staging; the epoch capture (steps 1–5 of docs/design.md "The epoch") and
-//! the staging of the initial sync.
+//! staging; the epoch capture (steps 1–5 of docs/design.md "The epoch"), the
+//! page encoding after it, and the staging of the initial sync.
 
 use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant};
 
+use ftvmm_checkpoint::encoding::is_zero;
 use ftvmm_checkpoint::{
-    encode_state, CheckpointFrame, DirtyCounts, EpochWriter, HarvestBuffer, Staging, StagingConfig,
-    PAGE_SIZE,
+    encode_state, CheckpointFrame, DirtyCounts, EncodeStats, Encoder, EpochWriter, HarvestBuffer,
+    Staging, StagingConfig, DEFAULT_CACHE_BYTES, PAGE_SIZE,
 };
 use ftvmm_devices::virtio::block::JournalCounts;
 use ftvmm_netbuf::{Held, OutputCommit};
@@ -17,12 +18,16 @@ use super::disk::DiskJournals;
 use super::FtError;
 use crate::dirty_log::DirtyLog;
 use crate::memory;
+use crate::pagemap::Pagemap;
 use crate::vm::Vm;
 
 /// How long vCPUs get to acknowledge a pause.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Pages per frame of the initial sync.
-const PRECOPY_BATCH: usize = 16 * 1024;
+/// Pages per frame of the initial sync (8 MiB: the standby applies one frame
+/// while the next is read and sent).
+const PRECOPY_BATCH: usize = 2048;
+/// Pages whose backing one read of the page map looks up.
+const PAGEMAP_CHUNK: usize = 16 * 1024;
 /// The initial sync stops iterating when a round dirtied fewer pages.
 const PRECOPY_DONE_PAGES: usize = 2048;
 /// Most dirty rounds of the initial sync.
@@ -76,7 +81,27 @@ pub struct Capture {
     pub disk: JournalCounts,
 }
 
-/// The epoch machinery of the primary: dirty log, harvest buffers, staging.
+/// What the initial sync's memory pre-copy did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrecopyReport {
+    /// Pages of guest memory.
+    pub pages: u64,
+    /// Pages the host never backed: zero, skipped without being read.
+    pub untouched: u64,
+    /// Pages read and found zero: not sent (the standby's memory starts zero).
+    pub zero: u64,
+    /// Pages sent by the first pass over all of memory.
+    pub bulk: u64,
+    /// Pages sent again by the later rounds (dirtied meanwhile).
+    pub resent: u64,
+    /// Rounds after the first pass.
+    pub rounds: u32,
+    /// Bytes of the frames sent.
+    pub bytes: u64,
+}
+
+/// The epoch machinery of the primary: dirty log, harvest buffers, staging,
+/// page encoder.
 pub struct Engine {
     pub(crate) log: DirtyLog,
     harvests: Vec<HarvestBuffer>,
@@ -84,12 +109,22 @@ pub struct Engine {
     state_buf: Vec<u8>,
     region_bases: Vec<u64>,
     disks: DiskJournals,
+    encoder: Encoder,
+    cache_bytes: u64,
+    gpa_end: u64,
 }
 
 impl Engine {
     /// Turns on dirty logging for `vm` (manual protect) and allocates the
-    /// harvest buffers and the staging.
+    /// harvest buffers and the staging; the page encoder's cache has the
+    /// default size.
     pub fn new(vm: &mut Vm) -> Result<Self, FtError> {
+        Self::with_cache(vm, DEFAULT_CACHE_BYTES)
+    }
+
+    /// [`Engine::new`] with a cache of `cache_bytes` of recently sent pages
+    /// for delta encoding (0: no deltas; zero pages are still sent as a flag).
+    pub fn with_cache(vm: &mut Vm, cache_bytes: u64) -> Result<Self, FtError> {
         let rings = vm.take_dirty_rings();
         let log = if rings.is_empty() {
             DirtyLog::new(&vm.fd, &vm.memory)?
@@ -108,6 +143,7 @@ impl Engine {
         ))?;
         let disks = DiskJournals::new(vm);
         disks.start(vm);
+        let gpa_end = vm.memory.last_addr().0 + 1;
         Ok(Engine {
             log,
             harvests,
@@ -115,6 +151,9 @@ impl Engine {
             state_buf: Vec::with_capacity(64 * 1024),
             region_bases,
             disks,
+            encoder: Encoder::new(cache_bytes, gpa_end),
+            cache_bytes,
+            gpa_end,
         })
     }
 
@@ -130,6 +169,8 @@ impl Engine {
     /// dirty rings are emptied so that no vCPU waits on a full one.
     pub fn stop_tracking(&mut self, vm: &Vm) {
         self.disks.stop();
+        // The cache's memory goes back; a new pairing starts from nothing.
+        self.encoder = Encoder::new(self.cache_bytes, self.gpa_end);
         if let Err(e) = memory::register_slots(&vm.fd, &vm.memory, false) {
             log::warn!("cannot turn dirty logging off: {e}");
         }
@@ -180,7 +221,7 @@ impl Engine {
             ..
         } = self;
         let mut w = staging.begin_epoch();
-        stage_pages(&vm, harvests, region_bases, &mut w, PageCopy::Paused)?;
+        stage_pages(&vm, harvests, region_bases, &mut w)?;
         let t_save = Instant::now();
         let state = vm.finish_save(PAUSE_TIMEOUT)?;
         let t_encode = Instant::now();
@@ -220,59 +261,122 @@ impl Engine {
         })
     }
 
-    /// The captured checkpoint as a frame: the staged pages and state, and
-    /// the disks' records of the epoch.
+    /// Encodes the captured checkpoint's pages for the wire (zero pages as
+    /// a flag, recently sent pages as deltas against what the standby holds),
+    /// after the resume: the guest runs meanwhile.
+    pub fn encode(&mut self) -> EncodeStats {
+        self.encoder.encode(&mut self.staging)
+    }
+
+    /// The captured checkpoint as a frame: the staged pages (as encoded) and
+    /// state, and the disks' records of the epoch.
     pub fn frame(&self, epoch: u64, generation: u64) -> CheckpointFrame<'_> {
         CheckpointFrame::with_disks(&self.staging, epoch, generation, self.disks.sealed())
     }
 
     /// The initial sync's pages, staged batch by batch while the guest runs,
-    /// each batch handed to `send`: all of memory, then rounds of the pages
-    /// dirtied meanwhile until few remain (the rest goes with epoch 1).
-    /// Returns the pages staged.
+    /// each batch handed to `send` (which returns the bytes it sent): first
+    /// every page that is not zero — pages the host never backed are skipped
+    /// unread, the others read and tested, since a new standby's memory
+    /// starts zero — then rounds of the pages dirtied meanwhile, encoded
+    /// like checkpoints, until few remain (the rest goes with epoch 1). The
+    /// encoder's cache starts empty: a new standby holds nothing sent before.
     pub fn precopy(
         &mut self,
         vm: &Vm,
-        mut send: impl FnMut(&Staging) -> Result<(), FtError>,
-    ) -> Result<u64, FtError> {
-        let mut sent_pages = 0u64;
-        // Round 0: all of memory. The dirty log is already on, so anything
-        // the guest writes while we copy is sent again in the next rounds.
-        for (region, base) in vm.memory.iter().zip(self.region_bases.clone()) {
+        mut send: impl FnMut(&Staging) -> Result<u64, FtError>,
+    ) -> Result<PrecopyReport, FtError> {
+        self.encoder.reset();
+        let mut report = PrecopyReport {
+            pages: memory::page_count(&vm.memory),
+            ..Default::default()
+        };
+        // The first pass: all of memory. The dirty log is already on, so
+        // anything the guest writes meanwhile is sent again by the rounds.
+        let mut pagemap = Pagemap::open();
+        let mut backed = vec![false; PAGEMAP_CHUNK];
+        let mut batch: Vec<u64> = Vec::with_capacity(PRECOPY_BATCH);
+        for (i, region) in vm.memory.iter().enumerate() {
+            let base = self.region_bases[i];
             let pages = (region.len() / PAGE_SIZE as u64) as usize;
+            let host = region.as_ptr() as usize;
+            let anonymous = region.file_offset().is_none()
+                && region.flags() & libc::MAP_ANONYMOUS != 0
+                && region.flags() & libc::MAP_PRIVATE != 0;
             let mut start = 0;
             while start < pages {
-                let end = (start + PRECOPY_BATCH).min(pages);
-                let mut w = self.staging.begin_epoch();
-                for page in start..end {
-                    let gpa = base + (page * PAGE_SIZE) as u64;
-                    read_page(vm, gpa, w.page_slot(gpa)?)?;
+                let n = PAGEMAP_CHUNK.min(pages - start);
+                let chunk = &mut backed[..n];
+                match pagemap.as_mut().filter(|_| anonymous) {
+                    Some(pm) => {
+                        if let Err(e) = pm.backed(host + start * PAGE_SIZE, chunk) {
+                            log::warn!("cannot read the page map ({e}): reading every page");
+                            pagemap = None;
+                            chunk.fill(true);
+                        }
+                    }
+                    None => chunk.fill(true),
                 }
-                w.finish();
-                send(&self.staging)?;
-                sent_pages += (end - start) as u64;
-                start = end;
+                for (k, &b) in chunk.iter().enumerate() {
+                    if !b {
+                        report.untouched += 1;
+                        continue;
+                    }
+                    batch.push(base + ((start + k) * PAGE_SIZE) as u64);
+                    if batch.len() == PRECOPY_BATCH {
+                        self.send_batch(vm, &batch, true, &mut send, &mut report)?;
+                        batch.clear();
+                    }
+                }
+                start += n;
             }
         }
+        self.send_batch(vm, &batch, true, &mut send, &mut report)?;
+        report.bulk = report.pages - report.untouched - report.zero;
         for round in 1..=PRECOPY_MAX_ROUNDS {
             let counts = self.harvest(vm)?;
-            let mut w = self.staging.begin_epoch();
-            stage_pages(
-                vm,
-                &self.harvests,
-                &self.region_bases,
-                &mut w,
-                PageCopy::Live,
-            )?;
-            w.finish();
-            send(&self.staging)?;
-            sent_pages += counts.total();
+            let dirty: Vec<u64> = self.dirty_gpas().collect();
+            for chunk in dirty.chunks(PRECOPY_BATCH) {
+                self.send_batch(vm, chunk, false, &mut send, &mut report)?;
+            }
+            report.resent += counts.total();
+            report.rounds = round as u32;
             log::info!("initial sync round {round}: {} dirty pages", counts.total());
             if (counts.total() as usize) < PRECOPY_DONE_PAGES {
                 break;
             }
         }
-        Ok(sent_pages)
+        Ok(report)
+    }
+
+    /// Stages the pages at `gpas` (read while the guest runs) and sends them
+    /// as one frame: in the first pass without the zero ones, in a later
+    /// round encoded (a zero page there may have had content before).
+    fn send_batch(
+        &mut self,
+        vm: &Vm,
+        gpas: &[u64],
+        first_pass: bool,
+        send: &mut impl FnMut(&Staging) -> Result<u64, FtError>,
+        report: &mut PrecopyReport,
+    ) -> Result<(), FtError> {
+        let mut w = self.staging.begin_epoch();
+        for &gpa in gpas {
+            let slot = w.page_slot(gpa)?;
+            read_page(vm, gpa, slot)?;
+            if first_pass && is_zero(slot) {
+                w.unstage_last();
+                report.zero += 1;
+            }
+        }
+        w.finish();
+        if !first_pass {
+            self.encoder.encode(&mut self.staging);
+        }
+        if self.staging.page_count() > 0 {
+            report.bytes += send(&self.staging)?;
+        }
+        Ok(())
     }
 
     /// The initial sync of `vm`'s disks (see [`super::disk::sync_disks`]):
@@ -314,17 +418,6 @@ impl Engine {
     }
 }
 
-/// How the pages are read from guest memory while staging.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum PageCopy {
-    /// The guest runs (pre-copy): volatile reads through vm-memory.
-    Live,
-    /// vCPUs and devices are paused: nothing writes guest memory, so each
-    /// page is one plain memcpy (vm-memory's volatile copy is ≈1.5× slower,
-    /// measured by the `ft` benchmark).
-    Paused,
-}
-
 /// Reads the page at `gpa` through vm-memory (the guest may be running).
 fn read_page(vm: &Vm, gpa: u64, slot: &mut [u8]) -> Result<(), FtError> {
     vm.memory
@@ -335,13 +428,15 @@ fn read_page(vm: &Vm, gpa: u64, slot: &mut [u8]) -> Result<(), FtError> {
         })
 }
 
-/// Copies the harvested pages into the epoch being staged.
+/// Copies the harvested pages into the epoch being staged, vCPUs and
+/// devices paused: nothing writes guest memory, so each page is one plain
+/// memcpy (vm-memory's volatile copy is ≈1.5× slower, measured by the `ft`
+/// benchmark).
 fn stage_pages(
     vm: &Vm,
     harvests: &[HarvestBuffer],
     region_bases: &[u64],
     w: &mut EpochWriter<'_>,
-    copy: PageCopy,
 ) -> Result<(), FtError> {
     for (h, base) in harvests.iter().zip(region_bases) {
         let host = vm
@@ -354,23 +449,17 @@ fn stage_pages(
         for page in h.pages() {
             let gpa = base + page as u64 * PAGE_SIZE as u64;
             let slot = w.page_slot(gpa)?;
-            match copy {
-                PageCopy::Paused => {
-                    // SAFETY: `page` is a page of the region that starts at
-                    // `base` (the harvest buffer is sized to it), so the 4 KiB
-                    // at host + page × 4096 are mapped for the region's
-                    // lifetime; nothing writes them concurrently because every
-                    // vCPU is out of KVM_RUN and every device is paused; the
-                    // slot is a distinct staging buffer.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            host.add(page * PAGE_SIZE),
-                            slot.as_mut_ptr(),
-                            PAGE_SIZE,
-                        )
-                    }
-                }
-                PageCopy::Live => read_page(vm, gpa, &mut slot[..])?,
+            // SAFETY: `page` is a page of the region that starts at `base` (the
+            // harvest buffer is sized to it), so the 4 KiB at host + page × 4096
+            // are mapped for the region's lifetime; nothing writes them
+            // concurrently because every vCPU is out of KVM_RUN and every device
+            // is paused; the slot is a distinct staging buffer.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    host.add(page * PAGE_SIZE),
+                    slot.as_mut_ptr(),
+                    PAGE_SIZE,
+                )
             }
         }
     }

@@ -56,10 +56,14 @@ impl MetricsLog {
             return;
         }
         let r = self.summary.report();
+        let sent = r
+            .sent_percent()
+            .map_or_else(|| "-".to_string(), |p| format!("{p:.1}"));
         log::info!(
             target: crate::REPORT,
             "{side}: {} epochs; pause µs median {} p99 {} max {}; dirty pages median {} max {}; \
-             transfer µs median {}; ack latency µs median {} p99 {}; {} MiB sent; \
+             transfer µs median {}; ack latency µs median {} p99 {}; {} MiB sent \
+             (sent: {sent} % of dirty page bytes; {} zero and {} delta pages); \
              disk: {} writes, {} MiB, {} flushes replicated",
             r.epochs,
             r.pause_us.median,
@@ -71,6 +75,8 @@ impl MetricsLog {
             r.ack_latency_us.median,
             r.ack_latency_us.p99,
             r.total_bytes_sent >> 20,
+            r.total_zero_pages,
+            r.total_delta_pages,
             r.total_disk_writes,
             r.total_disk_bytes >> 20,
             r.total_disk_flushes

@@ -70,6 +70,9 @@ pub struct FtOptions {
     /// `--ft-insecure`); `None`: neither was given, so this VM cannot be
     /// protected.
     pub security: Option<ftvmm_transport::Security>,
+    /// Bytes of recently sent pages the primary keeps to send them again as
+    /// deltas (`--ft-cache-mib`; 0: no deltas).
+    pub cache_bytes: u64,
 }
 
 /// CRC-32 of all guest RAM, region by region: the memory-equality tests

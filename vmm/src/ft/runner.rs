@@ -12,7 +12,7 @@ use ftvmm_netbuf::{NetOutput, OutputCommit, Outputs};
 
 use super::arbiter::{Arbiter, Claim, RETRY};
 use super::console::HeldOutput;
-use super::engine::{Capture, Engine};
+use super::engine::{Capture, Engine, PrecopyReport};
 use super::fault::{die_now, Fault, FaultPoint};
 use super::metrics::{log_netbuf_summary, MetricsLog};
 use super::session::{PeerLoss, Session};
@@ -33,7 +33,7 @@ pub struct Kit {
 impl Kit {
     fn new(vm: &mut Vm, ft: &FtOptions, console: &Arc<HeldOutput>) -> Result<Kit, FtError> {
         let netbuf = super::primary::start_netbuf(vm, ft)?;
-        let engine = Engine::new(vm)?;
+        let engine = Engine::with_cache(vm, ft.cache_bytes)?;
         let mut outputs = Outputs::new();
         outputs.add(console.clone());
         outputs.add(netbuf.clone());
@@ -99,6 +99,16 @@ pub struct TookOver {
     pub reason: String,
 }
 
+/// How far a pairing got towards protecting the VM: from its start to the
+/// standby's first ack (time to protection).
+#[derive(Debug, Clone, Copy)]
+struct PairingClock {
+    /// When the pairing started (before the handshake).
+    started: Instant,
+    /// The initial sync's pages, once done.
+    sync: Option<(PrecopyReport, Duration)>,
+}
+
 /// A running VM and the machinery that protects it, with or without a
 /// standby at the moment. `ctl protect` pairs it with a new one.
 pub struct Runner {
@@ -119,6 +129,8 @@ pub struct Runner {
     waiter: Option<Waiter>,
     /// Who decides role changes.
     pub(super) arbiter: Arbiter,
+    /// The pairing in progress, until its first checkpoint is acked.
+    pairing: Option<PairingClock>,
 }
 
 impl Runner {
@@ -154,6 +166,7 @@ impl Runner {
             role,
             took_over: None,
             waiter: None,
+            pairing: None,
         })
     }
 
@@ -168,6 +181,7 @@ impl Runner {
     /// [`Runner::initial_sync`] once the guest runs. On error nothing is
     /// held and the VM runs on as before.
     pub(super) fn connect(&mut self, peer: &str) -> Result<(), FtError> {
+        let started = Instant::now();
         self.ft.peer = peer.to_string();
         if self.arbiter.witnessed() {
             // A new pairing is a role change: claim the next generation.
@@ -202,8 +216,16 @@ impl Runner {
             unreachable!("the kit was just made")
         };
         kit.outputs.hold();
+        log::debug!(
+            "pairing with {peer}: tracking on {:.1} ms after it began",
+            started.elapsed().as_secs_f64() * 1e3
+        );
         self.protection = Protection::Protected { session, kit };
         self.waiter = None;
+        self.pairing = Some(PairingClock {
+            started,
+            sync: None,
+        });
         Ok(())
     }
 
@@ -213,6 +235,7 @@ impl Runner {
             return Ok(());
         };
         let t = Instant::now();
+        log::debug!("initial sync begins");
         let (fault, generation) = (self.ft.fault, session.generation());
         let theirs = match self.ft.disk_sync {
             DiskSync::Hashes => Some(session.replica_hashes().to_vec()),
@@ -221,12 +244,13 @@ impl Runner {
         let mut send = |frame: &CheckpointFrame<'_>| {
             session
                 .send_checkpoint(frame, fault)
-                .map(drop)
                 .map_err(|loss| FtError::PeerLost(Box::new(loss)))
         };
         let disks = kit
             .engine
-            .sync_disks(&self.vm, theirs.as_deref(), generation, &mut send);
+            .sync_disks(&self.vm, theirs.as_deref(), generation, |f| {
+                send(f).map(drop)
+            });
         let sent = disks.and_then(|d| {
             let pages = kit.engine.precopy(&self.vm, |staging| {
                 send(&CheckpointFrame::new(staging, 0, generation))
@@ -246,10 +270,22 @@ impl Runner {
                         d.took.as_secs_f64() * 1e3
                     );
                 }
+                let took = t.elapsed();
                 log::info!(
-                    "initial sync: {pages} pages in {:.1} ms",
-                    t.elapsed().as_secs_f64() * 1e3
+                    "initial sync: {} of {} pages sent in the first pass ({} never backed, {} zero), \
+                     {} resent in {} rounds, {} MiB in {:.1} ms",
+                    pages.bulk,
+                    pages.pages,
+                    pages.untouched,
+                    pages.zero,
+                    pages.resent,
+                    pages.rounds,
+                    pages.bytes >> 20,
+                    took.as_secs_f64() * 1e3
                 );
+                if let Some(p) = &mut self.pairing {
+                    p.sync = Some((pages, took));
+                }
                 Ok(())
             }
             Err(e) => self.lose_standby(PeerLoss::InitialSync(Box::new(e))),
@@ -428,7 +464,11 @@ impl Runner {
                 ft.hash_epoch == Some(epoch),
             )
             .map_err(|e| PeerLoss::Local(Box::new(e)))?;
+        // The guest runs again: encode, then stream.
+        let t_resume = Instant::now();
+        let enc = kit.engine.encode();
         let t_send = Instant::now();
+        let encode = t_send - t_resume;
         let frame = kit.engine.frame(epoch, session.generation());
         let sent = session.send_checkpoint(&frame, ft.fault)?;
         let transfer = t_send.elapsed();
@@ -439,7 +479,10 @@ impl Runner {
         // sooner and shuts the channel down, which ends this read at once.
         let ack_timeout = ft.heartbeat * HEARTBEAT_MISSES * 4 + Duration::from_secs(1);
         session.await_ack(epoch, ack_timeout)?;
-        let ack_latency = t_send.elapsed();
+        let ack_latency = t_resume.elapsed();
+        if let Some(p) = self.pairing.take() {
+            report_protected(session.peer(), p, epoch);
+        }
         if Fault::hits(ft.fault, FaultPoint::DuringRelease, epoch) {
             self.console.release_half(epoch);
             die_now("during release");
@@ -462,6 +505,9 @@ impl Runner {
             disk_writes: c.disk.writes,
             disk_bytes: c.disk.write_bytes,
             disk_flushes: c.disk.flushes,
+            encode_us: encode.as_micros() as u64,
+            zero_pages: enc.zero,
+            delta_pages: enc.delta,
         });
         Ok(())
     }
@@ -483,4 +529,27 @@ impl Runner {
             log_netbuf_summary(&*kit.netbuf);
         }
     }
+}
+
+/// The report line of a pairing whose first checkpoint was acked: the time
+/// to protection and what the initial sync sent.
+fn report_protected(peer: &str, p: PairingClock, epoch: u64) {
+    let Some((sync, took)) = p.sync else {
+        return;
+    };
+    log::info!(
+        target: crate::REPORT,
+        "protected by standby {peer} {:.1} ms after pairing began (checkpoint {epoch} acked); \
+         initial sync {:.1} ms: {} MiB for {} of {} pages ({} never backed and {} zero not sent, \
+         {} resent in {} rounds)",
+        p.started.elapsed().as_secs_f64() * 1e3,
+        took.as_secs_f64() * 1e3,
+        sync.bytes >> 20,
+        sync.bulk + sync.resent,
+        sync.pages,
+        sync.untouched,
+        sync.zero,
+        sync.resent,
+        sync.rounds,
+    );
 }

@@ -93,6 +93,7 @@ pub fn take_over(
         vm_id,
         netbuf: ftvmm_netbuf::NetbufConfig::default(),
         security: Some(security),
+        cache_bytes: ftvmm_checkpoint::DEFAULT_CACHE_BYTES,
     };
     let took_over = TookOver {
         from_epoch: epoch,

@@ -1,0 +1,655 @@
+//! Benchmark of the page encoding and the initial sync (figures and ratios
+//! measured A against B in the same run; nothing is asserted).
+//!
+//! 1. Bytes on the wire for the demo workload (`dirty=512 span=2048
+//!    rounds=2 round_us=2000`, 25 ms epochs) through the real binary, with
+//!    `--ft-cache-mib 64` (deltas) and `--ft-cache-mib 0` (zero pages only):
+//!    Σ `bytes_sent` / Σ dirty page bytes from the primary's
+//!    `--ft-metrics`, and the medians of encode, transfer and ack latency.
+//!    Target: ≤ 10 %.
+//! 2. Stream throughput of incompressible pages (random content, new every
+//!    checkpoint) in-process over loopback TCP: 10 000-page checkpoints
+//!    staged, encoded or not, framed, sent, received, verified and applied
+//!    into the standby's memory, each acked before the next (as epochs
+//!    are); dirty bytes per second of that path, plain frames against the
+//!    encoder (with and without a cache), next to raw TCP moving the same
+//!    bytes with the same stop-and-wait. Target: no loss. Also the
+//!    effective rate for pages that change one word (demo-like).
+//! 3. Time to protection of a fresh guest of 1, 4 and 8 GiB, idle and with
+//!    most of its memory written, through the real binary: the guest runs
+//!    unprotected, then `ctl protect` pairs it with a standby; the time to
+//!    the end of the initial sync (when `protect` answers) and to the
+//!    standby's first committed checkpoint (its `status`). With
+//!    `FTVMM_BIN_BEFORE=PATH` the same for another build (its own
+//!    standby), e.g. the one before the page encoding.
+//!
+//! `cargo run --release -p ftvmm --example wire_bench [-- 1 2 3]` (the
+//! sections to run; all by default). Needs /dev/kvm for 1 and 3; builds
+//! `target/release/ftvmm` first (`FTVMM_BIN` overrides). `WIRE_BENCH_GIB`
+//! (e.g. `1,4`) limits section 3's sizes. Every child process and scratch
+//! file is removed on exit, on a panic and on SIGINT/SIGTERM.
+
+#[path = "../tests/common/host.rs"]
+mod host;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ftvmm::api::{call_with_timeout, Request};
+use ftvmm_checkpoint::wire::{encode_message, Ack, Frame, FrameReader, Limits, Message};
+use ftvmm_checkpoint::{
+    CheckpointFrame, DevicesSummary, Encoder, EpochMetrics, GuestShape, Staging, PAGE_SIZE,
+};
+use ftvmm_transport::{Channel, TcpChannel, TcpOptions};
+use host::{free_port, read, Proc, TempDir};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+const DEMO_GUEST: &str = "dirty=512 span=2048 rounds=2 round_us=2000";
+const INTERVAL_MS: u64 = 25;
+const WARMUP: Duration = Duration::from_secs(1);
+const WINDOW: Duration = Duration::from_secs(5);
+/// Pages of one checkpoint in section 2.
+const PAGES: usize = 10_000;
+/// Distinct page contents section 2 cycles through.
+const SETS: usize = 3;
+/// Checkpoints per arm and repetition in section 2.
+const ROUNDS: usize = 10;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn catch_signals() {
+    let handler: extern "C" fn(libc::c_int) = on_signal;
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe).
+        unsafe { libc::signal(sig, handler as libc::sighandler_t) };
+    }
+}
+
+fn check_interrupt() {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        panic!("interrupted: cleaning up");
+    }
+}
+
+fn sleep(d: Duration) {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        check_interrupt();
+        std::thread::sleep(Duration::from_millis(10).min(end - Instant::now()));
+    }
+}
+
+/// Polls `cond` every `every` for at most `timeout`.
+fn wait_for(timeout: Duration, every: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        sleep(every);
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// `target/release/ftvmm`, built now so it is never stale.
+fn ftvmm_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("FTVMM_BIN") {
+        return PathBuf::from(p);
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .args(["build", "--release", "-p", "ftvmm", "--bin", "ftvmm"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build");
+    assert!(st.success(), "cargo build --release -p ftvmm failed");
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.join("ftvmm"))
+        .expect("target dir");
+    assert!(bin.exists(), "{} not built", bin.display());
+    bin
+}
+
+/// xorshift64*: cheap incompressible bytes.
+fn fill_random(buf: &mut [u8], seed: u64) {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for c in buf.chunks_mut(8) {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+        c.copy_from_slice(&v[..c.len()]);
+    }
+}
+
+struct Bench {
+    bin: PathBuf,
+    dir: TempDir,
+}
+
+impl Bench {
+    fn new(bin: PathBuf, tag: &str) -> Bench {
+        Bench {
+            bin,
+            dir: TempDir::new(tag),
+        }
+    }
+
+    fn spawn(&self, name: &'static str, args: &[String]) -> Proc {
+        let mut c = Command::new(&self.bin);
+        c.args(args).env("FTVMM_FT_KEY", host::test_key());
+        Proc::spawn(c, name, &self.dir.0)
+    }
+
+    /// A standby on a fresh port, with a control API; returns it, its port
+    /// and its API socket once it listens.
+    fn standby(&self, name: &'static str) -> (Proc, u16, PathBuf) {
+        let port = free_port();
+        let api = self.dir.path(&format!("{name}.sock"));
+        let a: Vec<String> = vec![
+            "standby".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--serial".into(),
+            "none".into(),
+            "--api".into(),
+            api.display().to_string(),
+        ];
+        let mut p = self.spawn(name, &a);
+        let ok = wait_for(Duration::from_secs(20), Duration::from_millis(20), || {
+            p.stderr().contains("listening")
+        });
+        assert!(ok && p.running(), "standby did not listen:\n{}", p.stderr());
+        (p, port, api)
+    }
+}
+
+// ------------------------------------------------------- 1. demo workload
+
+fn metrics(path: &Path) -> Vec<EpochMetrics> {
+    read(path)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn demo_workload(bin: &Path) {
+    println!("## 1. Bytes on the wire, demo workload ({DEMO_GUEST}, {INTERVAL_MS} ms epochs)");
+    println!(
+        "{:>10} {:>7} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "cache MiB",
+        "epochs",
+        "dirty MB",
+        "sent MB",
+        "sent %",
+        "pause µs",
+        "encode µs",
+        "xfer µs",
+        "ack µs"
+    );
+    for cache in ["64", "0"] {
+        let b = Bench::new(bin.to_path_buf(), "wire-demo");
+        let (mut standby, port, _) = b.standby("standby");
+        let m = b.dir.path("metrics.jsonl");
+        let a: Vec<String> = [
+            "run",
+            "--mem-mib",
+            "256",
+            "--cmdline",
+            DEMO_GUEST,
+            "--serial",
+            "none",
+            "--ft-peer",
+            &format!("127.0.0.1:{port}"),
+            "--ft-interval-ms",
+            &INTERVAL_MS.to_string(),
+            "--heartbeat-ms",
+            "200",
+            "--ft-cache-mib",
+            cache,
+            "--ft-metrics",
+            &m.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut primary = b.spawn("primary", &a);
+        sleep(WARMUP);
+        let skip = metrics(&m).len();
+        sleep(WINDOW);
+        standby.kill();
+        primary.kill();
+        let all = metrics(&m);
+        let w = &all[skip.min(all.len())..];
+        let dirty: u64 = w.iter().map(EpochMetrics::dirty_bytes).sum();
+        let sent: u64 = w.iter().map(|e| e.bytes_sent).sum();
+        let med = |f: fn(&EpochMetrics) -> u64| {
+            median(&mut w.iter().map(|e| f(e) as f64).collect::<Vec<_>>())
+        };
+        println!(
+            "{:>10} {:>7} {:>10.1} {:>10.2} {:>9.2} {:>9.0} {:>9.0} {:>9.0} {:>9.0}",
+            cache,
+            w.len(),
+            dirty as f64 / 1e6,
+            sent as f64 / 1e6,
+            sent as f64 * 100.0 / dirty.max(1) as f64,
+            med(|e| e.pause_us),
+            med(|e| e.encode_us),
+            med(|e| e.transfer_us),
+            med(|e| e.ack_latency_us),
+        );
+    }
+}
+
+// ------------------------------------------------- 2. stream throughput
+
+fn loopback() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (b, _) = l.accept().unwrap();
+    a.set_nodelay(true).unwrap();
+    b.set_nodelay(true).unwrap();
+    (a, b)
+}
+
+fn channel(s: TcpStream) -> TcpChannel {
+    let peer = s.peer_addr().unwrap();
+    TcpChannel::from_stream(s, peer, &TcpOptions::default()).unwrap()
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Arm {
+    /// Plain frames (every page raw), as before the encoding.
+    Plain,
+    /// The encoder with a 64 MiB cache.
+    Cache,
+    /// The encoder without a cache (zero test only).
+    NoCache,
+}
+
+const MEM: u64 = (2 * PAGES * PAGE_SIZE) as u64;
+
+fn shape() -> GuestShape {
+    GuestShape {
+        mem_bytes: MEM,
+        vcpus: 1,
+        cmdline: String::new(),
+        devices: DevicesSummary::default(),
+    }
+}
+
+/// `rounds` checkpoints of the pages of `content(round)` through the whole
+/// path, each acked before the next; returns each one's dirty bytes per
+/// second (from its encode to its ack).
+fn stream(arm: Arm, rounds: usize, content: &dyn Fn(usize, &mut [u8])) -> Vec<f64> {
+    let (tx, rx) = loopback();
+    let mut tx = channel(tx);
+    let mut rx = channel(rx);
+    let limits = Limits::for_shape(&shape(), u64::MAX, 1 << 20).unwrap();
+    let standby = std::thread::spawn(move || {
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+        // Back the standby's memory first, as a standby's is after its sync.
+        mem.write_slice(&vec![1u8; MEM as usize], GuestAddress(0))
+            .unwrap();
+        let mut reader = FrameReader::new(limits);
+        let mut st = Staging::new(limits.staging_config()).unwrap();
+        let (mut state, mut ack) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let mut r = rx.reader();
+            let Frame::Checkpoint(cp) = reader.read_frame(&mut r, &mut st).unwrap() else {
+                panic!("not a checkpoint")
+            };
+            cp.apply(&mem, &mut state).unwrap();
+            let a = Message::Ack(Ack {
+                epoch: cp.epoch(),
+                generation: 1,
+            });
+            encode_message(&a, &mut ack).unwrap();
+            rx.send_all(&ack).unwrap();
+        }
+    });
+    let mut st = Staging::new(limits.staging_config()).unwrap();
+    let mut enc = match arm {
+        Arm::Plain => None,
+        Arm::Cache => Some(Encoder::new(64 << 20, MEM)),
+        Arm::NoCache => Some(Encoder::new(0, MEM)),
+    };
+    let mut page = vec![0u8; PAGES * PAGE_SIZE];
+    let mut acks = FrameReader::new(Limits::handshake());
+    let mut ctl = Staging::new(ftvmm_checkpoint::StagingConfig {
+        max_pages: 0,
+        ..Limits::handshake().staging_config()
+    })
+    .unwrap();
+    let mut rates = Vec::with_capacity(rounds);
+    for r in 0..rounds {
+        check_interrupt();
+        content(r, &mut page);
+        // The pause's copy (not timed: it is the same for every arm).
+        let mut w = st.begin_epoch();
+        for (i, p) in page.chunks_exact(PAGE_SIZE).enumerate() {
+            w.page_slot((i * 2 * PAGE_SIZE) as u64)
+                .unwrap()
+                .copy_from_slice(p);
+        }
+        w.stage_state(&[7u8; 8192]).unwrap();
+        w.finish();
+        let t = Instant::now();
+        if let Some(e) = &mut enc {
+            e.encode(&mut st);
+        }
+        let frame = CheckpointFrame::new(&st, r as u64 + 1, 1);
+        tx.send_checkpoint(&frame).unwrap();
+        match acks.read_frame(&mut tx.reader(), &mut ctl) {
+            Ok(Frame::Message(Message::Ack(_))) => {}
+            other => panic!("no ack: {other:?}"),
+        }
+        rates.push((PAGES * PAGE_SIZE) as f64 / t.elapsed().as_secs_f64());
+    }
+    standby.join().unwrap();
+    rates
+}
+
+/// Raw TCP moving the same bytes with the same stop-and-wait: a 1 MiB
+/// `write_all` at a time, then a 1-byte answer once the receiver has them.
+fn raw_stop_and_wait(rounds: usize) -> Vec<f64> {
+    let bytes = (PAGES * PAGE_SIZE) as u64;
+    let (mut tx, mut rx) = loopback();
+    let drain = std::thread::spawn(move || {
+        let mut b = vec![0u8; 1 << 20];
+        for _ in 0..rounds {
+            let mut got = 0u64;
+            while got < bytes {
+                let n = rx.read(&mut b).unwrap();
+                assert!(n > 0, "raw: receiver saw EOF");
+                got += n as u64;
+            }
+            rx.write_all(&[1]).unwrap();
+        }
+    });
+    let mut chunk = vec![0u8; 1 << 20];
+    fill_random(&mut chunk, 3);
+    let mut rates = Vec::new();
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let mut sent = 0u64;
+        while sent < bytes {
+            let n = (bytes - sent).min(1 << 20) as usize;
+            tx.write_all(&chunk[..n]).unwrap();
+            sent += n as u64;
+        }
+        let mut one = [0u8; 1];
+        tx.read_exact(&mut one).unwrap();
+        rates.push(bytes as f64 / t.elapsed().as_secs_f64());
+    }
+    drain.join().unwrap();
+    rates
+}
+
+fn stream_throughput() {
+    println!(
+        "\n## 2. Stream throughput, {PAGES}-page checkpoints through encode, frame, send, verify, apply, ack"
+    );
+    // Incompressible: every checkpoint's pages are new random bytes.
+    let mut sets = vec![vec![0u8; PAGES * PAGE_SIZE]; SETS];
+    for (i, s) in sets.iter_mut().enumerate() {
+        fill_random(s, 100 + i as u64);
+    }
+    let random = |r: usize, out: &mut [u8]| out.copy_from_slice(&sets[r % SETS]);
+    // Demo-like: one word per page changes every checkpoint.
+    let demo = |r: usize, out: &mut [u8]| {
+        if r == 0 {
+            out.copy_from_slice(&sets[0]);
+        }
+        for p in out.chunks_exact_mut(PAGE_SIZE) {
+            p[..8].copy_from_slice(&(r as u64).to_le_bytes());
+        }
+    };
+    let (mut raw, mut plain, mut cache, mut nocache, mut compressible) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for _ in 0..3 {
+        raw.extend(raw_stop_and_wait(ROUNDS));
+        plain.extend(stream(Arm::Plain, ROUNDS, &random));
+        // The first two checkpoints of a cache warm it (a copy per page,
+        // then a failed delta per page): counted in the median's window.
+        cache.extend(stream(Arm::Cache, ROUNDS, &random));
+        nocache.extend(stream(Arm::NoCache, ROUNDS, &random));
+        compressible.extend(stream(Arm::Cache, ROUNDS, &demo));
+    }
+    let raw = median(&mut raw);
+    let row = |name: &str, v: &mut Vec<f64>| {
+        let m = median(v);
+        let min = v.iter().cloned().fold(f64::MAX, f64::min);
+        println!(
+            "{name:<44} {:>6.2} GB/s median (min {:>5.2}), {:>5.0} % of raw",
+            m / 1e9,
+            min / 1e9,
+            m / raw * 100.0
+        );
+        m
+    };
+    println!(
+        "{:<44} {:>6.2} GB/s median",
+        "raw TCP, same bytes, same stop-and-wait",
+        raw / 1e9
+    );
+    let p = row("plain frames (no encoding), random pages", &mut plain);
+    let c = row("encoded, 64 MiB cache, random pages", &mut cache);
+    row("encoded, no cache, random pages", &mut nocache);
+    println!("encoded / plain for incompressible pages: {:.2}", c / p);
+    row(
+        "encoded, 64 MiB cache, one word per page",
+        &mut compressible,
+    );
+}
+
+// --------------------------------------------------- 3. time to protection
+
+fn rss_bytes(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib << 10)
+}
+
+/// Pages the test guest writes to cover most of `gib` GiB: its largest
+/// stretch of RAM above 16 MiB (below the 3 GiB MMIO gap, or above 4 GiB).
+fn written_pages(gib: u64) -> u64 {
+    let mem = gib << 30;
+    let gap = 3u64 << 30;
+    let largest = if mem <= gap {
+        mem - (16 << 20)
+    } else {
+        (gap - (16 << 20)).max(mem - gap)
+    };
+    // Leave room for the guest's own image and tables.
+    (largest - (8 << 20)) / PAGE_SIZE as u64
+}
+
+struct Protected {
+    /// Until `ctl protect` answered (the initial sync is done).
+    synced: Duration,
+    /// Until the standby committed its first checkpoint.
+    protected: Duration,
+    /// The primary's own report line, where it has one.
+    report: Option<String>,
+}
+
+/// Boots a guest of `gib` GiB unprotected (writing `written` pages once,
+/// then idling), then pairs it with a new standby and times it.
+fn time_to_protect(bin: &Path, gib: u64, written: u64) -> Protected {
+    let b = Bench::new(bin.to_path_buf(), "wire-ttp");
+    let (mut standby, port, standby_api) = b.standby("standby");
+    let api = b.dir.path("primary.sock");
+    let console = b.dir.path("primary.console");
+    let cmdline = if written == 0 {
+        "dirty=0 rounds=1000000 round_us=1000".to_string()
+    } else {
+        // One round that writes every page of the span, then an hour's wait.
+        format!("dirty={written} span={written} rounds=1 round_us=3600000000")
+    };
+    let a: Vec<String> = [
+        "run",
+        "--mem-mib",
+        &(gib << 10).to_string(),
+        "--cmdline",
+        &cmdline,
+        "--serial",
+        &format!("file:{}", console.display()),
+        "--api",
+        &api.display().to_string(),
+        "--ft-interval-ms",
+        &INTERVAL_MS.to_string(),
+        "--heartbeat-ms",
+        "500",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut primary = b.spawn("primary", &a);
+    let pid = primary.child.id();
+    assert!(
+        wait_for(Duration::from_secs(60), Duration::from_millis(20), || read(
+            &console
+        )
+        .contains("ftguest ready")),
+        "guest not ready:\n{}",
+        primary.stderr()
+    );
+    if written > 0 {
+        // Written once the primary's memory stops growing near the target.
+        let target = written * PAGE_SIZE as u64 * 98 / 100;
+        let ok = wait_for(Duration::from_secs(600), Duration::from_millis(200), || {
+            rss_bytes(pid) >= target
+        });
+        assert!(ok, "the guest did not write {written} pages");
+        sleep(Duration::from_millis(500));
+    }
+    let t = Instant::now();
+    let resp = call_with_timeout(
+        &api,
+        &Request::Protect {
+            peer: format!("127.0.0.1:{port}"),
+        },
+        Duration::from_secs(600),
+    )
+    .expect("ctl protect");
+    let synced = t.elapsed();
+    assert!(
+        resp.ok,
+        "protect refused: {:?}\n{}",
+        resp.error,
+        primary.stderr()
+    );
+    let committed = || {
+        call_with_timeout(&standby_api, &Request::Status, Duration::from_secs(5))
+            .ok()
+            .and_then(|r| r.result.get("committed_epoch")?.as_u64())
+            .is_some()
+    };
+    let ok = wait_for(Duration::from_secs(60), Duration::from_millis(5), committed);
+    assert!(ok, "no committed checkpoint:\n{}", standby.stderr());
+    let protected = t.elapsed();
+    let report = wait_for(Duration::from_secs(2), Duration::from_millis(20), || {
+        primary.stderr().contains("ftvmm: protected by standby")
+    })
+    .then(|| {
+        primary
+            .stderr()
+            .lines()
+            .find(|l| l.starts_with("ftvmm: protected by standby"))
+            .map(|l| l.trim_start_matches("ftvmm: ").to_string())
+    })
+    .flatten();
+    standby.kill();
+    primary.kill();
+    Protected {
+        synced,
+        protected,
+        report,
+    }
+}
+
+fn time_to_protection(after: &Path) {
+    println!("\n## 3. Time to protection (ctl protect of a running guest; loopback)");
+    let sizes: Vec<u64> = std::env::var("WIRE_BENCH_GIB")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 4, 8]);
+    let mut builds = vec![("this build", after.to_path_buf())];
+    if let Some(b) = std::env::var_os("FTVMM_BIN_BEFORE") {
+        builds.insert(0, ("FTVMM_BIN_BEFORE", PathBuf::from(b)));
+    }
+    println!(
+        "{:<18} {:>5} {:>10} {:>14} {:>14}",
+        "build", "GiB", "written", "sync done ms", "protected ms"
+    );
+    for &gib in &sizes {
+        for written in [0, written_pages(gib)] {
+            for (name, bin) in &builds {
+                let p = time_to_protect(bin, gib, written);
+                println!(
+                    "{:<18} {:>5} {:>9.0}% {:>14.0} {:>14.0}",
+                    name,
+                    gib,
+                    written as f64 * 100.0 * PAGE_SIZE as f64 / (gib << 30) as f64,
+                    p.synced.as_secs_f64() * 1e3,
+                    p.protected.as_secs_f64() * 1e3
+                );
+                if let Some(r) = p.report {
+                    println!("    {r}");
+                }
+            }
+        }
+    }
+}
+
+fn main() {
+    catch_signals();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let bin = (kvm && (want("1") || want("3"))).then(ftvmm_bin);
+    if want("1") {
+        match &bin {
+            Some(b) => demo_workload(b),
+            None => println!("SKIP 1: /dev/kvm is not accessible"),
+        }
+    }
+    if want("2") {
+        stream_throughput();
+    }
+    if want("3") {
+        match &bin {
+            Some(b) => time_to_protection(b),
+            None => println!("SKIP 3: /dev/kvm is not accessible"),
+        }
+    }
+}
