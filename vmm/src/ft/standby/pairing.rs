@@ -494,6 +494,9 @@ pub fn serve(
         return SessionEnd::Refused;
     }
     let mut reader = FrameReader::new(Limits::handshake());
+    // A sealed channel authenticates every byte: the frames' CRCs add
+    // nothing there (docs/design.md "Channel security").
+    reader.trust_channel(chan.cipher().is_some());
     let replica = read_hello(&mut chan, &mut reader, fencing).and_then(|hello| {
         let arbiter = admit_witness(&hello, opts)?;
         Ok((build_replica(hello, opts, &mut reader)?, arbiter))
