@@ -642,6 +642,10 @@ impl Encoder {
     /// sets each page's kind and fills the delta section; the cache then holds what was
     /// sent. Runs while the guest runs; allocates nothing once the staging's delta buffer
     /// has grown to the checkpoint's size. A staging encoded already is left as it is.
+    ///
+    /// Each page may be staged at most once per checkpoint (a harvest yields each dirty
+    /// page once): the standby checks every delta against its copy from before the
+    /// checkpoint, so a second delta of the same page in one checkpoint would be refused.
     pub fn encode(&mut self, staging: &mut Staging) -> EncodeStats {
         let mut stats = EncodeStats::default();
         // A slice of the cold bitmap thaws at every encode.

@@ -8,12 +8,15 @@
 //!    KVM's dirty log OR'd with vm-memory's `AtomicBitmap` (I3);
 //! 3. copy the dirty pages and the encoded VM state ([`codec::encode_state`]) into
 //!    [`slab::Staging`] through an [`slab::EpochWriter`];
-//! 4. resume, then stream the slabs: [`wire::CheckpointFrame`] frames them (checksummed
-//!    incrementally) and hands [`wire::CheckpointFrame::chunks`], slices straight into the
-//!    slabs, to the transport's `Channel::send_checkpoint`;
+//! 4. resume, then encode the staged pages with [`encoding::Encoder`] (zero pages as a
+//!    flag, recently sent pages as deltas against the standby's copy) and stream the
+//!    slabs: [`wire::CheckpointFrame`] frames them (checksummed incrementally) and hands
+//!    [`wire::CheckpointFrame::chunks`], slices straight into the slabs and the delta
+//!    section, to the transport's `Channel::send_checkpoint`;
 //! 5. the standby reads it with [`wire::FrameReader`], which validates every length
 //!    against the guest's shape before allocating and verifies the checksum before it
 //!    yields an [`apply::VerifiedCheckpoint`], the only thing that can be applied (I2);
+//!    applying checks every delta's base against the CRC it was made against first;
 //! 6. both sides account the epoch in [`metrics::EpochMetrics`] and [`metrics::Summary`].
 //!
 //! [`protocol`] is the one home of the magic, the version, the frame kinds, the connection
