@@ -208,6 +208,102 @@ fn reprotection_chains_three_hosts_exactly_once() {
     assert_eq!(ctl_ok(&bsock, &["status"])["generation"], 3);
 }
 
+/// The memory CRC `name` printed for `epoch` (`--ft-hash-epoch`), once it did.
+fn memory_crc(dir: &TempDir, name: &str, epoch: u64) -> Option<String> {
+    let prefix = format!("ftvmm: memory crc at epoch {epoch}: ");
+    read(&dir.path(&format!("{name}.stderr")))
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+}
+
+/// A primary that lost its standby and pairs with a new one through the same
+/// machinery (its page cache emptied, a new initial sync): the new standby's
+/// memory equals the primary's at a committed epoch, so no delta was made
+/// against what only the lost standby held.
+#[test]
+fn a_new_standby_after_a_lost_one_gets_an_equal_copy() {
+    const HASH_EPOCH: u64 = 150;
+    let dir = TempDir::new("repair");
+    let (pa, pb) = (free_port(), free_port());
+    let a = standby(&dir, "a", pa);
+    let psock = dir.path("primary.sock");
+    let _primary = spawn(
+        "primary",
+        &dir,
+        &[
+            "run".to_string(),
+            "--cmdline".into(),
+            GUEST.into(),
+            "--ft-peer".into(),
+            format!("127.0.0.1:{pa}"),
+            "--ft-interval-ms".into(),
+            "20".into(),
+            "--heartbeat-ms".into(),
+            "200".into(),
+            "--serial".into(),
+            format!("file:{}", dir.path("primary.console").display()),
+            "--api".into(),
+            psock.display().to_string(),
+            "--ft-hash-epoch".into(),
+            HASH_EPOCH.to_string(),
+        ],
+    );
+    let asock = dir.path("a.sock");
+    assert!(wait_until(Duration::from_secs(30), || {
+        ctl_ok(&asock, &["status"])["committed_epoch"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 10
+    }));
+    drop(a);
+    assert!(
+        wait_until(Duration::from_secs(30), || ctl_ok(&psock, &["status"])
+            ["protected"]
+            == false),
+        "the primary did not notice the loss of A"
+    );
+    let epoch = ctl_ok(&psock, &["status"])["epoch"].as_u64().unwrap();
+    assert!(
+        epoch < HASH_EPOCH,
+        "epoch {epoch} already past the hash epoch"
+    );
+    // The guest keeps writing its working set while unprotected: pages the
+    // lost standby held change without being sent anywhere.
+    assert!(wait_until(Duration::from_secs(30), || hbs(&dir, "primary") >= 20));
+    let _b = start_standby(
+        "b",
+        &dir,
+        pb,
+        &[
+            "--api",
+            &dir.path("b.sock").display().to_string(),
+            "--ft-hash-epoch",
+            &HASH_EPOCH.to_string(),
+        ],
+    );
+    let st = ctl_ok(&psock, &["protect", &format!("127.0.0.1:{pb}")]);
+    assert_eq!(st["protected"], true);
+    assert!(
+        wait_until(Duration::from_secs(60), || memory_crc(
+            &dir, "b", HASH_EPOCH
+        )
+        .is_some()),
+        "B never applied epoch {HASH_EPOCH}: {}",
+        read(&dir.path("b.stderr"))
+    );
+    let (p, b) = (
+        memory_crc(&dir, "primary", HASH_EPOCH),
+        memory_crc(&dir, "b", HASH_EPOCH),
+    );
+    assert!(p.is_some() && p == b, "primary {p:?} against B {b:?}");
+    let stderr = read(&dir.path("primary.stderr"));
+    assert_eq!(
+        stderr.matches("ftvmm: protected by standby").count(),
+        2,
+        "{stderr}"
+    );
+}
+
 /// The API answers only root and the VMM's own user, even where its socket
 /// was opened to everyone: another user's request is refused with one line,
 /// and the VM is unaffected.
