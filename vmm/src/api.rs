@@ -280,17 +280,17 @@ fn authorize(stream: &UnixStream) -> Result<(), String> {
 fn answer(stream: UnixStream, handler: &RwLock<Handler>) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    if let Err(why) = authorize(&stream) {
-        log::warn!("control API: refused a client: {why}");
-        let mut out = serde_json::to_vec(&Response::error(why)).map_err(std::io::Error::other)?;
-        out.push(b'\n');
-        return (&stream).write_all(&out);
-    }
+    // The request is read (bounded, never parsed) before a refusal, so a
+    // refused client that is still writing reads the refusal rather than a
+    // broken pipe.
     let mut line = Vec::new();
     BufReader::new(&stream)
         .take(MAX_REQUEST as u64 + 1)
         .read_until(b'\n', &mut line)?;
-    let response = if line.len() > MAX_REQUEST {
+    let response = if let Err(why) = authorize(&stream) {
+        log::warn!("control API: refused a client: {why}");
+        Response::error(why)
+    } else if line.len() > MAX_REQUEST {
         Response::error(format!("request larger than {MAX_REQUEST} bytes"))
     } else {
         match serde_json::from_slice::<Request>(&line) {

@@ -309,7 +309,17 @@ impl Session {
 
     /// The guest ended: tells the standby not to take over, and closes.
     pub fn say_bye(mut self) {
-        let _ = send_message(&mut self.chan, &Message::Bye);
+        if send_message(&mut self.chan, &Message::Bye).is_ok() {
+            // Our heartbeats must not end before the standby has read the
+            // Bye: a standby that saw the heartbeat connection close first
+            // would take the end for a death and take over a guest that
+            // powered off. It closes the data channel once it has read the
+            // Bye; wait for that (bounded, for a standby that vanished).
+            let wait = self.hb.detector().timeout() + Duration::from_millis(100);
+            let _ = self.chan.set_read_timeout(Some(wait));
+            let mut sink = [0u8; 256];
+            while matches!(self.chan.recv(&mut sink), Ok(n) if n > 0) {}
+        }
         self.close();
     }
 
