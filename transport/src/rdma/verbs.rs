@@ -616,11 +616,12 @@ impl VerbsProvider {
     /// active and picks the GID to be addressed by.
     pub fn open(cfg: &RdmaConfig) -> Result<VerbsProvider, RdmaError> {
         let list = match DeviceList::new() {
-            Ok(l) => l,
-            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => return Err(RdmaError::NoDevice),
+            Ok(l) => Some(l),
+            // No kernel RDMA support at all: no device.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => None,
             Err(source) => return Err(RdmaError::List { source }),
         };
-        let names = list.names();
+        let names = list.as_ref().map(DeviceList::names).unwrap_or_default();
         let index =
             match &cfg.device {
                 None if names.is_empty() => return Err(RdmaError::NoDevice),
@@ -641,6 +642,7 @@ impl VerbsProvider {
                 source,
             }
         };
+        let list = list.expect("a device was found, so there is a list");
         let ctx = Arc::new(
             list.open(index, device.clone())
                 .map_err(verb("open the device"))?,
