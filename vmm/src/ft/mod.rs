@@ -70,6 +70,8 @@ pub struct FtOptions {
     /// `--ft-insecure`); `None`: neither was given, so this VM cannot be
     /// protected.
     pub security: Option<ftvmm_transport::Security>,
+    /// What carries the checkpoints (`--transport`).
+    pub transport: ftvmm_transport::Transport,
 }
 
 /// CRC-32 of all guest RAM, region by region: the memory-equality tests

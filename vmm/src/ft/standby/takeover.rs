@@ -90,6 +90,9 @@ pub fn take_over(
         vm_id,
         netbuf: ftvmm_netbuf::NetbufConfig::default(),
         security: Some(security),
+        // A standby has no --transport: a new standby it pairs with later
+        // (`ctl protect`) is reached over TCP.
+        transport: ftvmm_transport::Transport::Tcp,
     };
     let took_over = TookOver {
         from_epoch: epoch,
