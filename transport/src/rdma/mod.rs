@@ -67,7 +67,8 @@ pub struct RdmaConfig {
     /// The port (from 1).
     pub port: u8,
     /// The GID index to be addressed by; `None`: on RoCE the first
-    /// IPv4-mapped GID (else the first non-zero one), on InfiniBand none
+    /// IPv4-mapped RoCE v2 GID (else the first IPv4-mapped, else the
+    /// first non-zero one), on InfiniBand none
     /// (LID routing).
     pub gid_index: Option<u8>,
     /// Slabs in this side's receive ring.

@@ -669,7 +669,7 @@ impl VerbsProvider {
             Some(i) => Some(i),
             None if ethernet => {
                 let gids = (0..attr.gid_tbl_len.clamp(0, 256))
-                    .map(|i| ctx.query_gid(cfg.port, i).unwrap_or([0; 16]))
+                    .map(|i| ctx.gid_entry(cfg.port, i))
                     .collect::<Vec<_>>();
                 pick_gid(&gids)
             }
@@ -731,15 +731,71 @@ impl VerbsProvider {
     }
 }
 
+/// One entry of a port's GID table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GidEntry {
+    /// The GID (all zero: an empty entry).
+    pub gid: [u8; 16],
+    /// Whether it is a RoCE v2 GID; `None` where the library cannot say.
+    pub roce_v2: Option<bool>,
+}
+
 /// The GID a RoCE port is addressed by when none is configured: the first
-/// IPv4-mapped one (`::ffff:a.b.c.d`, what soft-RoCE and most RoCE v2 setups
-/// route by), else the first non-zero one. Both sides apply the same rule.
-pub fn pick_gid(gids: &[[u8; 16]]) -> Option<u8> {
-    let v4 = |g: &[u8; 16]| g[..10] == [0; 10] && g[10..12] == [0xff, 0xff];
+/// IPv4-mapped RoCE v2 one (`::ffff:a.b.c.d` over UDP, routable, what
+/// soft-RoCE and most RoCE setups use), else the first IPv4-mapped one,
+/// else the first non-zero one. Both sides apply the same rule.
+pub fn pick_gid(gids: &[GidEntry]) -> Option<u8> {
+    let v4 = |e: &GidEntry| e.gid[..10] == [0; 10] && e.gid[10..12] == [0xff, 0xff];
     gids.iter()
-        .position(v4)
-        .or_else(|| gids.iter().position(|g| *g != [0; 16]))
+        .position(|e| v4(e) && e.roce_v2 == Some(true))
+        .or_else(|| gids.iter().position(v4))
+        .or_else(|| gids.iter().position(|e| e.gid != [0; 16]))
         .and_then(|i| u8::try_from(i).ok())
+}
+
+extern "C" {
+    /// What verbs.h's inline `ibv_query_gid_ex` calls (rdma-core 32 and
+    /// later); rdma-sys does not bind it (its name starts with `_`).
+    fn _ibv_query_gid_ex(
+        context: *mut ibv_context,
+        port_num: u32,
+        gid_index: u32,
+        entry: *mut rdma_sys::ibv_gid_entry,
+        flags: u32,
+        entry_size: usize,
+    ) -> i32;
+}
+
+impl Context {
+    /// GID table entry `index` of `port` with its type, where the library
+    /// can tell it; else the bare GID.
+    fn gid_entry(&self, port: u8, index: i32) -> GidEntry {
+        // SAFETY: ibv_gid_entry is a plain C struct.
+        let mut e: rdma_sys::ibv_gid_entry = unsafe { zeroed() };
+        // SAFETY: live context; `e` is a valid out-buffer of the size passed.
+        let rc = unsafe {
+            _ibv_query_gid_ex(
+                self.ctx.as_ptr(),
+                u32::from(port),
+                index as u32,
+                &mut e,
+                0,
+                std::mem::size_of::<rdma_sys::ibv_gid_entry>(),
+            )
+        };
+        if rc == 0 {
+            return GidEntry {
+                // SAFETY: every bit pattern of the union is a byte array.
+                gid: unsafe { e.gid.raw },
+                roce_v2: Some(e.gid_type == rdma_sys::IBV_GID_TYPE_ROCE_V2),
+            };
+        }
+        // An empty entry (ENODATA) or a provider without the extended query.
+        GidEntry {
+            gid: self.query_gid(port, index).unwrap_or([0; 16]),
+            roce_v2: None,
+        }
+    }
 }
 
 fn port_state_name(state: u32) -> &'static str {
@@ -1020,22 +1076,36 @@ mod tests {
     }
 
     #[test]
-    fn gid_choice_prefers_ipv4_mapped_then_any() {
-        let link_local = {
-            let mut g = [0u8; 16];
-            g[0] = 0xfe;
-            g[1] = 0x80;
-            g[15] = 1;
-            g
-        };
+    fn gid_choice_prefers_routable_ipv4_mapped_then_any() {
+        let e = |gid: [u8; 16], roce_v2| GidEntry { gid, roce_v2 };
+        let mut link_local = [0u8; 16];
+        link_local[..2].copy_from_slice(&[0xfe, 0x80]);
+        link_local[15] = 1;
         let mut v4 = [0u8; 16];
-        v4[10] = 0xff;
-        v4[11] = 0xff;
+        v4[10..12].copy_from_slice(&[0xff, 0xff]);
         v4[12..].copy_from_slice(&[10, 0, 0, 1]);
-        assert_eq!(pick_gid(&[link_local, [0; 16], v4]), Some(2));
-        assert_eq!(pick_gid(&[[0; 16], link_local]), Some(1));
-        assert_eq!(pick_gid(&[[0; 16]]), None);
+        // mlx5's order: v1 and v2 of the link-local, then of each address.
+        let mlx = [
+            e(link_local, Some(false)),
+            e(link_local, Some(true)),
+            e(v4, Some(false)),
+            e(v4, Some(true)),
+        ];
+        assert_eq!(pick_gid(&mlx), Some(3));
+        // Type unknown (an old provider): the first IPv4-mapped one.
+        assert_eq!(
+            pick_gid(&[e(link_local, None), e([0; 16], None), e(v4, None)]),
+            Some(2)
+        );
+        assert_eq!(pick_gid(&[e([0; 16], None), e(link_local, None)]), Some(1));
+        assert_eq!(pick_gid(&[e([0; 16], Some(true))]), None);
         assert_eq!(pick_gid(&[]), None);
+    }
+
+    #[test]
+    fn gid_entry_layout_matches_verbs_h() {
+        assert_eq!(size_of::<rdma_sys::ibv_gid_entry>(), 32);
+        assert_eq!(offset_of!(rdma_sys::ibv_gid_entry, gid_type), 24);
     }
 
     /// On these hosts there is no RDMA device: opening one must say so in
