@@ -497,7 +497,7 @@ impl RdmaChannel {
 
     /// Starts the keepalive: our counter into the peer's slot every
     /// `interval`, the peer lost after `misses` intervals without its own
-    /// (see [`super::keepalive`]); losses go to `detector`.
+    /// (see `rdma::keepalive`); losses go to `detector`.
     pub fn start_keepalive(
         &mut self,
         detector: Arc<FailureDetector>,

@@ -71,7 +71,21 @@ impl RegisteredBuf {
         let mem = Mapping::new(len)?;
         // SAFETY: the mapping lives in this struct and is unmapped only
         // after the registration is dropped.
-        let region = unsafe { provider.register(mem.ptr.as_ptr(), len, access)? };
+        let region = unsafe { provider.register(mem.ptr.as_ptr(), len, access) }.map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOMEM) {
+                // Registration pins the pages: the usual cause.
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{} registering {len} bytes (registered memory is pinned and counts \
+                         against RLIMIT_MEMLOCK: see `ulimit -l`)",
+                        crate::error::io_msg(&e)
+                    ),
+                )
+            } else {
+                e
+            }
+        })?;
         Ok(RegisteredBuf { region, mem })
     }
 

@@ -2,7 +2,7 @@
 //! [`crate::Channel`] over an InfiniBand/RoCE reliable-connected queue
 //! pair, and the MC spec's keepalive, both through libibverbs.
 //!
-//! - [`setup`]: the queue pairs are connected over a TCP *bootstrap*
+//! - `setup`: the queue pairs are connected over a TCP *bootstrap*
 //!   connection that first runs the same authenticated handshake as a TCP
 //!   data channel; their parameters travel sealed ([`msg`]).
 //! - [`channel`]: [`RdmaChannel`], the byte stream: RDMA WRITEs into the
@@ -10,11 +10,11 @@
 //!   ([`flow`]), sealed with the bootstrap's session keys on a keyed
 //!   channel, zero-copy from buffers registered through
 //!   [`crate::Channel::register_buffer`] ([`registry`]) on a plain one.
-//! - [`keepalive`]: a counter each side RDMA-writes into the other's
+//! - `keepalive`: a counter each side RDMA-writes into the other's
 //!   registered memory every heartbeat interval, judged into the same
 //!   [`crate::FailureDetector`] the TCP heartbeats feed.
 //! - [`verbs`]: the only code that calls libibverbs (RAII wrappers);
-//!   everything else is written against the small traits of [`fabric`],
+//!   everything else is written against the small traits of `fabric`,
 //!   and the tests run it over an in-process software fabric.
 //!
 //! Without the `rdma` feature only [`msg`] and the errors are built: a

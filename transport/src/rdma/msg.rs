@@ -1,7 +1,7 @@
 //! The RDMA channel's two encodings, both pure (no verbs calls):
 //!
 //! - **Setup messages**, exchanged over the sealed TCP bootstrap
-//!   connection right after the handshake of [`crate::auth`]: the
+//!   connection right after the handshake of `crate::auth`: the
 //!   primary's [`SetupMsg::Offer`], the standby's [`SetupMsg::Accept`] (or
 //!   [`SetupMsg::Refuse`] with a reason the primary prints), and the
 //!   primary's [`SetupMsg::Ready`]. Each is framed as `len: u32 LE | body`

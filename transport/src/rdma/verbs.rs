@@ -1,5 +1,5 @@
 //! Safe RAII wrappers over libibverbs (through `rdma-sys`), and
-//! [`VerbsProvider`], the real [`Provider`] / [`Endpoint`].
+//! [`VerbsProvider`], the real `Provider` / `Endpoint`.
 //!
 //! Every verbs object is owned by one wrapper that releases it on drop, and
 //! holds an `Arc` of what it was made from, so objects are destroyed
@@ -601,7 +601,7 @@ fn send_wr(wr_id: u64, opcode: u32, flags: ibv_send_flags) -> ibv_send_wr {
 }
 
 /// One port of an opened device, its protection domain, and what the
-/// peer needs to reach it: the real [`Provider`].
+/// peer needs to reach it: the real `Provider`.
 pub struct VerbsProvider {
     ctx: Arc<Context>,
     pd: Arc<ProtectionDomain>,
