@@ -23,7 +23,7 @@
 //! ```text
 //! 0..4   magic "FTVM"
 //! 4..6   version u16                 (WIRE_VERSION)
-//! 6      connection kind u8          1 data, 2 heartbeat
+//! 6      connection kind u8          1 data, 2 heartbeat, 3 RDMA data (bootstrap)
 //! 7      reserved, 0
 //! 8..24  session id                  chosen at random by the primary
 //! ```
@@ -209,6 +209,10 @@ pub enum ConnectionKind {
     Data = 1,
     /// Heartbeats, both ways.
     Heartbeat = 2,
+    /// The bootstrap connection of an RDMA checkpoint channel: after the
+    /// handshake it carries the RDMA setup, then stays open to tell either
+    /// side that the other is gone (`--transport rdma`).
+    RdmaData = 3,
 }
 
 impl ConnectionKind {
@@ -217,6 +221,7 @@ impl ConnectionKind {
         match self {
             ConnectionKind::Data => "data",
             ConnectionKind::Heartbeat => "heartbeat",
+            ConnectionKind::RdmaData => "RDMA data",
         }
     }
 }
@@ -279,6 +284,7 @@ pub fn decode_preamble(b: &[u8; PREAMBLE_LEN]) -> Result<ConnectionKind, Preambl
     let kind = match kind {
         1 => ConnectionKind::Data,
         2 => ConnectionKind::Heartbeat,
+        3 => ConnectionKind::RdmaData,
         got => return Err(PreambleError::UnknownKind { got }),
     };
     if reserved != 0 {
@@ -600,9 +606,10 @@ mod tests {
             Err(PreambleError::BadMagic { got: *b"GTVM" })
         );
         assert_eq!(head(|b| b[4] = 9), Err(PreambleError::Version { got: 9 }));
+        assert_eq!(head(|b| b[6] = 3), Ok(ConnectionKind::RdmaData));
         assert_eq!(
-            head(|b| b[6] = 3),
-            Err(PreambleError::UnknownKind { got: 3 })
+            head(|b| b[6] = 4),
+            Err(PreambleError::UnknownKind { got: 4 })
         );
         assert_eq!(head(|b| b[7] = 1), Err(PreambleError::Reserved { got: 1 }));
     }

@@ -11,16 +11,18 @@
 //! between copies the bytes or allocates. The TCP channel passes them to
 //! `sendmsg(2)` a window of [`SEND_WINDOW`] slices at a time.
 //!
-//! The same call fits an RDMA channel (cargo feature `rdma`, not implemented
-//! yet; DESIGN.md `--transport rdma`): slabs are long-lived (the head slab is
-//! permanent and the list only grows or halves after several strikes), so an
-//! RDMA channel registers each slab once (`ibv_reg_mr`, told through
-//! [`Channel::register_buffer`]) and turns every chunk into one
-//! scatter/gather element of an RDMA write, looking the memory region up by
-//! address. Slices outside any registered region would go through a bounce
-//! buffer. On the receiving side [`Channel::recv_exact`] lands bytes in a
-//! caller-owned buffer, which for RDMA is the standby's own registered slab.
-//! The TCP channel ignores registration hints.
+//! The same call fits the RDMA channel (cargo feature `rdma`,
+//! `crate::rdma`; DESIGN.md `--transport rdma`): slabs are long-lived (the
+//! head slab is permanent and the list only grows or halves after several
+//! strikes), so the RDMA channel registers each slab once (`ibv_reg_mr`, told
+//! through [`Channel::register_buffer`]) and, on a plain channel, turns every
+//! chunk inside one into a scatter/gather element of an RDMA WRITE, looking
+//! the registration up by address; other slices (and every byte of a sealed
+//! channel, which must be encrypted somewhere) go through its registered
+//! bounce ring. On the receiving side [`Channel::recv_exact`] copies each
+//! record out of the channel's registered receive ring into the caller's
+//! buffer, opening it there when sealed, as TCP's records are. The TCP
+//! channel ignores registration hints.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
@@ -36,9 +38,9 @@ pub const SEND_WINDOW: usize = 128;
 
 /// A reliable, ordered byte stream between primary and standby.
 ///
-/// Implemented by [`crate::TcpChannel`]; an RDMA channel would implement it
-/// too (see the module documentation). The trait is dyn-compatible, so the
-/// VMM can hold a `Box<dyn Channel>` chosen by `--transport`.
+/// Implemented by [`crate::TcpChannel`], by the RDMA channel (feature
+/// `rdma`) and by [`crate::DataChannel`], which is either as `--transport`
+/// picks. The trait is dyn-compatible.
 pub trait Channel: Send {
     /// Sends every byte of every chunk `chunks` yields, in order, and
     /// returns the total: the channel's gather send, which every other send

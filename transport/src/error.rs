@@ -232,6 +232,10 @@ pub enum TransportError {
     /// The handshake's random nonce could not be drawn.
     #[error("cannot draw a handshake nonce: {0}")]
     Random(crate::secure::KeyError),
+    /// The RDMA transport (`--transport rdma`): a device, its setup with
+    /// the peer, or the running channel.
+    #[error(transparent)]
+    Rdma(#[from] crate::rdma::RdmaError),
 }
 
 /// Why one side of a handshake turned the other away. Sent as one byte, so
@@ -319,6 +323,9 @@ impl TransportError {
                 | TransportError::Tampered { .. }
                 | TransportError::RecordTooLong { .. }
                 | TransportError::Send { .. }
+                // A standby's RDMA setup concerns one primary: another may
+                // come (over TCP, or once the device is back).
+                | TransportError::Rdma(_)
         )
     }
 
@@ -353,6 +360,7 @@ impl TransportError {
             }
             TransportError::SealedClone { .. } => io::ErrorKind::Unsupported,
             TransportError::Random(_) => io::ErrorKind::Other,
+            TransportError::Rdma(e) => e.io_kind(),
         }
     }
 }

@@ -106,15 +106,25 @@ pub fn decode_preamble(
 pub enum Incoming {
     /// A checkpoint channel.
     Data(TcpChannel),
+    /// The bootstrap connection of an RDMA checkpoint channel (handshaken;
+    /// the RDMA setup has not run yet).
+    RdmaData(TcpChannel),
     /// A heartbeat connection.
     Heartbeat(HeartbeatStream),
 }
 
 impl Incoming {
+    /// A data half (TCP or RDMA bootstrap) rather than a heartbeat one.
+    fn is_data(&self) -> bool {
+        !matches!(self, Incoming::Heartbeat(_))
+    }
+
     /// The session it belongs to.
     pub fn session(&self) -> SessionId {
         match self {
-            Incoming::Data(c) => c.session().expect("handshaken channels carry a session"),
+            Incoming::Data(c) | Incoming::RdmaData(c) => {
+                c.session().expect("handshaken channels carry a session")
+            }
             Incoming::Heartbeat(h) => h.session().expect("handshaken streams carry a session"),
         }
     }
@@ -183,6 +193,20 @@ pub fn connect_pair_with<A: ToSocketAddrs + fmt::Display>(
     options: &TcpOptions,
     security: &Security,
 ) -> Result<(TcpChannel, HeartbeatStream), TransportError> {
+    connect_pair_kind(addr, timeout, options, security, ConnectionKind::Data)
+        .map(|(data, hb, _)| (data, hb))
+}
+
+/// [`connect_pair_with`] whose data connection opens with `kind` (the
+/// RDMA bootstrap's, see [`crate::connect_pair_over`]); also returns the
+/// deadline the rest of the pairing must keep.
+pub(crate) fn connect_pair_kind<A: ToSocketAddrs + fmt::Display>(
+    addr: A,
+    timeout: Duration,
+    options: &TcpOptions,
+    security: &Security,
+    kind: ConnectionKind,
+) -> Result<(TcpChannel, HeartbeatStream, Instant), TransportError> {
     let deadline = Instant::now() + timeout;
     let addrs = resolve(&addr)?;
     let session = SessionId::random();
@@ -190,7 +214,7 @@ pub fn connect_pair_with<A: ToSocketAddrs + fmt::Display>(
     let (data, peer) = connect_stream(&addrs, deadline)?;
     let mut data = TcpChannel::from_stream(data, peer, options)?;
     data.set_session(session);
-    let preamble = send_preamble(data.as_tcp(), peer, ConnectionKind::Data, session)?;
+    let preamble = send_preamble(data.as_tcp(), peer, kind, session)?;
     data.authenticate(&preamble, security, deadline)?;
 
     // Same address as the data channel, so both reach the same standby.
@@ -199,13 +223,14 @@ pub fn connect_pair_with<A: ToSocketAddrs + fmt::Display>(
     let keys = crate::auth::initiate(&hb, peer, &preamble, security, deadline)?;
     let hb = HeartbeatStream::new(hb, peer, Some(session), keys)?;
     log::debug!(
-        "connected data and heartbeat channels to {peer}, session {session}, {}",
+        "connected {} and heartbeat channels to {peer}, session {session}, {}",
+        kind.name(),
         match data.cipher() {
             Some(c) => c.name(),
             None => "not sealed",
         }
     );
-    Ok((data, hb))
+    Ok((data, hb, deadline))
 }
 
 /// Sends the preamble and returns its bytes (the start of the handshake's
@@ -318,13 +343,17 @@ impl ChannelListener {
             let keys =
                 crate::auth::respond(&stream, peer, &preamble, security, handshake_deadline)?;
             match kind {
-                ConnectionKind::Data => {
+                ConnectionKind::Data | ConnectionKind::RdmaData => {
                     let mut c = TcpChannel::from_stream(stream, peer, &self.options)?;
                     c.set_session(session);
                     if let Some(keys) = keys {
                         c.seal_with(keys);
                     }
-                    Ok(Incoming::Data(c))
+                    Ok(if kind == ConnectionKind::Data {
+                        Incoming::Data(c)
+                    } else {
+                        Incoming::RdmaData(c)
+                    })
                 }
                 ConnectionKind::Heartbeat => Ok(Incoming::Heartbeat(HeartbeatStream::new(
                     stream,
@@ -357,6 +386,27 @@ impl ChannelListener {
     ) -> Result<(TcpChannel, HeartbeatStream), TransportError> {
         let deadline = Instant::now() + timeout;
         loop {
+            match self.accept_halves(deadline, timeout)? {
+                (Incoming::Data(d), h) => return Ok((d, h)),
+                (Incoming::RdmaData(d), _) => {
+                    // This caller wants TCP channels only: say so, go on.
+                    let e = crate::rdma::refuse_unbuilt(d, Instant::now() + PREAMBLE_TIMEOUT);
+                    self.reject_log.note(&e);
+                }
+                (Incoming::Heartbeat(_), _) => unreachable!("the first half is the data half"),
+            }
+        }
+    }
+
+    /// Accepts connections until a data half (TCP or RDMA bootstrap) and a
+    /// heartbeat half of the same session have both arrived; returns them
+    /// in that order.
+    pub(crate) fn accept_halves(
+        &mut self,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(Incoming, HeartbeatStream), TransportError> {
+        loop {
             let incoming =
                 match self.accept_tagged_until(deadline, timeout, "data + heartbeat pair") {
                     Ok(i) => i,
@@ -368,34 +418,35 @@ impl ChannelListener {
                 };
             let session = incoming.session();
             let partner = self.pending.iter().position(|p| {
-                p.incoming.session() == session
-                    && matches!(
-                        (&p.incoming, &incoming),
-                        (Incoming::Data(_), Incoming::Heartbeat(_))
-                            | (Incoming::Heartbeat(_), Incoming::Data(_))
-                    )
+                p.incoming.session() == session && p.incoming.is_data() != incoming.is_data()
             });
             match partner {
                 Some(i) => {
                     let other = self.pending.remove(i).incoming;
-                    return Ok(match (incoming, other) {
-                        (Incoming::Data(d), Incoming::Heartbeat(h))
-                        | (Incoming::Heartbeat(h), Incoming::Data(d)) => {
-                            log::debug!(
-                                "paired data and heartbeat from {}, session {session}",
-                                crate::Channel::peer_addr(&d)
-                            );
-                            (d, h)
-                        }
-                        _ => unreachable!("partner has the other kind"),
-                    });
+                    let (data, hb) = if incoming.is_data() {
+                        (incoming, other)
+                    } else {
+                        (other, incoming)
+                    };
+                    let Incoming::Heartbeat(hb) = hb else {
+                        unreachable!("partner has the other kind")
+                    };
+                    log::debug!(
+                        "paired {} and heartbeat from {}, session {session}",
+                        if matches!(data, Incoming::RdmaData(_)) {
+                            "RDMA bootstrap"
+                        } else {
+                            "data"
+                        },
+                        hb.peer_addr()
+                    );
+                    return Ok((data, hb));
                 }
                 None => {
                     // A repeated half of the same kind replaces the old one.
                     self.pending.retain(|p| {
                         p.incoming.session() != session
-                            || std::mem::discriminant(&p.incoming)
-                                != std::mem::discriminant(&incoming)
+                            || p.incoming.is_data() != incoming.is_data()
                     });
                     if self.pending.len() >= MAX_PENDING {
                         let old = self.pending.remove(0);

@@ -94,6 +94,25 @@ pub enum PeerLost {
         /// Which sealed heartbeat.
         record: u64,
     },
+    /// The RDMA keepalive of `--transport rdma` failed: the counter the
+    /// peer writes into our memory stopped changing, or writing ours into
+    /// the peer's failed (see `crate::rdma`).
+    Keepalive(KeepaliveLoss),
+}
+
+/// How the RDMA keepalive lost the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepaliveLoss {
+    /// The peer's counter did not change for `interval × k`.
+    Silent {
+        /// Milliseconds since it last changed.
+        quiet_ms: u64,
+    },
+    /// An RDMA WRITE of our counter failed with this `ibv_wc_status`.
+    WriteFailed {
+        /// The completion status.
+        status: u32,
+    },
 }
 
 impl fmt::Display for PeerLost {
@@ -114,6 +133,14 @@ impl fmt::Display for PeerLost {
             PeerLost::Forged { record } => write!(
                 f,
                 "heartbeat {record} failed authentication (altered, replayed or not from the key holder)"
+            ),
+            PeerLost::Keepalive(KeepaliveLoss::Silent { quiet_ms }) => {
+                write!(f, "no RDMA keepalive from the peer for {quiet_ms} ms")
+            }
+            PeerLost::Keepalive(KeepaliveLoss::WriteFailed { status }) => write!(
+                f,
+                "RDMA keepalive write to the peer failed: {}",
+                crate::rdma::wc_status_name(*status)
             ),
         }
     }
@@ -427,7 +454,7 @@ pub const HEARTBEAT_RT_PRIORITY: i32 = 10;
 
 /// Puts the calling thread in `SCHED_FIFO` at [`HEARTBEAT_RT_PRIORITY`];
 /// true if it is. Warns once per process when not permitted.
-fn raise_to_realtime(what: &str) -> bool {
+pub(crate) fn raise_to_realtime(what: &str) -> bool {
     static WARNED: AtomicBool = AtomicBool::new(false);
     let param = libc::sched_param {
         sched_priority: HEARTBEAT_RT_PRIORITY,

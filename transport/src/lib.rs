@@ -10,9 +10,11 @@
 //! channel.
 //!
 //! - [`Channel`]: a reliable ordered byte stream; [`TcpChannel`] implements it
-//!   over TCP (`TCP_NODELAY`, large socket buffers, no keepalive), and an RDMA
-//!   channel can later do so behind the cargo feature `rdma` (see the
-//!   [`channel`] module for how the trait fits registered slabs).
+//!   over TCP (`TCP_NODELAY`, large socket buffers, no keepalive), and
+//!   `RdmaChannel` over an RDMA reliable-connected queue pair behind the
+//!   cargo feature `rdma` ([`rdma`]); [`DataChannel`] is either, as
+//!   `--transport` picks ([`connect_pair_over`],
+//!   [`ChannelListener::accept_data_pair`]).
 //! - [`Heartbeat`] / [`HeartbeatHandle`] / [`FailureDetector`]: the
 //!   protocol's heartbeat frames (`ftvmm_checkpoint::protocol::Heartbeat`)
 //!   both ways on a separate connection; the peer is lost on connection loss
@@ -49,9 +51,11 @@
 
 mod auth;
 pub mod channel;
+mod data;
 mod error;
 pub mod handshake;
 pub mod heartbeat;
+pub mod rdma;
 pub mod record;
 pub mod secure;
 mod tcp;
@@ -60,8 +64,14 @@ mod test_utils;
 mod wait;
 
 pub use channel::{Channel, ChannelReader, ChannelWriter, SEND_WINDOW};
+pub use data::{connect_pair_over, DataChannel, Transport, RDMA_SETUP_TIMEOUT};
 pub use error::{Refusal, TransportError};
 pub use handshake::{connect_pair, connect_pair_with, ConnectionKind, Incoming, SessionId};
-pub use heartbeat::{FailureDetector, Heartbeat, HeartbeatHandle, HeartbeatStream, PeerLost};
+pub use heartbeat::{
+    FailureDetector, Heartbeat, HeartbeatHandle, HeartbeatStream, KeepaliveLoss, PeerLost,
+};
+#[cfg(feature = "rdma")]
+pub use rdma::RdmaChannel;
+pub use rdma::{RdmaConfig, RdmaError};
 pub use secure::{Cipher, FtKey, KeyError, Security};
 pub use tcp::{ChannelListener, ChannelStats, TcpChannel, TcpOptions, DEFAULT_SOCKET_BUFFER};

@@ -110,6 +110,20 @@ impl Records {
         &self.out[..RECORD_HEADER + len + TAG_LEN]
     }
 
+    /// The sealing keys, for a channel that goes on over another path (the
+    /// RDMA channel after its TCP bootstrap): their counters continue.
+    /// `None` if anything received is still unread (it would be lost) or
+    /// the stream broke.
+    #[cfg(feature = "rdma")]
+    pub fn into_keys(self) -> Option<(Sealer, Opener)> {
+        let idle = !self.broken
+            && self.fill == 0
+            && self.start == self.end
+            && self.partial.header_got == 0
+            && self.partial.body_got == 0;
+        idle.then_some((self.tx, self.rx))
+    }
+
     /// Hands out opened plaintext; returns how much was copied.
     pub fn take(&mut self, buf: &mut [u8]) -> usize {
         let n = buf.len().min(self.end - self.start);

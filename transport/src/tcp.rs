@@ -55,6 +55,15 @@ pub struct ChannelStats {
     pub send_waits: u64,
 }
 
+/// What an RDMA channel keeps of the TCP connection it was set up over.
+#[cfg(feature = "rdma")]
+pub(crate) struct Bootstrap {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub session: Option<SessionId>,
+    pub keys: Option<(crate::secure::Sealer, crate::secure::Opener, Cipher)>,
+}
+
 /// A checkpoint channel over TCP.
 pub struct TcpChannel {
     stream: TcpStream,
@@ -235,6 +244,32 @@ impl TcpChannel {
     /// behind the channel's back while framed traffic is in flight).
     pub fn as_tcp(&self) -> &TcpStream {
         &self.stream
+    }
+
+    /// Hands the connection over to an RDMA channel it bootstrapped: the
+    /// stream (kept open: its end tells that the peer is gone), and the
+    /// sealing keys, whose counters go on over RDMA.
+    #[cfg(feature = "rdma")]
+    pub(crate) fn into_bootstrap(mut self) -> Result<Bootstrap, TransportError> {
+        let keys = match self.records.take() {
+            None => None,
+            Some(rec) => {
+                let cipher = self.cipher.expect("a sealed channel has a cipher");
+                let (tx, rx) = rec.into_keys().ok_or(TransportError::Rdma(
+                    crate::rdma::RdmaError::Protocol {
+                        addr: self.peer,
+                        what: "bytes after the setup messages on the bootstrap connection".into(),
+                    },
+                ))?;
+                Some((tx, rx, cipher))
+            }
+        };
+        Ok(Bootstrap {
+            stream: self.stream,
+            peer: self.peer,
+            session: self.session,
+            keys,
+        })
     }
 
     fn opt_err(&self, option: &'static str, source: io::Error) -> TransportError {
@@ -692,6 +727,14 @@ pub struct ChannelListener {
     pub(crate) security: Security,
     /// Rate-limited log of turned-away connections.
     pub(crate) reject_log: crate::handshake::RejectLog,
+    /// The RDMA device and ring shape primaries asking for RDMA are served
+    /// with; `None`: a device opened per primary as the environment says
+    /// (tests set a software one).
+    #[cfg(feature = "rdma")]
+    pub(crate) rdma_override: Option<(
+        std::sync::Arc<dyn crate::rdma::fabric::Provider>,
+        crate::rdma::RdmaConfig,
+    )>,
 }
 
 impl std::fmt::Debug for ChannelListener {
@@ -734,6 +777,8 @@ impl ChannelListener {
             rejected: 0,
             security: Security::Insecure,
             reject_log: Default::default(),
+            #[cfg(feature = "rdma")]
+            rdma_override: None,
         })
     }
 

@@ -176,7 +176,10 @@ struct FtArgs {
     /// The same limit in KiB, overriding --netbuf-limit-mib (tests).
     #[arg(long, value_name = "N", hide = true, value_parser = clap::value_parser!(u64).range(1..=4_194_304))]
     netbuf_limit_kib: Option<u64>,
-    /// Checkpoint transport.
+    /// Checkpoint transport: tcp, or rdma (InfiniBand/RoCE through
+    /// libibverbs; a build with `--features rdma` and an RDMA device, picked
+    /// with $FTVMM_RDMA_DEVICE, $FTVMM_RDMA_PORT, $FTVMM_RDMA_GID_INDEX).
+    /// The standby serves whichever the primary asks for.
     #[arg(long, value_enum, default_value_t = TransportArg::Tcp)]
     transport: TransportArg,
     #[command(flatten)]
@@ -321,9 +324,7 @@ fn ft_options(ft: FtArgs) -> Result<(Option<String>, FtOptions), CliError> {
         NetbufArg::None => ftvmm_netbuf::Backend::None,
     };
     let limit_kib = ft.netbuf_limit_kib.unwrap_or(ft.netbuf_limit_mib << 10);
-    if ft.transport == TransportArg::Rdma {
-        return Err(CliError::NoRdma);
-    }
+    let transport = transport(ft.transport)?;
     let security = ft.key.security()?;
     if ft.ft_peer.is_some() && security.is_none() {
         return Err(CliError::NeedKey("a protected run (--ft-peer)"));
@@ -348,8 +349,26 @@ fn ft_options(ft: FtArgs) -> Result<(Option<String>, FtOptions), CliError> {
             limit_bytes: (limit_kib << 10) as usize,
         },
         cache_bytes: ft.ft_cache_mib << 20,
+        transport,
     };
     Ok((ft.ft_peer, opts))
+}
+
+/// `--transport`. RDMA needs this build's feature and a usable device
+/// (`$FTVMM_RDMA_DEVICE`, else the first), both checked here, at start.
+fn transport(arg: TransportArg) -> Result<ftvmm_transport::Transport, CliError> {
+    match arg {
+        TransportArg::Tcp => Ok(ftvmm_transport::Transport::Tcp),
+        #[cfg(feature = "rdma")]
+        TransportArg::Rdma => {
+            let cfg = ftvmm_transport::RdmaConfig::from_env().map_err(CliError::Rdma)?;
+            let device = ftvmm_transport::rdma::probe(&cfg).map_err(CliError::Rdma)?;
+            log::info!("--transport rdma: RDMA device '{device}'");
+            Ok(ftvmm_transport::Transport::Rdma(cfg))
+        }
+        #[cfg(not(feature = "rdma"))]
+        TransportArg::Rdma => Err(CliError::NoRdma),
+    }
 }
 
 /// A fresh VM id for the witness: 16 random hex digits.
@@ -431,8 +450,13 @@ enum CliError {
     #[error(transparent)]
     Key(#[from] ftvmm_transport::KeyError),
     /// `--transport rdma` in a build without it.
-    #[error("--transport rdma is not available in this build; use --transport tcp")]
+    #[cfg_attr(feature = "rdma", allow(dead_code))]
+    #[error("--transport rdma: {}", ftvmm_transport::rdma::NOT_BUILT)]
     NoRdma,
+    /// `--transport rdma` where RDMA cannot run (no device, port down).
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    #[error("--transport rdma: {0}")]
+    Rdma(ftvmm_transport::RdmaError),
     /// The control API's mailbox.
     #[error("cannot set up the API: {0}")]
     Mailbox(std::io::Error),

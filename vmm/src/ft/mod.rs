@@ -73,6 +73,8 @@ pub struct FtOptions {
     /// Bytes of recently sent pages the primary keeps to send them again as
     /// deltas (`--ft-cache-mib`; 0: no deltas).
     pub cache_bytes: u64,
+    /// What carries the checkpoints (`--transport`).
+    pub transport: ftvmm_transport::Transport,
 }
 
 /// CRC-32 of all guest RAM, region by region: the memory-equality tests

@@ -17,7 +17,7 @@ use ftvmm_checkpoint::{
     Staging, StagingConfig, WireError, WIRE_VERSION,
 };
 use ftvmm_transport::{
-    connect_pair_with, Channel, Heartbeat, HeartbeatHandle, PeerLost, TcpChannel, TcpOptions,
+    connect_pair_over, Channel, DataChannel, Heartbeat, HeartbeatHandle, PeerLost, TcpOptions,
     TransportError,
 };
 
@@ -85,7 +85,7 @@ impl fmt::Display for PeerLoss {
 
 /// The live link to the standby.
 pub struct Session {
-    chan: TcpChannel,
+    chan: DataChannel,
     hb: HeartbeatHandle,
     reader: FrameReader,
     /// Staging for control frames the standby sends (never checkpoints).
@@ -102,15 +102,17 @@ impl Session {
     /// guest's shape, its HelloAck (or its refusal), heartbeats started.
     pub fn connect(shape: &GuestShape, ft: &FtOptions) -> Result<Session, FtError> {
         let security = ft.security.as_ref().ok_or(FtError::NoKey)?;
-        let (mut chan, hb_stream) = connect_pair_with(
+        let (mut chan, hb_stream) = connect_pair_over(
             ft.peer.as_str(),
             CONNECT_TIMEOUT,
             &TcpOptions::default(),
             security,
+            &ft.transport,
         )?;
         if let Some(cipher) = chan.cipher() {
             log::info!(
-                "channel to {} authenticated and sealed with {}",
+                "{} channel to {} authenticated and sealed with {}",
+                chan.transport(),
                 ft.peer,
                 cipher.name()
             );
@@ -171,6 +173,8 @@ impl Session {
         let hb = crate::seccomp::within(crate::seccomp::ThreadKind::Heartbeat, || {
             Heartbeat::start(hb_stream, ft.heartbeat, HEARTBEAT_MISSES, ft.generation)
         })??;
+        // RDMA's keepalive feeds the same detector (TCP: nothing to start).
+        chan.start_keepalive(hb.detector(), ft.heartbeat, HEARTBEAT_MISSES)?;
         let watcher_stop = Arc::new(AtomicBool::new(false));
         spawn_failure_watcher(&hb, &chan, watcher_stop.clone());
         let mut session = Session {
@@ -355,7 +359,7 @@ impl Session {
     }
 }
 
-fn send_message(chan: &mut TcpChannel, msg: &Message) -> Result<(), FtError> {
+fn send_message(chan: &mut DataChannel, msg: &Message) -> Result<(), FtError> {
     let mut buf = Vec::new();
     ftvmm_checkpoint::wire::encode_message(msg, &mut buf)?;
     chan.send_all(&buf)?;
@@ -364,7 +368,7 @@ fn send_message(chan: &mut TcpChannel, msg: &Message) -> Result<(), FtError> {
 
 /// Shuts the data channel down when the heartbeat detector declares the
 /// peer lost, so a blocked send or ack read returns at once.
-fn spawn_failure_watcher(hb: &HeartbeatHandle, chan: &TcpChannel, stop: Arc<AtomicBool>) {
+fn spawn_failure_watcher(hb: &HeartbeatHandle, chan: &DataChannel, stop: Arc<AtomicBool>) {
     let detector = hb.detector().clone();
     let Ok(chan) = chan.try_clone() else { return };
     let _ = std::thread::Builder::new()
@@ -382,7 +386,7 @@ fn spawn_failure_watcher(hb: &HeartbeatHandle, chan: &TcpChannel, stop: Arc<Atom
 }
 
 /// Writes the first half of `frame`'s bytes, then dies (fault injection).
-fn send_half_and_die(frame: &CheckpointFrame<'_>, chan: &mut TcpChannel, what: &str) -> ! {
+fn send_half_and_die(frame: &CheckpointFrame<'_>, chan: &mut DataChannel, what: &str) -> ! {
     let mut left = frame.len() / 2;
     for chunk in frame.chunks() {
         let n = (chunk.len() as u64).min(left) as usize;

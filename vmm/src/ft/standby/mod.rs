@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ftvmm_transport::{Channel, ChannelListener, HeartbeatStream, TcpChannel, TransportError};
+use ftvmm_transport::{Channel, ChannelListener, DataChannel, HeartbeatStream, TransportError};
 
 mod pairing;
 mod takeover;
@@ -53,7 +53,7 @@ struct Shared {
     /// Checkpoints applied in this session.
     applied: u64,
     /// The data channel, to end the session on a manual failover.
-    chan: Option<TcpChannel>,
+    chan: Option<DataChannel>,
     /// `ctl failover` asked for a takeover.
     manual: bool,
 }
@@ -132,10 +132,11 @@ struct Fencing {
 fn accept_loop(
     listener: &mut ChannelListener,
     busy: &Mutex<Option<String>>,
-    tx: &mpsc::Sender<(TcpChannel, HeartbeatStream)>,
+    tx: &mpsc::Sender<(DataChannel, HeartbeatStream)>,
 ) {
     loop {
-        match listener.accept_pair(Duration::from_secs(3600)) {
+        // TCP, or RDMA when the primary asks for it.
+        match listener.accept_data_pair(Duration::from_secs(3600)) {
             Ok((mut chan, hb)) => {
                 let reason = busy.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 match reason {
@@ -197,7 +198,7 @@ pub fn run_standby(opts: &StandbyOptions) -> Result<Option<VmExit>, FtError> {
         opts.security.describe()
     );
     let busy: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
-    let (tx, rx) = mpsc::channel::<(TcpChannel, HeartbeatStream)>();
+    let (tx, rx) = mpsc::channel::<(DataChannel, HeartbeatStream)>();
     {
         let busy = busy.clone();
         std::thread::Builder::new()

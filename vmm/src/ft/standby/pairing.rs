@@ -15,7 +15,7 @@ use ftvmm_checkpoint::{
     ApplyError, DiskHashes, DiskSync, EpochFence, FenceError, Frame, FrameReader, Hello, Role,
     Staging, StagingConfig, StagingError, WireError, DEFAULT_STATE_LIMIT, WIRE_VERSION,
 };
-use ftvmm_transport::{Channel, Heartbeat, HeartbeatHandle, HeartbeatStream, TcpChannel};
+use ftvmm_transport::{Channel, DataChannel, Heartbeat, HeartbeatHandle, HeartbeatStream};
 
 use super::super::arbiter::{Arbiter, Claim, RETRY};
 use super::super::console::HeldOutput;
@@ -132,7 +132,7 @@ pub enum StreamEnd {
     Wire(WireError),
 }
 
-fn send_message(chan: &mut TcpChannel, msg: &Message) -> Result<(), FtError> {
+fn send_message(chan: &mut DataChannel, msg: &Message) -> Result<(), FtError> {
     let mut buf = Vec::new();
     encode_message(msg, &mut buf)?;
     chan.send_all(&buf)?;
@@ -140,7 +140,7 @@ fn send_message(chan: &mut TcpChannel, msg: &Message) -> Result<(), FtError> {
 }
 
 /// Tells a primary why it is refused, and hangs up.
-pub fn refuse(chan: &mut TcpChannel, reason: &str) {
+pub fn refuse(chan: &mut DataChannel, reason: &str) {
     log::warn!("refusing primary {}: {reason}", chan.peer_addr());
     let _ = send_message(
         chan,
@@ -163,7 +163,7 @@ struct Replica {
 /// Reads and checks the primary's Hello; `reader` keeps the handshake's
 /// limits.
 fn read_hello(
-    chan: &mut TcpChannel,
+    chan: &mut DataChannel,
     reader: &mut FrameReader,
     fencing: &Fencing,
 ) -> Result<Hello, Refusal> {
@@ -252,7 +252,7 @@ fn build_replica(
 
 /// Sends the primary the block hashes of every replica, when it asked for
 /// them (the initial sync then sends only the blocks that differ).
-fn send_hashes(chan: &mut TcpChannel, replica: &Replica) -> Result<(), FtError> {
+fn send_hashes(chan: &mut DataChannel, replica: &Replica) -> Result<(), FtError> {
     if replica.hello.disk_sync != DiskSync::Hashes {
         return Ok(());
     }
@@ -273,7 +273,7 @@ fn send_hashes(chan: &mut TcpChannel, replica: &Replica) -> Result<(), FtError> 
 /// Shuts `chan` down when the heartbeat detector declares the primary lost,
 /// so the blocked read of the receive loop ends; a torn frame is then
 /// discarded (I2).
-fn spawn_watcher(hb: &HeartbeatHandle, chan: &TcpChannel, stop: Arc<AtomicBool>) {
+fn spawn_watcher(hb: &HeartbeatHandle, chan: &DataChannel, stop: Arc<AtomicBool>) {
     let Ok(c) = chan.try_clone() else { return };
     let detector = hb.detector().clone();
     let _ = std::thread::Builder::new()
@@ -291,7 +291,7 @@ fn spawn_watcher(hb: &HeartbeatHandle, chan: &TcpChannel, stop: Arc<AtomicBool>)
 
 /// The receive side of a paired session.
 struct Receiver<'a> {
-    chan: TcpChannel,
+    chan: DataChannel,
     hb: HeartbeatHandle,
     reader: FrameReader,
     replica: Replica,
@@ -481,7 +481,7 @@ impl Receiver<'_> {
 
 /// Serves one primary from its Hello to its end.
 pub fn serve(
-    mut chan: TcpChannel,
+    mut chan: DataChannel,
     hb: HeartbeatStream,
     opts: &StandbyOptions,
     fencing: &mut Fencing,
@@ -531,6 +531,11 @@ pub fn serve(
         Ok(Err(e)) => return SessionEnd::LostEmpty(e.to_string()),
         Err(e) => return SessionEnd::LostEmpty(e.to_string()),
     };
+    // RDMA's keepalive feeds the same detector (TCP: nothing to start).
+    if let Err(e) = chan.start_keepalive(hb.detector(), interval, HEARTBEAT_MISSES) {
+        hb.stop();
+        return SessionEnd::LostEmpty(e.to_string());
+    }
     let stop = Arc::new(AtomicBool::new(false));
     spawn_watcher(&hb, &chan, stop.clone());
     if let Err(e) = send_hashes(&mut chan, &replica) {
@@ -538,7 +543,10 @@ pub fn serve(
         hb.stop();
         return SessionEnd::LostEmpty(e.to_string());
     }
-    log::info!("paired with primary {peer}, generation {generation}");
+    log::info!(
+        "paired with primary {peer} over {}, generation {generation}",
+        chan.transport()
+    );
     {
         let mut sh = lock(shared);
         sh.peer = Some(peer.clone());

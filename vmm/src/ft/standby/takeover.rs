@@ -94,6 +94,9 @@ pub fn take_over(
         netbuf: ftvmm_netbuf::NetbufConfig::default(),
         security: Some(security),
         cache_bytes: ftvmm_checkpoint::DEFAULT_CACHE_BYTES,
+        // A standby has no --transport: a new standby it pairs with later
+        // (`ctl protect`) is reached over TCP.
+        transport: ftvmm_transport::Transport::Tcp,
     };
     let took_over = TookOver {
         from_epoch: epoch,
