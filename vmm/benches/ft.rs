@@ -3,9 +3,8 @@
 //! 1. Epoch pause for dirty sets of 0, 1k, 10k and 50k pages, next to the
 //!    lower bound measured in the same run: the same epoch's harvest plus a
 //!    plain copy of the same pages into one buffer. Target: pause ≤ 1.3 ×
-//!    bound + 100 µs. Guest memory on huge host pages (the default) and on
-//!    4 KiB pages; the pause's parts; the fixed part at 0 pages next to
-//!    what it is made of (the kick, six vCPU ioctls, the harvest).
+//!    bound + 100 µs. The pause's parts, and the fixed part at 0 pages next
+//!    to what it is made of (the kick, six vCPU ioctls, the harvest).
 //! 2. Checkpoint stream throughput next to raw loopback TCP in the same run.
 //!    Target: ≥ 90 %. Also raw TCP from and into buffers as large as a
 //!    checkpoint (out of cache, as the slabs and the standby's staging are),
@@ -51,9 +50,8 @@ struct PauseRow {
     rest: f64,
 }
 
-/// 15 epochs of a guest dirtying `n` pages, its memory on huge host pages
-/// (`huge`, ftvmm's default) or on 4 KiB ones.
-fn pause_run(n: usize, huge: bool) -> PauseRow {
+/// 15 epochs of a guest dirtying `n` pages.
+fn pause_run(n: usize) -> PauseRow {
     let cmdline = if n == 0 {
         "dirty=0 rounds=1000000 round_us=1000".to_string()
     } else {
@@ -65,11 +63,7 @@ fn pause_run(n: usize, huge: bool) -> PauseRow {
         serial: SerialConfig::None,
         ..Default::default()
     };
-    let mut vm = Vm::create(&cfg).expect("create VM");
-    if !huge {
-        ftvmm::memory::advise_huge_pages(&vm.memory, false).expect("madvise");
-    }
-    vm.boot(&cfg).expect("boot");
+    let mut vm = Vm::build(&cfg).expect("build VM");
     let mut engine = Engine::new(&mut vm).expect("engine");
     vm.start().expect("start");
     // Let the guest boot and cover its working set once; then a warm-up
@@ -154,60 +148,45 @@ fn vcpu_ioctl_us() -> f64 {
     median(&mut t)
 }
 
-/// Section 1. Each dirty-set size runs twice, guest memory on huge host
-/// pages (ftvmm's default since the guest-speed work) and on 4 KiB pages
-/// (before it), in alternating order.
+/// Section 1.
 fn pause_vs_bound() {
     println!("## 1. Epoch pause vs. lower bound (harvest + plain copy of the same pages)");
-    println!("guest memory on 2 MiB (default) and on 4 KiB host pages; target pause ≤ 1.3 × bound + 100 µs");
+    println!("target pause ≤ 1.3 × bound + 100 µs");
     println!(
-        "{:>8} {:>5} {:>8} {:>10} {:>10} {:>8} {:>10} {:>6}",
-        "target", "host", "dirty", "pause µs", "bound µs", "ratio", "1.3b+100", "met"
+        "{:>8} {:>8} {:>10} {:>10} {:>8} {:>10} {:>6}",
+        "target", "dirty", "pause µs", "bound µs", "ratio", "1.3b+100", "met"
     );
     let mut rows = Vec::new();
-    for (i, &n) in [0usize, 1_000, 10_000, 50_000].iter().enumerate() {
-        let order = if i % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
-        };
-        let mut pair = [PauseRow::default(); 2];
-        for huge in order {
-            pair[usize::from(!huge)] = pause_run(n, huge);
-        }
-        for (r, host) in pair.iter().zip(["2M", "4K"]) {
-            let target = 1.3 * r.bound + 100.0;
-            println!(
-                "{:>8} {:>5} {:>8.0} {:>10.0} {:>10.0} {:>8.2} {:>10.0} {:>6}",
-                n,
-                host,
-                r.dirty,
-                r.pause,
-                r.bound,
-                r.pause / r.bound.max(1.0),
-                target,
-                if r.pause <= target { "yes" } else { "NO" }
-            );
-        }
-        rows.push((n, pair));
+    for &n in &[0usize, 1_000, 10_000, 50_000] {
+        let r = pause_run(n);
+        let target = 1.3 * r.bound + 100.0;
+        println!(
+            "{:>8} {:>8.0} {:>10.0} {:>10.0} {:>8.2} {:>10.0} {:>6}",
+            n,
+            r.dirty,
+            r.pause,
+            r.bound,
+            r.pause / r.bound.max(1.0),
+            target,
+            if r.pause <= target { "yes" } else { "NO" }
+        );
+        rows.push((n, r));
     }
     println!("pause breakdown, medians in µs: stop (kick, vCPUs out of KVM_RUN) / wait for the vCPUs' state");
     println!("after the copy / harvest / stage pages / encode state, seal, resume:");
-    for (n, pair) in &rows {
-        for (r, host) in pair.iter().zip(["2M", "4K"]) {
-            println!(
-                "{n:>8} {host:>3}: {:>7.0} {:>7.0} {:>7.0} {:>7.0} {:>7.0}   stage {:.2} µs/page",
-                r.stop,
-                r.save_wait,
-                r.harvest,
-                r.stage,
-                r.rest,
-                r.stage / r.dirty.max(1.0)
-            );
-        }
+    for (n, r) in &rows {
+        println!(
+            "{n:>8}: {:>7.0} {:>7.0} {:>7.0} {:>7.0} {:>7.0}   stage {:.2} µs/page",
+            r.stop,
+            r.save_wait,
+            r.harvest,
+            r.stage,
+            r.rest,
+            r.stage / r.dirty.max(1.0)
+        );
     }
     let ioctl = vcpu_ioctl_us();
-    let zero = &rows[0].1[0];
+    let zero = &rows[0].1;
     println!(
         "fixed part at 0 pages: one vCPU ioctl costs {ioctl:.1} µs here, and the vCPU's state capture issues 6 \
          ({:.0} µs) after a stop of {:.0} µs: with the harvest ({:.0} µs) that is {:.0} µs of the {:.0} µs pause",

@@ -10,7 +10,8 @@
 //!    pages again) every T ms *while the guest runs*: no pause, no copy, no
 //!    stream, only the faults. The guest loses (1 − rate_on / rate_off) of
 //!    its time to them, so one fault costs that × T / (distinct pages per
-//!    epoch).
+//!    epoch). The same from the vCPU thread's CPU time (schedstat), which
+//!    other load on a shared host does not change.
 //! 2. Guest speed. For each workload and epoch length, interleaved:
 //!    - `unprotected`: `ftvmm run`, no standby (before and after the
 //!      protected runs of the workload; their mean is the reference);
@@ -490,9 +491,8 @@ impl Bench {
         }
     }
 
-    /// The guest in this process (no ftvmm binary), console to a file;
-    /// its memory on huge host pages (ftvmm's default) or on 4 KiB ones.
-    fn build_vm(&self, cmdline: &str, console: &Path, huge: bool) -> Vm {
+    /// The guest in this process (no ftvmm binary), console to a file.
+    fn build_vm(&self, cmdline: &str, console: &Path) -> Vm {
         let _ = std::fs::remove_file(console);
         let cfg = VmConfig {
             cmdline: cmdline.into(),
@@ -500,12 +500,7 @@ impl Bench {
             serial: SerialConfig::File(console.to_path_buf()),
             ..Default::default()
         };
-        let vm = Vm::create(&cfg).expect("create VM");
-        if !huge {
-            ftvmm::memory::advise_huge_pages(&vm.memory, false).expect("madvise");
-        }
-        vm.boot(&cfg).expect("boot");
-        vm
+        Vm::build(&cfg).expect("build VM")
     }
 
     /// `ftvmm run --ft-bench-local` (this build only): the epochs of a
@@ -558,9 +553,9 @@ impl Bench {
 
     /// In this process: dirty logging off, or (`reprotect_ms`) on, with the
     /// log read and cleared every so often while the guest runs.
-    fn faults(&self, cmdline: &str, reprotect_ms: Option<u64>, huge: bool) -> Run {
+    fn faults(&self, cmdline: &str, reprotect_ms: Option<u64>) -> Run {
         let console = self.dir.path("faults.console");
-        let mut vm = self.build_vm(cmdline, &console, huge);
+        let mut vm = self.build_vm(cmdline, &console);
         let mut log = reprotect_ms.map(|_| {
             let log = DirtyLog::new(&vm.fd, &vm.memory).expect("dirty log");
             ftvmm::memory::register_slots(&vm.fd, &vm.memory, true).expect("dirty logging on");
@@ -623,57 +618,51 @@ fn read_metrics(path: &Path) -> Vec<EpochMetrics> {
 
 // ------------------------------------------------------------ parts
 
-/// Part 1: µs per write-protect fault, from each case, with guest memory
-/// on huge host pages (ftvmm's default) and on 4 KiB ones; returns the
-/// median of the huge-page cases, per CPU second of the vCPU thread.
+/// Part 1: µs per write-protect fault, from each case; returns their
+/// median, per CPU second of the vCPU thread.
 fn fault_cost(b: &Bench, reps: usize) -> f64 {
     println!("## 1. Write-protect fault cost (guest `dirty=N span=N rounds=50 round_us=0`)");
     println!("re-protect every T ms while the guest runs (GET + CLEAR, no pause), against dirty logging off;");
     println!("µs per fault from the lost wall time, and from the vCPU thread's CPU time (which other load");
-    println!("on the host does not change); guest memory on huge host pages (default), then on 4 KiB pages");
+    println!("on the host does not change)");
     println!(
-        "{:>6} {:>5} {:>5} {:>9} {:>9} {:>7} {:>8} {:>10} {:>10}",
-        "N", "T ms", "host", "off hb/s", "on hb/s", "lost", "pages/T", "µs (wall)", "µs (CPU)"
+        "{:>6} {:>5} {:>9} {:>9} {:>7} {:>8} {:>10} {:>10}",
+        "N", "T ms", "off hb/s", "on hb/s", "lost", "pages/T", "µs (wall)", "µs (CPU)"
     );
     let mut costs = Vec::new();
     for &(n, ms) in FAULT_CASES {
         let cmdline = format!("dirty={n} span={n} rounds=50 round_us=0");
-        for huge in [true, false] {
-            let (mut off, mut on) = (vec![], vec![]);
-            for _ in 0..reps {
-                off.push(b.faults(&cmdline, None, huge));
-                on.push(b.faults(&cmdline, Some(ms), huge));
-            }
-            // Per repetition (each pair ran back to back), then medians.
-            let t_us = ms as f64 * 1e3;
-            let wall: Vec<f64> = (0..reps)
-                .map(|i| (1.0 - on[i].hb_s / off[i].hb_s) * t_us / on[i].dirty)
-                .collect();
-            let cpu: Vec<f64> = (0..reps)
-                .map(|i| {
-                    (1.0 - on[i].hb_cpu / off[i].hb_cpu) * on[i].run_share * t_us / on[i].dirty
-                })
-                .collect();
-            if huge {
-                costs.push(median(&cpu));
-            }
-            let (off_hb, on_hb) = (med_of(&off, |r| r.hb_s), med_of(&on, |r| r.hb_s));
-            println!(
-                "{:>6} {:>5} {:>5} {:>9.1} {:>9.1} {:>6.1}% {:>8.0} {:>10.1} {:>10.1}",
-                n,
-                ms,
-                if huge { "2M" } else { "4K" },
-                off_hb,
-                on_hb,
-                (1.0 - on_hb / off_hb) * 100.0,
-                med_of(&on, |r| r.dirty),
-                median(&wall),
-                median(&cpu)
-            );
+        let (mut off, mut on) = (vec![], vec![]);
+        for _ in 0..reps {
+            off.push(b.faults(&cmdline, None));
+            on.push(b.faults(&cmdline, Some(ms)));
         }
+        // Per repetition (each pair ran back to back), then medians.
+        let t_us = ms as f64 * 1e3;
+        let wall: Vec<f64> = (0..reps)
+            .map(|i| (1.0 - on[i].hb_s / off[i].hb_s) * t_us / on[i].dirty)
+            .collect();
+        let cpu: Vec<f64> = (0..reps)
+            .map(|i| (1.0 - on[i].hb_cpu / off[i].hb_cpu) * on[i].run_share * t_us / on[i].dirty)
+            .collect();
+        costs.push(median(&cpu));
+        let (off_hb, on_hb) = (med_of(&off, |r| r.hb_s), med_of(&on, |r| r.hb_s));
+        println!(
+            "{:>6} {:>5} {:>9.1} {:>9.1} {:>6.1}% {:>8.0} {:>10.1} {:>10.1}",
+            n,
+            ms,
+            off_hb,
+            on_hb,
+            (1.0 - on_hb / off_hb) * 100.0,
+            med_of(&on, |r| r.dirty),
+            median(&wall),
+            median(&cpu)
+        );
     }
     let c = median(&costs);
-    println!("fault cost: {c:.1} µs per distinct page written per epoch (CPU-time median of the 2M cases)");
+    println!(
+        "fault cost: {c:.1} µs per distinct page written per epoch (CPU-time median of the cases)"
+    );
     c
 }
 

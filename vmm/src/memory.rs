@@ -80,50 +80,17 @@ pub fn validate_size(mem_mib: u64) -> Result<(), MemoryError> {
     Ok(())
 }
 
-/// Allocates `mem_mib` MiB of guest memory laid out around the MMIO gap,
-/// backed by transparent huge pages where the host allows them
-/// ([`advise_huge_pages`]).
+/// Allocates `mem_mib` MiB of guest memory laid out around the MMIO gap.
 pub fn create(mem_mib: u64) -> Result<GuestMemory, MemoryError> {
     validate_size(mem_mib)?;
     let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(mem_mib << 20)
         .into_iter()
         .map(|(base, len)| (GuestAddress(base), len as usize))
         .collect();
-    let mem = GuestMemory::from_ranges(&ranges).map_err(|e| MemoryError::Allocate {
+    GuestMemory::from_ranges(&ranges).map_err(|e| MemoryError::Allocate {
         mib: mem_mib,
         reason: e.to_string(),
-    })?;
-    if let Err(e) = advise_huge_pages(&mem, true) {
-        log::debug!("guest memory stays on 4 KiB host pages: madvise(MADV_HUGEPAGE): {e}");
-    }
-    Ok(mem)
-}
-
-/// Asks the host kernel to back `mem` with transparent huge pages (`on`,
-/// `MADV_HUGEPAGE`, as QEMU does for guest RAM) or never to (`MADV_NOHUGEPAGE`).
-/// Call it before the memory is touched. The VMM copies scattered guest
-/// pages in every epoch pause (and the standby into its copy at every
-/// apply): on 4 KiB host pages each is a TLB miss, which costs ≈1 µs per
-/// page on the PVM development hosts (a scattered page copy measured ≈0.7
-/// against ≈1.5–3 µs). Dirty logging still tracks 4 KiB pages: KVM maps
-/// the guest with 4 KiB entries while it logs, whatever backs them.
-pub fn advise_huge_pages(mem: &GuestMemory, on: bool) -> std::io::Result<()> {
-    let advice = if on {
-        libc::MADV_HUGEPAGE
-    } else {
-        libc::MADV_NOHUGEPAGE
-    };
-    for region in mem.iter() {
-        let host = region
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .expect("an mmap region has a host address");
-        // SAFETY: advice on the whole of a live mapping owned by `mem`;
-        // neither advice changes its contents or its validity.
-        if unsafe { libc::madvise(host.cast(), region.len() as usize, advice) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
+    })
 }
 
 /// Registers (or re-registers, to change the flags) every region of `mem`
