@@ -220,6 +220,10 @@ struct FtArgs {
     /// Print CRCs of guest memory and of the disks at this epoch's cut (tests).
     #[arg(long, value_name = "N", hide = true)]
     ft_hash_epoch: Option<u64>,
+    /// Benchmarks only: run the epochs (pause, harvest, copy, state) with no
+    /// standby, sending nothing and holding nothing past its epoch.
+    #[arg(long, hide = true, conflicts_with = "ft_peer")]
+    ft_bench_local: bool,
 }
 
 #[derive(Args, Debug)]
@@ -401,7 +405,16 @@ fn run(args: RunArgs) -> Result<(), CliError> {
     let api_path = args.vm.api.clone();
     let mut config = args.vm.into_config()?;
     config.dirty_ring = args.ft.dirty_track == DirtyTrackArg::Ring;
+    let local = args.ft.ft_bench_local;
     let (peer, ft) = ft_options(args.ft)?;
+    if local {
+        let reason = ftvmm::ft::local::run_local(&config, &ft)?;
+        return if reason.is_clean() {
+            Ok(())
+        } else {
+            Err(CliError::Guest(reason))
+        };
+    }
     let (_server, mailbox) = match start_api(api_path.as_deref())? {
         Some((s, m)) => (Some(s), Some(m)),
         None => (None, None),

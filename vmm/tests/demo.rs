@@ -1,6 +1,7 @@
 //! `ftvmm demo` through the real binary: a failover on this machine that
 //! ends with exit 0, an exactly-once transcript, a verified disk replica, a
-//! summary table, a well-formed SVG plot, and no process left behind.
+//! summary table with the guest's speed, a well-formed SVG plot, and no
+//! process left behind.
 
 mod common;
 
@@ -99,6 +100,15 @@ fn demo_fails_over_checks_exactly_once_and_plots() {
             "no {row:?} row\n{all}"
         );
     }
+
+    // The guest's speed, protected against unprotected, measured in the run.
+    let speed = line("guest speed: ");
+    assert!(
+        speed.contains("% of unprotected") && speed.contains("heartbeats/s protected"),
+        "{speed}"
+    );
+    let percent = number_after(&speed, "guest speed: ");
+    assert!(percent > 0 && percent < 1000, "{speed}");
 
     // The plot, in the directory, and well-formed enough.
     let plot = line("plot: ");

@@ -35,6 +35,7 @@ mod plot;
 mod proc;
 mod replica;
 mod session;
+mod speed;
 mod summary;
 mod tail;
 mod takeover;

@@ -14,6 +14,7 @@ use super::live::LiveLine;
 use super::plot::{plot_svg, PlotInfo};
 use super::proc::{nap, RoleProc};
 use super::replica::{check_replica, create_image, highest_record, read_image, IMAGE_BYTES};
+use super::speed::{speed_line, HbRate, PROTECTED_WARMUP, UNPROTECTED_WARMUP};
 use super::summary::{ms, summary_table};
 use super::tail::Tail;
 use super::takeover::{watch_takeover, Takeover};
@@ -54,6 +55,10 @@ pub struct Demo<'a> {
     /// (removed on drop) when `dir`'s path is too long for them.
     sock_dir: PathBuf,
     sock_dir_is_temp: bool,
+    /// Heartbeats per second released by the protected primary.
+    protected_rate: Option<f64>,
+    /// Heartbeats per second on the standby after the takeover.
+    unprotected_rate: Option<f64>,
 }
 
 impl Drop for Demo<'_> {
@@ -86,6 +91,8 @@ impl<'a> Demo<'a> {
             live: LiveLine::new(),
             sock_dir,
             sock_dir_is_temp,
+            protected_rate: None,
+            unprotected_rate: None,
         })
     }
 
@@ -218,6 +225,7 @@ impl<'a> Demo<'a> {
         let mut rate_mark = (Instant::now(), 0u64);
         let mut pair_checked = Instant::now();
         let kill_after = Duration::from_secs(self.args.kill_after_secs);
+        let mut hb_rate = HbRate::new(Instant::now(), PROTECTED_WARMUP);
         loop {
             view.poll()?;
             primary.proc.check_alive()?;
@@ -227,6 +235,7 @@ impl<'a> Demo<'a> {
                     // The first status line comes a period later, with a
                     // rate measured over it.
                     first_epoch = Some(Instant::now());
+                    hb_rate = HbRate::new(Instant::now(), PROTECTED_WARMUP);
                     rate_mark = (Instant::now(), view.bytes_sent());
                     self.live.start_period();
                 } else if started.elapsed() > FIRST_EPOCH_TIMEOUT {
@@ -239,11 +248,13 @@ impl<'a> Demo<'a> {
                 self.nap(TICK)?;
                 continue;
             };
+            hb_rate.record(Instant::now(), view.hb_last);
             let kill_now = t0.elapsed() >= kill_after;
             if kill_now || pair_checked.elapsed() >= PAIR_CHECK {
                 let committed = still_paired(primary, standby)?;
                 pair_checked = Instant::now();
                 if kill_now {
+                    self.protected_rate = hb_rate.per_sec();
                     return match committed {
                         Some(_) => Ok(()),
                         None => Err(DemoError::NothingToRun(standby.proc.stderr.clone())),
@@ -268,12 +279,14 @@ impl<'a> Demo<'a> {
         let (mut count, mut last) = (0u64, 0u64);
         let since = Instant::now();
         let keep = Duration::from_secs(self.args.keep_running_secs);
+        let mut hb_rate = HbRate::new(since, UNPROTECTED_WARMUP);
         loop {
             console.poll(|l| {
                 if let Some(n) = hb_line(l) {
                     (count, last) = (count + 1, n);
                 }
             })?;
+            hb_rate.record(Instant::now(), (count > 0).then_some(last));
             standby.proc.check_alive()?;
             if since.elapsed() >= keep {
                 break;
@@ -288,6 +301,7 @@ impl<'a> Demo<'a> {
             }
             self.nap(TICK)?;
         }
+        self.unprotected_rate = hb_rate.per_sec();
         standby.proc.stop(STOP_GRACE);
         self.live.finish();
         println!(
@@ -344,6 +358,7 @@ impl<'a> Demo<'a> {
             "{}",
             summary_table(&view.epochs, takeover, self.args.interval_ms)
         );
+        println!("{}", speed_line(self.protected_rate, self.unprotected_rate));
         let plot = self.path("epochs.svg");
         let info = PlotInfo {
             kill_epoch: view.last_epoch() + 1,

@@ -61,6 +61,9 @@ impl Drop for Paused<'_> {
 pub struct Capture {
     /// The guest was paused this long (pause → resume).
     pub pause: Duration,
+    /// Of which: from the pause request until every vCPU was out of
+    /// `KVM_RUN` (the kick) and every device quiesced.
+    pub stop: Duration,
     /// Of which: stopping the vCPUs and devices, and waiting for whatever
     /// of their state capture did not overlap the page copy.
     pub save: Duration,
@@ -250,6 +253,7 @@ impl Engine {
         drop(vm);
         Ok(Capture {
             pause: t_pause.elapsed(),
+            stop: t_harvest - t_pause,
             save: (t_harvest - t_pause) + (t_encode - t_save),
             encode: t_done - t_encode,
             harvest: t_stage - t_harvest,

@@ -12,7 +12,8 @@
 //! - [`standby`]: receives, verifies and applies checkpoints, and takes over.
 //! - [`console`]: output commit of the serial console (the network's is in
 //!   the netbuf crate; both drive the same `OutputCommit`).
-//! - [`metrics`], [`fault`] (fault injection for the tests), [`error`].
+//! - [`metrics`], [`fault`] (fault injection for the tests), [`error`];
+//!   [`local`], epochs without a standby (a benchmark's floor).
 
 pub mod arbiter;
 pub mod console;
@@ -21,6 +22,7 @@ pub mod disk;
 pub mod engine;
 pub mod error;
 pub mod fault;
+pub mod local;
 pub mod metrics;
 pub mod primary;
 pub mod runner;
