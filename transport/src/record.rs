@@ -68,7 +68,7 @@ impl Records {
         Records {
             tx: keys.tx,
             rx: keys.rx,
-            out: vec![0u8; RECORD_HEADER + RECORD_MAX + TAG_LEN].into_boxed_slice(),
+            out: Records::new_buffer(),
             fill: 0,
             inb: vec![0u8; RECORD_MAX + TAG_LEN].into_boxed_slice(),
             start: 0,
@@ -108,6 +108,24 @@ impl Records {
         let tag = self.tx.seal(header, &mut rest[..len]);
         rest[len..len + TAG_LEN].copy_from_slice(&tag);
         &self.out[..RECORD_HEADER + len + TAG_LEN]
+    }
+
+    /// The sealed record's wire bytes (`len` as [`Records::seal`] returned).
+    pub fn sealed(&self, len: usize) -> &[u8] {
+        &self.out[..len]
+    }
+
+    /// Exchanges the record buffer (holding a sealed record) for `other`, a
+    /// buffer of the same size that is free: a pipelined send hands the
+    /// sealed record to its sender thread without copying it.
+    pub fn swap_out(&mut self, other: &mut Box<[u8]>) {
+        debug_assert_eq!(other.len(), self.out.len());
+        std::mem::swap(&mut self.out, other);
+    }
+
+    /// A free buffer of the size records are built in.
+    pub fn new_buffer() -> Box<[u8]> {
+        vec![0u8; RECORD_HEADER + RECORD_MAX + TAG_LEN].into_boxed_slice()
     }
 
     /// The sealing keys, for a channel that goes on over another path (the
