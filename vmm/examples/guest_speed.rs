@@ -109,28 +109,6 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// `target/release/ftvmm`, built now so it is never stale.
-fn ftvmm_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("FTVMM_BIN") {
-        return PathBuf::from(p);
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "--release", "-p", "ftvmm", "--bin", "ftvmm"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("run cargo build");
-    assert!(st.success(), "cargo build --release -p ftvmm failed");
-    let exe = std::env::current_exe().expect("current exe");
-    let bin = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .map(|p| p.join("ftvmm"))
-        .expect("target dir");
-    assert!(bin.exists(), "{} not built", bin.display());
-    bin
-}
-
 // ------------------------------------------------------------ heartbeats
 
 /// Follows a console file: the last `ftguest hb=N` seen, and (time, N)
@@ -960,7 +938,7 @@ fn main() {
     }
     catch_signals();
     let o = parse_args();
-    let bin = ftvmm_bin();
+    let bin = host::release_ftvmm();
     let b = Bench {
         new: Build {
             bin: bin.clone(),

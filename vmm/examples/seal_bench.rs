@@ -18,7 +18,7 @@ mod host;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -215,25 +215,6 @@ fn stream(quick: bool) {
     );
 }
 
-/// `target/release/ftvmm`, built now so it is never stale.
-fn ftvmm_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("FTVMM_BIN") {
-        return PathBuf::from(p);
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "--release", "-p", "ftvmm", "--bin", "ftvmm"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("run cargo build");
-    assert!(st.success(), "cargo build --release -p ftvmm failed");
-    let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
-        .and_then(|p| p.parent())
-        .map(|p| p.join("ftvmm"))
-        .expect("target dir")
-}
-
 fn read_metrics(path: &Path) -> Vec<EpochMetrics> {
     read(path)
         .lines()
@@ -300,7 +281,7 @@ fn epochs(quick: bool) {
     println!(
         "\n## 2. The pair through the binary: keyed vs --ft-insecure (demo workload, 25 ms epochs)"
     );
-    let bin = ftvmm_bin();
+    let bin = host::release_ftvmm();
     let dir = TempDir::new("seal-bench");
     let key = dir.path("ft.key");
     FtKey::write_new(&key).unwrap();

@@ -109,28 +109,6 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// `target/release/ftvmm`, built now so it is never stale.
-fn ftvmm_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("FTVMM_BIN") {
-        return PathBuf::from(p);
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "--release", "-p", "ftvmm", "--bin", "ftvmm"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("run cargo build");
-    assert!(st.success(), "cargo build --release -p ftvmm failed");
-    let exe = std::env::current_exe().expect("current exe");
-    let bin = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .map(|p| p.join("ftvmm"))
-        .expect("target dir");
-    assert!(bin.exists(), "{} not built", bin.display());
-    bin
-}
-
 /// xorshift64*: cheap incompressible bytes.
 fn fill_random(buf: &mut [u8], seed: u64) {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -769,7 +747,7 @@ fn main() {
         .write(true)
         .open("/dev/kvm")
         .is_ok();
-    let bin = (kvm && (want("1") || want("3"))).then(ftvmm_bin);
+    let bin = (kvm && (want("1") || want("3"))).then(host::release_ftvmm);
     if want("1") {
         match &bin {
             Some(b) => demo_workload(b),

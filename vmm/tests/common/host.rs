@@ -164,3 +164,27 @@ pub fn test_key() -> &'static Path {
         path
     })
 }
+
+/// The release `ftvmm` the benchmarks (examples) run: `$FTVMM_BIN`, or
+/// `target/release/ftvmm`, built now so it is never stale.
+pub fn release_ftvmm() -> PathBuf {
+    if let Some(p) = std::env::var_os("FTVMM_BIN") {
+        return PathBuf::from(p);
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .args(["build", "--release", "-p", "ftvmm", "--bin", "ftvmm"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build");
+    assert!(st.success(), "cargo build --release -p ftvmm failed");
+    // target/release/examples/NAME → target/release/ftvmm
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.join("ftvmm"))
+        .expect("target dir");
+    assert!(bin.exists(), "{} not built", bin.display());
+    bin
+}
