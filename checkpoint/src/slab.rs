@@ -466,6 +466,14 @@ impl Staging {
             ..
         } = self;
         delta.clear();
+        // Room for a delta of every page the slabs can hold, made when the
+        // slabs grow (themselves an allocation) rather than when an epoch
+        // happens to make more delta bytes than any before: the encode then
+        // allocates nothing. Untouched capacity is never backed.
+        let room = slabs.len() * *pages_per_slab * crate::encoding::MAX_DELTA_RECORD;
+        if delta.capacity() < room {
+            delta.reserve_exact(room);
+        }
         let mut raw = 0;
         for (i, entry) in index.iter_mut().enumerate() {
             let gpa = u64::from_le_bytes(*entry) & !KIND_MASK;
