@@ -370,3 +370,59 @@ fn another_users_request_is_refused() {
     let st = ctl_ok(&sock, &["status"]);
     assert_eq!(st["paused"], false, "the refused request changed the VM");
 }
+
+/// Epochs that overrun their interval (1 ms epochs whose acks come 20 ms
+/// late) must not starve the control API: every request is answered,
+/// each within a bound.
+#[test]
+fn overrunning_epochs_do_not_starve_the_api() {
+    let dir = TempDir::new("ctl-overrun");
+    let port = free_port();
+    // Each ack 20 ms late: every epoch takes 20 times its interval.
+    let _standby = start_standby("standby", &dir, port, &["--ft-ack-delay-ms", "20"]);
+    let sock = dir.path("primary.sock");
+    let _primary = spawn(
+        "primary",
+        &dir,
+        &[
+            "run".to_string(),
+            "--mem-mib".into(),
+            "64".into(),
+            "--cmdline".into(),
+            "dirty=64 span=64 rounds=10 round_us=1000".into(),
+            "--ft-peer".into(),
+            format!("127.0.0.1:{port}"),
+            "--ft-interval-ms".into(),
+            "1".into(),
+            "--heartbeat-ms".into(),
+            "200".into(),
+            "--serial".into(),
+            format!("file:{}", dir.path("primary.console").display()),
+            "--api".into(),
+            sock.display().to_string(),
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || sock.exists()
+            && ftvmm::api::call_with_timeout(
+                &sock,
+                &ftvmm::api::Request::Status,
+                Duration::from_secs(2)
+            )
+            .map(|r| r.ok && r.result["epoch"].as_u64().unwrap_or(0) > 5)
+            .unwrap_or(false)),
+        "the protected VM never reached epoch 5 with its API answering: {}",
+        read(&dir.path("primary.stderr"))
+    );
+    for _ in 0..10 {
+        let t = std::time::Instant::now();
+        let r = ftvmm::api::call_with_timeout(
+            &sock,
+            &ftvmm::api::Request::Status,
+            Duration::from_secs(5),
+        )
+        .expect("the API must answer while epochs overrun");
+        assert!(r.ok, "{r:?}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+}

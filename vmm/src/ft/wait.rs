@@ -96,6 +96,17 @@ impl Waiter {
         })
     }
 
+    /// Whether a control request waits (a poll that does not block; the
+    /// set is level-triggered, so nothing is consumed).
+    fn api_waiting(&mut self) -> bool {
+        match self.epoll.wait(0, &mut self.events) {
+            Ok(n) => self.events[..n]
+                .iter()
+                .any(|e| e.data() == Source::Api as u64),
+            Err(_) => false,
+        }
+    }
+
     /// Waits until `deadline`, the guest's end, the standby's loss, an early
     /// cut, a full dirty ring, or a control request.
     pub fn wait(
@@ -114,6 +125,11 @@ impl Waiter {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
+                // Epochs that overrun their interval must not starve the
+                // control API: a request already waiting is answered first.
+                if self.api_waiting() {
+                    return Wake::Api;
+                }
                 return Wake::Boundary;
             }
             // A zero duration would disarm the timer: at least 1 ns.
