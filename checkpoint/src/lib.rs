@@ -103,7 +103,7 @@ pub use encoding::{EncodeStats, Encoder, PageData, PageKind, DEFAULT_CACHE_BYTES
 pub use metrics::{EpochMetrics, FieldSummary, Histogram, Summary, SummaryReport};
 pub use persist::Persist;
 pub use protocol::{EpochFence, FenceError, WIRE_VERSION};
-pub use slab::{EpochStats, EpochWriter, Staging, StagingConfig, StagingError, PAGE_SIZE};
+pub use slab::{EpochStats, EpochWriter, SlabSet, Staging, StagingConfig, StagingError, PAGE_SIZE};
 pub use wire::{
     CheckpointFrame, DevicesSummary, DiskHashes, DiskShape, DiskSync, Frame, FrameReader,
     GuestShape, Hello, Limits, Message, Role, WireError,

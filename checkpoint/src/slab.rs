@@ -24,11 +24,15 @@
 //!   sent, outside the pause) or at the latest by the next [`Staging::begin_epoch`].
 //!
 //! Slabs are the unit of transmission ([`Staging::slab_chunks`] gives the used part of each
-//! one, for vectored writes) and, for RDMA, of memory registration.
+//! one, for vectored writes) and, for RDMA, of memory registration: [`Staging::slab_set`]
+//! tells a transport when the slabs changed ([`SlabSet`]), [`Staging::slab_buffers`] what
+//! they are now.
 //!
 //! Writing a checkpoint goes through an [`EpochWriter`], which borrows the staging
 //! mutably: nobody can read a half-staged checkpoint, and an epoch abandoned by dropping
 //! the writer leaves the staging empty.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::codec::DEFAULT_STATE_LIMIT;
 use crate::encoding::{DeltaRecords, PageData, PageKind, KIND_MASK};
@@ -165,6 +169,41 @@ pub struct EpochStats {
     pub shrink_to: Option<usize>,
 }
 
+/// Which slabs a [`Staging`] holds, for a transport that registers them with a device
+/// (RDMA) and must know when its registrations went stale.
+///
+/// Two values from the same staging are equal while its slab list is unchanged. A staging
+/// that only *added* slabs keeps its lineage (every registration made so far is still
+/// good; the new slabs need one); one that *freed* slabs gets a new lineage, never used by
+/// any staging before in this process, so every registration made under the old one must
+/// be dropped (a new slab may be allocated where a freed one was, and a registration pins
+/// the old memory, not the new).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlabSet {
+    lineage: u64,
+    count: usize,
+}
+
+impl SlabSet {
+    /// Whether `self` only added slabs to `earlier` (or is the same set): registrations
+    /// made for `earlier`'s slabs are still valid.
+    pub fn extends(&self, earlier: &SlabSet) -> bool {
+        self.lineage == earlier.lineage && self.count >= earlier.count
+    }
+
+    /// Slabs in the set.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+}
+
+/// Lineages handed out so far in this process (see [`SlabSet`]).
+static LINEAGES: AtomicU64 = AtomicU64::new(0);
+
+fn new_lineage() -> u64 {
+    LINEAGES.fetch_add(1, Ordering::Relaxed)
+}
+
 /// The staging area of one side (primary or standby) of a protected VM.
 #[derive(Debug)]
 pub struct Staging {
@@ -188,6 +227,8 @@ pub struct Staging {
     strikes: u32,
     shrink_to: Option<usize>,
     grown: usize,
+    /// Changes whenever slabs are freed (see [`SlabSet`]).
+    lineage: u64,
     /// A received checkpoint's disk section (the sender's is in its disks'
     /// journals).
     disk: Vec<u8>,
@@ -221,6 +262,7 @@ impl Staging {
             strikes: 0,
             shrink_to: None,
             grown: 0,
+            lineage: new_lineage(),
             disk: Vec::new(),
         })
     }
@@ -252,6 +294,7 @@ impl Staging {
         let before = self.slabs.len();
         if keep < before {
             self.slabs.truncate(keep);
+            self.lineage = new_lineage();
         }
         if keep == target {
             self.shrink_to = None;
@@ -262,6 +305,21 @@ impl Staging {
     /// Slabs currently cached (the head slab included).
     pub fn slab_count(&self) -> usize {
         self.slabs.len()
+    }
+
+    /// Which slabs the cache holds now (see [`SlabSet`]).
+    pub fn slab_set(&self) -> SlabSet {
+        SlabSet {
+            lineage: self.lineage,
+            count: self.slabs.len(),
+        }
+    }
+
+    /// Every cached slab's whole memory, in order, used or not: what a transport
+    /// registers with its device. Slab memory stays where it is until the slab is freed
+    /// (a [`SlabSet`] of a new lineage).
+    pub fn slab_buffers(&self) -> impl ExactSizeIterator<Item = &[u8]> + '_ {
+        self.slabs.iter().map(|s| s.as_flattened())
     }
 
     /// Slabs the staged checkpoint occupies (at least 1).
@@ -1060,6 +1118,33 @@ mod tests {
         // A checkpoint using the only slab is no strike.
         let s = stage(&mut st, 1, &[]);
         assert_eq!((s.slabs_cached, s.strikes, s.shrink_to), (1, 0, None));
+    }
+
+    #[test]
+    fn slab_set_keeps_its_lineage_while_slabs_are_only_added() {
+        let mut st = Staging::new(cfg(1, 1)).unwrap();
+        let other = Staging::new(cfg(1, 1)).unwrap();
+        let first = st.slab_set();
+        assert_eq!(first.count(), 1);
+        assert!(
+            !other.slab_set().extends(&first),
+            "each staging its own lineage"
+        );
+        stage(&mut st, 1, &[]);
+        assert_eq!(st.slab_set(), first, "nothing changed");
+        stage(&mut st, 4, &[]);
+        let grown = st.slab_set();
+        assert!(grown.extends(&first) && grown != first);
+        assert_eq!(st.slab_buffers().len(), 4);
+        assert!(st.slab_buffers().all(|b| b.len() == PAGE_SIZE));
+        // Strike (limit 1): halve to 2, freed by trim: a new lineage.
+        stage(&mut st, 1, &[]);
+        assert_eq!(st.slab_set(), grown, "decided, not yet applied");
+        assert_eq!(st.trim(), 2);
+        let shrunk = st.slab_set();
+        assert_eq!(shrunk.count(), 2);
+        assert!(!shrunk.extends(&grown) && !shrunk.extends(&first));
+        assert_eq!(st.slab_buffers().len(), 2);
     }
 
     #[test]

@@ -642,6 +642,12 @@ impl<'a> CheckpointFrame<'a> {
         le_u64(&self.head[FRAME_HEADER_LEN..])
     }
 
+    /// The staging the checkpoint's pages and state are sent from (a transport that
+    /// registers memory looks at its [`crate::SlabSet`]).
+    pub fn staging(&self) -> &'a Staging {
+        self.staging
+    }
+
     /// The checkpoint's generation.
     pub fn generation(&self) -> u64 {
         le_u64(&self.head[FRAME_HEADER_LEN + 8..])

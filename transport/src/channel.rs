@@ -14,15 +14,15 @@
 //! The same call fits the RDMA channel (cargo feature `rdma`,
 //! `crate::rdma`; DESIGN.md `--transport rdma`): slabs are long-lived (the
 //! head slab is permanent and the list only grows or halves after several
-//! strikes), so the RDMA channel registers each slab once (`ibv_reg_mr`, told
-//! through [`Channel::register_buffer`]) and, on a plain channel, turns every
-//! chunk inside one into a scatter/gather element of an RDMA WRITE, looking
-//! the registration up by address; other slices (and every byte of a sealed
-//! channel, which must be encrypted somewhere) go through its registered
-//! bounce ring. On the receiving side [`Channel::recv_exact`] copies each
-//! record out of the channel's registered receive ring into the caller's
-//! buffer, opening it there when sealed, as TCP's records are. The TCP
-//! channel ignores registration hints.
+//! strikes), so the plain RDMA channel's `send_checkpoint` registers each
+//! slab once (`ibv_reg_mr`; again only when the frame's staging reports a
+//! changed [`ftvmm_checkpoint::SlabSet`]) and turns every chunk inside one
+//! into a scatter/gather element of an RDMA WRITE, looking the registration
+//! up by address; other slices (and every byte of a sealed channel, which
+//! must be encrypted somewhere) go through its registered bounce ring. On
+//! the receiving side [`Channel::recv_exact`] copies each record out of the
+//! channel's registered receive ring into the caller's buffer, opening it
+//! there when sealed, as TCP's records are.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
@@ -135,19 +135,6 @@ pub trait Channel: Send {
 
     /// The address of the other end, for messages.
     fn peer_addr(&self) -> SocketAddr;
-
-    /// Hint: `buf` (a staging slab) will be sent from or received into many
-    /// times. An RDMA channel registers it with the NIC; TCP ignores it. The
-    /// caller calls [`Channel::unregister_buffer`] before freeing the memory.
-    fn register_buffer(&mut self, buf: &[u8]) -> Result<(), TransportError> {
-        let _ = buf;
-        Ok(())
-    }
-
-    /// Undoes [`Channel::register_buffer`].
-    fn unregister_buffer(&mut self, buf: &[u8]) {
-        let _ = buf;
-    }
 }
 
 /// An [`io::Read`] over any [`Channel`] (also `dyn Channel`): reads map to

@@ -16,6 +16,8 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ftvmm_checkpoint::CheckpointFrame;
+
 use crate::channel::Channel;
 use crate::handshake::{connect_pair_kind, ConnectionKind, Incoming, SessionId};
 #[cfg(feature = "rdma")]
@@ -126,6 +128,10 @@ impl Channel for DataChannel {
         each!(self, c => c.send_chunks(chunks))
     }
 
+    fn send_checkpoint(&mut self, frame: &CheckpointFrame<'_>) -> Result<u64, TransportError> {
+        each!(self, c => c.send_checkpoint(frame))
+    }
+
     fn recv(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
         each!(self, c => c.recv(buf))
     }
@@ -156,14 +162,6 @@ impl Channel for DataChannel {
 
     fn peer_addr(&self) -> SocketAddr {
         each!(self, c => c.peer_addr())
-    }
-
-    fn register_buffer(&mut self, buf: &[u8]) -> Result<(), TransportError> {
-        each!(self, c => c.register_buffer(buf))
-    }
-
-    fn unregister_buffer(&mut self, buf: &[u8]) {
-        each!(self, c => c.unregister_buffer(buf))
     }
 }
 

@@ -22,11 +22,19 @@
 //!   on), the plaintext length as associated data, like TCP's records. The
 //!   receiver copies the record out of its ring *before* opening it, so a
 //!   forged RDMA WRITE racing the check cannot change what was verified.
-//! - **Plain channels** (`--ft-insecure`): a chunk inside memory registered
-//!   through [`Channel::register_buffer`] (a staging slab) is written
-//!   straight from it, without a copy; other bytes are copied into the
-//!   bounce slab. Sealing needs a copy anyway (the ciphertext goes
-//!   somewhere), so zero-copy applies to plain channels only.
+//! - **Plain channels** (`--ft-insecure`): [`Channel::send_checkpoint`]
+//!   registers the staging's slabs (`ibv_reg_mr`) the first time it sees
+//!   them, and again only when the slab cache changed ([`SlabSet`]: slabs
+//!   added are registered, and once slabs were freed every registration is
+//!   dropped and the survivors registered again, since a new slab may sit
+//!   where a freed one was). The checkpoint's pages and state are then
+//!   RDMA-written straight from the slabs, without a copy; its other bytes
+//!   (head, index, deltas, trailer) are copied into the bounce slab, as is
+//!   everything sent through [`Channel::send_chunks`]. Registrations are
+//!   only looked up by the send of the checkpoint they were checked
+//!   against, so a stale one is never used. Sealing needs a copy anyway
+//!   (the ciphertext goes somewhere), so a sealed channel registers
+//!   nothing and zero-copy applies to plain channels only.
 //!
 //! A send returns once every slab it wrote has completed locally (for RC:
 //! acknowledged by the peer's device), so the caller may reuse its buffers,
@@ -59,12 +67,13 @@ use super::flow::{RecvRing, SendRing};
 use super::keepalive::Keepalive;
 use super::mem::RegisteredBuf;
 use super::msg::{Ctl, RingAddress, SlotAddress, CTL_LEN};
-use super::registry::{InsertError, Registry};
+use super::registry::{InsertError, Registry, RegistryStats};
 use super::RdmaError;
 use crate::channel::Channel;
 use crate::handshake::SessionId;
 use crate::secure::{Cipher, Opener, Sealer, TAG_LEN};
 use crate::{FailureDetector, TransportError};
+use ftvmm_checkpoint::{CheckpointFrame, SlabSet, Staging};
 
 /// Send queue depth of the data queue pair.
 pub(crate) const SQ_DEPTH: u32 = 64;
@@ -321,7 +330,13 @@ struct Inner {
     bounce: RegisteredBuf,
     ctl: RegisteredBuf,
     slot: Arc<RegisteredBuf>,
+    /// The staging slabs registered now (plain channels).
     registry: Registry<Box<dyn Region>>,
+    /// The staging's slabs the registry was last brought up to date with.
+    slabs: Option<SlabSet>,
+    /// The send in progress may use the registry (a checkpoint's, right
+    /// after [`Inner::sync_slabs`]).
+    zero_copy: bool,
     peer_ring: RingAddress,
     peer_slot: SlotAddress,
     send: SendRing,
@@ -414,6 +429,8 @@ impl RdmaChannel {
             ctl: p.ctl,
             slot: Arc::new(p.slot),
             registry: Registry::default(),
+            slabs: None,
+            zero_copy: false,
             send: SendRing::new(p.peer_ring.slabs),
             recv: RecvRing::new(p.ring_slabs, p.ring_slab_bytes),
             peer_ring: p.peer_ring,
@@ -490,9 +507,16 @@ impl RdmaChannel {
         inner.ring.copy_in(off, &b);
     }
 
-    /// Buffers registered through [`Channel::register_buffer`] now.
+    /// Staging slabs registered now.
     pub fn registered_buffers(&self) -> usize {
         self.inner.as_ref().map_or(0, |i| i.registry.len())
+    }
+
+    /// Registration counters of the staging slabs.
+    pub fn registry_stats(&self) -> RegistryStats {
+        self.inner
+            .as_ref()
+            .map_or_else(RegistryStats::default, |i| i.registry.stats())
     }
 
     /// Starts the keepalive: our counter into the peer's slot every
@@ -818,7 +842,7 @@ impl Inner {
     fn add(&mut self, f: &mut Fill, piece: &[u8]) {
         let off = usize::from(f.slab) * self.peer_ring.slab_bytes as usize + f.len;
         f.len += piece.len();
-        if self.sealing.is_none() {
+        if self.zero_copy {
             let addr = piece.as_ptr() as usize;
             if let Some((region, _)) = self.registry.find(addr, piece.len()) {
                 let sge = Sge {
@@ -881,9 +905,9 @@ impl Inner {
         let mut remote = self.peer_ring.addr + off as u64;
         for group in self.sges.chunks(self.max_sge) {
             // SAFETY: every element lies in the bounce ring (alive as long
-            // as the channel) or in caller memory registered through
-            // register_buffer, which send_chunks keeps borrowed until this
-            // request completes (it waits for the slab's completion before
+            // as the channel) or in a staging slab registered by
+            // sync_slabs for this very checkpoint, which send_checkpoint
+            // keeps borrowed until this request completes (it waits for the slab's completion before
             // returning, and breaks the queue pair on any error first).
             unsafe {
                 sh.data.post_write(
@@ -1092,21 +1116,45 @@ impl Inner {
         Ok(())
     }
 
-    fn register(&mut self, buf: &[u8]) -> Result<(), TransportError> {
-        let (addr, len) = (buf.as_ptr() as usize, buf.len());
+    /// Brings the registry up to date with `staging`'s slabs (plain
+    /// channels only): slabs added since the last checkpoint are
+    /// registered; once slabs were freed, every registration is dropped
+    /// first. A failed registration (e.g. `RLIMIT_MEMLOCK`) is logged once
+    /// for this set of slabs, which then goes through the bounce ring.
+    fn sync_slabs(&mut self, staging: &Staging) {
+        let set = staging.slab_set();
+        if self.slabs == Some(set) {
+            return;
+        }
+        if !self.slabs.is_some_and(|old| set.extends(&old)) {
+            self.registry.clear();
+        }
+        self.slabs = Some(set);
         let provider = self.provider.clone();
-        let r = self.registry.insert_with(addr, len, || {
-            // SAFETY: Channel::register_buffer's contract: the owner calls
-            // unregister_buffer before freeing the memory, and sends wait
-            // for their requests before returning, so the registration
-            // never outlives the memory while the device may use it. The
-            // device only reads it (Access::Read).
-            unsafe { provider.register(addr as *mut u8, len, Access::Read) }
-        });
-        match r {
-            Ok(_) => Ok(()),
-            Err(InsertError::Register(source)) => Err(self.verb_err("register a buffer", source)),
-            Err(InsertError::Overlap(e)) => Err(TransportError::Rdma(RdmaError::Register(e))),
+        for buf in staging.slab_buffers() {
+            let (addr, len) = (buf.as_ptr() as usize, buf.len());
+            let r = self.registry.insert_with(addr, len, || {
+                // SAFETY: the slab stays allocated while its SlabSet holds
+                // (a staging frees slabs only under a new lineage), and
+                // this registration is only used by a send of a checkpoint
+                // of that same set (sync_slabs runs first, and drops every
+                // registration once the lineage changed), so the device
+                // never reads memory that was freed through it. It only
+                // reads (Access::Read).
+                unsafe { provider.register(addr as *mut u8, len, Access::Read) }
+            });
+            if let Err(e) = r {
+                let why = match e {
+                    InsertError::Register(e) => e.to_string(),
+                    InsertError::Overlap(e) => e.to_string(),
+                };
+                log::warn!(
+                    "cannot register a {len}-byte staging slab with the RDMA device ({why}): \
+                     checkpoints are copied through the bounce ring until the slab cache changes"
+                );
+                self.registry.clear();
+                return;
+            }
         }
     }
 }
@@ -1164,14 +1212,25 @@ impl Channel for RdmaChannel {
         self.peer
     }
 
-    fn register_buffer(&mut self, buf: &[u8]) -> Result<(), TransportError> {
-        self.owner()?.register(buf)
-    }
-
-    fn unregister_buffer(&mut self, buf: &[u8]) {
-        if let Some(inner) = self.inner.as_deref_mut() {
-            inner.registry.remove(buf.as_ptr() as usize, buf.len());
-        }
+    fn send_checkpoint(&mut self, frame: &CheckpointFrame<'_>) -> Result<u64, TransportError> {
+        let sent = self.with(|inner, sh, peer| {
+            if let Some(e) = inner.closed_for_send(sh, peer) {
+                return Err(e);
+            }
+            if inner.sealing.is_none() {
+                inner.sync_slabs(frame.staging());
+                inner.zero_copy = true;
+            }
+            let sent = inner.send_chunks(sh, peer, &mut frame.chunks());
+            inner.zero_copy = false;
+            sent.map_err(|e| inner.fail(sh, e))
+        });
+        sent.map_err(|source| TransportError::SendCheckpoint {
+            epoch: frame.epoch(),
+            generation: frame.generation(),
+            len: frame.len(),
+            source: Box::new(source),
+        })
     }
 }
 

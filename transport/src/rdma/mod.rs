@@ -8,8 +8,9 @@
 //! - [`channel`]: [`RdmaChannel`], the byte stream: RDMA WRITEs into the
 //!   peer's registered receive slabs, announced and credited with SENDs
 //!   ([`flow`]), sealed with the bootstrap's session keys on a keyed
-//!   channel, zero-copy from buffers registered through
-//!   [`crate::Channel::register_buffer`] ([`registry`]) on a plain one.
+//!   channel, zero-copy from the staging's slabs, registered by
+//!   `send_checkpoint` when the slab cache changes ([`registry`]), on a
+//!   plain one.
 //! - `keepalive`: a counter each side RDMA-writes into the other's
 //!   registered memory every heartbeat interval, judged into the same
 //!   [`crate::FailureDetector`] the TCP heartbeats feed.

@@ -1,18 +1,16 @@
-//! Registration bookkeeping for caller memory sent from without a copy.
+//! Registration bookkeeping for staging slabs sent from without a copy.
 //!
-//! [`crate::Channel::register_buffer`] tells the channel that a buffer (a
-//! staging slab) will be sent from many times; the RDMA channel registers
-//! it once (`ibv_reg_mr`) and keeps the registration here, keyed by
-//! address, until [`crate::Channel::unregister_buffer`] (which the owner
-//! calls before it frees the memory). A send then looks each chunk up: a
-//! chunk wholly inside a registered buffer becomes a scatter/gather element
-//! with that registration's lkey; anything else is copied into the
-//! channel's own registered bounce slab.
+//! A plain RDMA channel registers the slabs of the staging it sends
+//! checkpoints from (`ibv_reg_mr`) and keeps the registrations here, keyed
+//! by address (see `channel.rs`, "Data path"). A checkpoint's send then
+//! looks each chunk up: a chunk wholly inside a registered slab becomes a
+//! scatter/gather element with that registration's lkey; anything else is
+//! copied into the channel's own registered bounce slab.
 //!
 //! Staging slabs are long-lived (the head slab is permanent, the cache only
 //! grows or halves after several strikes), so registrations happen when the
-//! slab cache grows and deregistrations when it shrinks, never per
-//! checkpoint. The registry is generic over what a registration is, so this
+//! slab cache grows and are dropped when it shrinks, never per checkpoint.
+//! The registry is generic over what a registration is, so this
 //! bookkeeping is tested without a device.
 
 use std::collections::BTreeMap;
@@ -132,6 +130,12 @@ impl<R> Registry<R> {
             self.stats.misses += 1;
         }
         found
+    }
+
+    /// Removes (and so deregisters) every buffer.
+    pub fn clear(&mut self) {
+        self.stats.deregistered += self.regions.len() as u64;
+        self.regions.clear();
     }
 
     /// Buffers registered now.

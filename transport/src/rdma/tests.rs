@@ -4,12 +4,11 @@
 //! the keepalive, and the ends of a channel. Only [`super::verbs`] is not
 //! run (it needs a device).
 
-use std::io::Read;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ftvmm_checkpoint::{CheckpointFrame, Frame, FrameReader, Staging};
+use ftvmm_checkpoint::{CheckpointFrame, Frame, FrameReader, Staging, StagingConfig, PAGE_SIZE};
 
 use super::fabric::Provider;
 use super::soft::SoftProvider;
@@ -143,7 +142,13 @@ fn checkpoints_round_trip(security: Security) {
     assert!(ps.slabs_sent >= 3 * 20, "{ps:?}");
     assert_eq!(ps.bytes_sent, 3 * CheckpointFrame::new(&st, 1, 1).len());
     assert_eq!(ss.bytes_received, ps.bytes_sent);
-    assert_eq!(ps.zero_copy_bytes, 0, "nothing was registered");
+    // Plain: pages and state straight from the registered slabs (one
+    // registration each, made once); sealed: everything copied.
+    let staged = 3 * st.payload_len() as u64;
+    let plain = primary.cipher().is_none();
+    assert_eq!(ps.zero_copy_bytes, if plain { staged } else { 0 });
+    let slabs = if plain { st.slab_count() as u64 } else { 0 };
+    assert_eq!(rdma(&primary).registry_stats().registered, slabs);
     // Flow control kept a receive posted for every SEND.
     let soft = |c: &DataChannel| SoftProvider::stats(rdma(c).qpn());
     assert_eq!(soft(&primary).rnr, 0);
@@ -161,69 +166,151 @@ fn plain_checkpoints_and_acks_cross_the_fabric_and_decode() {
     checkpoints_round_trip(Security::Insecure);
 }
 
-#[test]
-fn a_plain_channel_sends_registered_memory_without_a_copy() {
-    let Pair {
-        mut primary,
-        mut standby,
-        _hbs,
-        ..
-    } = pair(Security::Insecure, small());
-    // Two "staging slabs" registered once; a chunk of unregistered memory.
-    let slabs = [pattern(100_000, 1), pattern(50_000, 2)];
-    for s in &slabs {
-        primary.register_buffer(s).unwrap();
-        primary.register_buffer(s).unwrap(); // a repeat does nothing
-    }
-    assert_eq!(rdma(&primary).registered_buffers(), 2);
-    let loose = pattern(3000, 3);
-    let expected = [&slabs[0][..], &loose, &slabs[1][10..]].concat();
-    let n = expected.len();
-    let reader = thread::spawn(move || {
-        let mut got = vec![0u8; n];
-        standby.set_read_timeout(Some(T)).unwrap();
-        standby.read_exact(&mut got).unwrap();
-        (standby, got)
-    });
-    for _ in 0..2 {
-        primary
-            .send_chunks(&mut [&slabs[0][..], &loose, &slabs[1][10..]].into_iter())
+/// Stages `pages` pages (contents from `seed`) and `state` state bytes.
+fn stage(st: &mut Staging, pages: usize, state: usize, seed: u64) {
+    let data = pattern(pages * PAGE_SIZE, seed);
+    let mut w = st.begin_epoch();
+    for (i, p) in data.chunks_exact(PAGE_SIZE).enumerate() {
+        w.stage_page(i as u64 * PAGE_SIZE as u64, p.try_into().unwrap())
             .unwrap();
     }
-    let (mut standby, got) = reader.join().unwrap();
-    assert!(got == expected);
-    let mut again = vec![0u8; n];
-    standby.read_exact(&mut again).unwrap();
-    assert!(again == expected);
-    let st = rdma(&primary).stats();
-    assert_eq!(st.zero_copy_bytes, 2 * (100_000 + 49_990));
-    assert_eq!(st.bounce_bytes, 2 * 3000);
-    // An overlapping registration is refused; the slabs go away cleanly.
-    let err = primary.register_buffer(&slabs[0][1..]).unwrap_err();
-    assert!(err.to_string().contains("overlaps"), "{err}");
-    for s in &slabs {
-        primary.unregister_buffer(s);
-    }
-    assert_eq!(rdma(&primary).registered_buffers(), 0);
+    w.stage_state(&pattern(state, seed + 1)).unwrap();
+    w.finish();
+}
+
+/// A receiver that decodes checkpoints and acks each with its epoch, until
+/// the channel ends; returns each checkpoint's pages and state.
+fn decoder(mut standby: DataChannel) -> thread::JoinHandle<Vec<(Vec<u8>, Vec<u8>)>> {
+    thread::spawn(move || {
+        let limits = receiver_limits(64);
+        let mut rst = Staging::new(limits.staging_config()).unwrap();
+        let mut reader = FrameReader::new(limits);
+        standby.set_read_timeout(Some(T)).unwrap();
+        let mut got = Vec::new();
+        while let Ok(Frame::Checkpoint(cp)) = reader.read_frame(&mut standby, &mut rst) {
+            let pages: Vec<u8> = cp.pages().flat_map(|(_, p)| p.to_vec()).collect();
+            let mut state = Vec::new();
+            cp.copy_state_into(&mut state);
+            got.push((pages, state));
+            standby.send_all(&cp.epoch().to_le_bytes()).unwrap();
+        }
+        got
+    })
+}
+
+/// Sends `st`'s checkpoint as `epoch` and waits for its ack.
+fn send_acked(primary: &mut DataChannel, st: &Staging, epoch: u64) {
+    let frame = CheckpointFrame::new(st, epoch, 1);
+    assert_eq!(primary.send_checkpoint(&frame).unwrap(), frame.len());
+    let mut ack = [0u8; 8];
+    primary.recv_exact(&mut ack).unwrap();
+    assert_eq!(u64::from_le_bytes(ack), epoch);
 }
 
 #[test]
-fn a_sealed_channel_copies_even_registered_memory() {
+fn a_plain_channel_sends_staging_slabs_without_a_copy() {
     let Pair {
         mut primary,
-        mut standby,
+        standby,
         _hbs,
-        ..
+        devices,
+    } = pair(Security::Insecure, small());
+    primary.set_read_timeout(Some(T)).unwrap();
+    let rx = decoder(standby);
+    // 4-page slabs, halved after one strike.
+    let mut st = Staging::new(StagingConfig {
+        slab_bytes: 4 * PAGE_SIZE,
+        strike_limit: 1,
+        max_pages: 64,
+        max_state_bytes: 1 << 20,
+    })
+    .unwrap();
+    let mut sent = Vec::new();
+    let mut expect = |st: &Staging| {
+        let pages: Vec<u8> = st.pages().flat_map(|(_, p)| p.to_vec()).collect();
+        let mut state = Vec::new();
+        st.copy_state_into(&mut state);
+        sent.push((pages, state));
+    };
+    let stats = |c: &DataChannel| (rdma(c).stats(), rdma(c).registry_stats());
+    let base = devices.0.registrations();
+
+    // 10 pages and 3000 state bytes: 3 slabs, registered at the first send,
+    // and every page and state byte written straight from them.
+    stage(&mut st, 10, 3000, 1);
+    expect(&st);
+    send_acked(&mut primary, &st, 1);
+    let (s1, r1) = stats(&primary);
+    assert_eq!((r1.registered, r1.deregistered), (3, 0));
+    assert_eq!(devices.0.registrations(), base + 3);
+    assert_eq!(s1.zero_copy_bytes, 10 * PAGE_SIZE as u64 + 3000);
+    // The same slabs again: nothing registered, nothing looked up twice.
+    stage(&mut st, 10, 3000, 2);
+    expect(&st);
+    send_acked(&mut primary, &st, 2);
+    let (s2, r2) = stats(&primary);
+    assert_eq!((r2.registered, r2.deregistered, r2.repeats), (3, 0, 0));
+    assert_eq!(s2.zero_copy_bytes - s1.zero_copy_bytes, s1.zero_copy_bytes);
+
+    // A burst grows the cache to 8 slabs: only the 5 new ones register.
+    stage(&mut st, 30, 100, 3);
+    assert_eq!(st.slab_count(), 8);
+    expect(&st);
+    send_acked(&mut primary, &st, 3);
+    let (_, r3) = stats(&primary);
+    assert_eq!((r3.registered, r3.deregistered), (8, 0));
+    assert_eq!(devices.0.registrations(), base + 8);
+
+    // A small checkpoint is a strike; trim halves the cache to 4 (a new
+    // lineage): every registration goes, the 4 survivors register again.
+    stage(&mut st, 1, 10, 4);
+    assert_eq!(st.trim(), 4);
+    expect(&st);
+    send_acked(&mut primary, &st, 4);
+    let (s4, r4) = stats(&primary);
+    assert_eq!((r4.registered, r4.deregistered), (12, 8));
+    assert_eq!(rdma(&primary).registered_buffers(), 4);
+    assert_eq!(devices.0.registrations(), base + 4);
+
+    // Bytes sent through send_chunks never use the registrations, even
+    // from inside a registered slab.
+    let slab = st.slab_buffers().next().unwrap().as_ptr();
+    // SAFETY: the head slab is 4 pages long and nothing writes it meanwhile.
+    let inside = unsafe { std::slice::from_raw_parts(slab, 100) };
+    let bounced = s4.bounce_bytes;
+    primary.send_all(inside).unwrap();
+    let (s5, _) = stats(&primary);
+    assert_eq!(s5.zero_copy_bytes, s4.zero_copy_bytes);
+    assert_eq!(s5.bounce_bytes - bounced, 100);
+
+    primary.shutdown().unwrap();
+    let got = rx.join().unwrap();
+    assert_eq!(got.len(), 4);
+    for (i, (g, e)) in got.iter().zip(&sent).enumerate() {
+        assert!(g == e, "checkpoint {}: received differs from sent", i + 1);
+    }
+}
+
+#[test]
+fn a_sealed_channel_registers_nothing_and_copies() {
+    let Pair {
+        mut primary,
+        standby,
+        _hbs,
+        devices,
     } = pair(key(), small());
-    let slab = pattern(200_000, 9);
-    primary.register_buffer(&slab).unwrap();
-    primary.send_all(&slab).unwrap();
-    let mut got = vec![0u8; slab.len()];
-    standby.set_read_timeout(Some(T)).unwrap();
-    standby.read_exact(&mut got).unwrap();
-    assert!(got == slab);
-    let st = rdma(&primary).stats();
-    assert_eq!((st.zero_copy_bytes, st.bounce_bytes), (0, 200_000));
+    primary.set_read_timeout(Some(T)).unwrap();
+    let base = devices.0.registrations();
+    let rx = decoder(standby);
+    let st = staged_checkpoint(50, 2000);
+    send_acked(&mut primary, &st, 1);
+    let st_stats = rdma(&primary).stats();
+    assert_eq!(st_stats.zero_copy_bytes, 0);
+    assert_eq!(st_stats.bounce_bytes, CheckpointFrame::new(&st, 1, 1).len());
+    assert_eq!(rdma(&primary).registry_stats().registered, 0);
+    assert_eq!(devices.0.registrations(), base);
+    primary.shutdown().unwrap();
+    assert_eq!(rx.join().unwrap().len(), 1);
 }
 
 #[test]
@@ -469,13 +556,18 @@ fn dropping_the_channels_releases_every_registration() {
         _hbs,
         devices,
     } = pair(Security::Insecure, small());
-    let slab = pattern(4096, 1);
-    primary.register_buffer(&slab).unwrap();
-    // Ring, control buffers, keepalive slot, bounce ring; plus the slab.
-    assert_eq!(devices.0.registrations(), 5);
+    primary.set_read_timeout(Some(T)).unwrap();
+    let rx = decoder(standby);
+    let st = staged_checkpoint(1, 10);
+    send_acked(&mut primary, &st, 1);
+    // Ring, control buffers, keepalive slot, bounce ring; plus the slabs.
+    assert_eq!(st.slab_count(), 2);
+    assert_eq!(devices.0.registrations(), 6);
     assert_eq!(devices.1.registrations(), 4);
     let clone = primary.try_clone().unwrap();
-    drop((primary, standby));
+    drop(primary);
+    // The standby's decoder sees the end and drops its channel.
+    assert_eq!(rx.join().unwrap().len(), 1);
     assert_eq!(devices.0.registrations(), 0);
     assert_eq!(devices.1.registrations(), 0);
     clone.shutdown().unwrap(); // a clone outliving its channel is harmless
