@@ -125,5 +125,8 @@ fn the_adaptive_controller_allocates_nothing() {
             });
         }
     });
-    assert_eq!(allocs, 0, "the controller allocated {allocs} times in 1000 epochs");
+    assert_eq!(
+        allocs, 0,
+        "the controller allocated {allocs} times in 1000 epochs"
+    );
 }
