@@ -946,20 +946,25 @@ fn adaptive(b: &Bench, o: &Opts) {
         o.adaptive_min, o.adaptive_max, o.budget
     );
     println!("medians of {} interleaved repetitions; epoch = median length in the window; output ≤ epoch +", o.reps);
-    println!("median ack (ms); speed = protected / unprotected hb/s; est = the controller's overhead estimate");
+    println!("median ack (ms); speed = protected / unprotected hb/s; est = the controller's overhead estimate;");
+    println!("/CPU: the same per CPU second of the vCPU thread (robust to other load on the host, blind to");
+    println!("the pause)");
     println!(
-        "{:<8} {:>7} | {:>12} {:>6} | {:>12} {:>6} | {:>6} {:>7} {:>12} {:>6} {:>6}",
+        "{:<8} {:>7} | {:>12} {:>6} {:>5} | {:>12} {:>6} {:>5} | {:>6} {:>7} {:>12} {:>6} {:>6} {:>5}",
         "workload",
         "unprot",
         "25: output",
         "speed",
+        "/CPU",
         "100: output",
         "speed",
+        "/CPU",
         "epoch",
         "ack ms",
         "adapt output",
         "est",
-        "speed"
+        "speed",
+        "/CPU"
     );
     for (name, reps) in &rows {
         let col = |k: usize, f: fn(&Run) -> f64| {
@@ -973,20 +978,31 @@ fn adaptive(b: &Bench, o: &Opts) {
                     .collect::<Vec<_>>(),
             ) * 100.0
         };
+        let cpu = |k: usize| {
+            median(
+                &reps
+                    .iter()
+                    .map(|r| r[k].hb_cpu / r[0].hb_cpu)
+                    .collect::<Vec<_>>(),
+            ) * 100.0
+        };
         let output = |k: usize| col(k, |r| r.epoch_ms) + col(k, |r| r.ack_us) / 1e3;
         println!(
-            "{:<8} {:>7.1} | {:>9.1} ms {:>5.0}% | {:>9.1} ms {:>5.0}% | {:>6.0} {:>7.1} {:>9.1} ms {:>5.1}% {:>5.0}%",
+            "{:<8} {:>7.1} | {:>9.1} ms {:>5.0}% {:>4.0}% | {:>9.1} ms {:>5.0}% {:>4.0}% | {:>6.0} {:>7.1} {:>9.1} ms {:>5.1}% {:>5.0}% {:>4.0}%",
             name,
             col(0, |r| r.hb_s),
             output(1),
             speed(1),
+            cpu(1),
             output(2),
             speed(2),
+            cpu(2),
             col(3, |r| r.epoch_ms),
             col(3, |r| r.ack_us) / 1e3,
             output(3),
             col(3, |r| r.estimate_pct),
             speed(3),
+            cpu(3),
         );
     }
     println!("workloads:");
