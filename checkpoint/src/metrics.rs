@@ -57,6 +57,15 @@ pub struct EpochMetrics {
     /// Dirty pages sent as a delta against the standby's copy.
     #[serde(default)]
     pub delta_pages: u64,
+    /// The epoch's length as chosen (the interval it ran under), µs: fixed,
+    /// or picked by the adaptive mode.
+    #[serde(default)]
+    pub interval_us: u64,
+    /// Adaptive mode: the guest's protection overhead as estimated after
+    /// this epoch (the controller's mean), parts per million of its time;
+    /// 0 in fixed mode.
+    #[serde(default)]
+    pub overhead_ppm: u64,
 }
 
 impl EpochMetrics {
@@ -230,6 +239,7 @@ pub struct Summary {
     ack_latency_us: Histogram,
     dirty_pages: Histogram,
     bytes_sent: Histogram,
+    interval_us: Histogram,
     last_epoch: u64,
     total_dirty: DirtyCounts,
     total_bytes_sent: u64,
@@ -257,6 +267,9 @@ pub struct SummaryReport {
     pub dirty_pages: FieldSummary,
     /// Bytes sent per epoch.
     pub bytes_sent: FieldSummary,
+    /// Epoch length as chosen, µs.
+    #[serde(default)]
+    pub interval_us: FieldSummary,
     /// Dirty pages over the run reported by KVM only.
     pub total_dirty_vcpu: u64,
     /// Dirty pages over the run reported by the VMM bitmap only.
@@ -305,6 +318,7 @@ impl Summary {
         self.ack_latency_us.record(m.ack_latency_us);
         self.dirty_pages.record(m.dirty_total());
         self.bytes_sent.record(m.bytes_sent);
+        self.interval_us.record(m.interval_us);
         self.last_epoch = m.epoch;
         self.total_dirty.add(DirtyCounts {
             vcpu_only: m.dirty_vcpu,
@@ -339,6 +353,7 @@ impl Summary {
             ack_latency_us: self.ack_latency_us.summarize(),
             dirty_pages: self.dirty_pages.summarize(),
             bytes_sent: self.bytes_sent.summarize(),
+            interval_us: self.interval_us.summarize(),
             total_dirty_vcpu: self.total_dirty.vcpu_only,
             total_dirty_vmm: self.total_dirty.vmm_only,
             total_dirty_both: self.total_dirty.both,

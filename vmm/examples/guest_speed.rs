@@ -30,6 +30,16 @@
 //!    in full; a guest that waits (`round_us`) hides part of the faults in
 //!    its waits, so for such guests the model is below the measured floor.
 //!
+//! 3. Adaptive epochs (`--adaptive`, or `--adaptive-only` to skip parts 1
+//!    and 2): per workload, interleaved, unprotected against protected with
+//!    fixed 25 and 100 ms epochs and with `--ft-adaptive` (minimum
+//!    `--adaptive-min`, default 25; maximum `--adaptive-max`, default 200;
+//!    budget `--budget`, default 10 %), measured once its length has
+//!    settled. Printed: the length it picked (median over the window), the
+//!    median ack latency, the output delay that gives (an output waits at
+//!    most one epoch, then the pause and the ack: epoch + ack), the
+//!    controller's estimate of the overhead, and the guest's speed.
+//!
 //! Needs /dev/kvm. `cargo run --release -p ftvmm --example guest_speed`
 //! (builds `target/release/ftvmm` first; `FTVMM_BIN` overrides the binary).
 //! Options: `--workloads a,b` (names below), `--intervals 25,100`,
@@ -312,6 +322,10 @@ struct Run {
     /// CPU the checkpointing took besides the vCPU, in cores (protected:
     /// the primary's other threads and the standby).
     ft_cpu: f64,
+    /// Median epoch length in the window, ms (protected).
+    epoch_ms: f64,
+    /// Median overhead the adaptive controller estimated, % (protected).
+    estimate_pct: f64,
 }
 
 /// An `ftvmm` binary and extra options for its `run`.
@@ -350,6 +364,8 @@ const SKIPPED: Run = Run {
     dirty: f64::NAN,
     ack_us: f64::NAN,
     ft_cpu: f64::NAN,
+    epoch_ms: f64::NAN,
+    estimate_pct: f64::NAN,
 };
 
 impl Bench {
@@ -393,6 +409,18 @@ impl Bench {
     /// `ftvmm run --ft-peer` with a standby on loopback (both `build`'s
     /// binary), epochs of `ms`.
     fn protected(&self, build: Option<&Build>, cmdline: &str, ms: u64) -> Run {
+        self.protected_with(build, cmdline, ms, &[])
+    }
+
+    /// [`Bench::protected`] with `more` options for the primary; with
+    /// `--ft-adaptive` among them, measured once the length has settled.
+    fn protected_with(
+        &self,
+        build: Option<&Build>,
+        cmdline: &str,
+        ms: u64,
+        more: &[String],
+    ) -> Run {
         let Some(build) = build.filter(|_| self.on("protected")) else {
             return SKIPPED;
         };
@@ -439,13 +467,30 @@ impl Bench {
             &metrics.display().to_string(),
         ]
         .map(String::from);
-        let args = [&args[..], &build.extra].concat();
+        let args = [&args[..], more, &build.extra].concat();
         let mut primary = self.spawn(&build.bin, "primary", &args);
         let mut beats = Beats::new(&console, primary.child.id());
         let epochs = || read_metrics(&metrics);
         wait_for(&mut beats, Duration::from_secs(60), |b| {
             b.poll().is_some() && !epochs().is_empty()
         });
+        if more.iter().any(|a| a == "--ft-adaptive") {
+            // Settled: the last 8 epochs at one length (or 20 s).
+            let end = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < end {
+                check_interrupt();
+                let e = epochs();
+                let n = e.len();
+                if n >= 16
+                    && e[n - 8..]
+                        .iter()
+                        .all(|m| m.interval_us == e[n - 1].interval_us)
+                {
+                    break;
+                }
+                std::thread::sleep(TICK);
+            }
+        }
         let first = epochs().len();
         let (pids, t0) = ([primary.child.id(), standby.child.id()], Instant::now());
         let cpu0 = pids.map(process_cpu);
@@ -466,6 +511,8 @@ impl Bench {
             pause_us: col(|m| m.pause_us),
             dirty: col(EpochMetrics::dirty_total),
             ack_us: col(|m| m.ack_latency_us),
+            epoch_ms: col(|m| m.interval_us) / 1e3,
+            estimate_pct: col(|m| m.overhead_ppm) / 1e4,
             // The primary's threads but its vCPU, and the standby.
             ft_cpu: (cpu1[0] - cpu0[0]) / wall - run.run_share + (cpu1[1] - cpu0[1]) / wall,
             ..run
@@ -862,6 +909,108 @@ fn guest_speed(b: &Bench, o: &Opts, c: f64) {
     }
 }
 
+/// Part 3: adaptive epochs against fixed 25 and 100 ms, interleaved.
+fn adaptive(b: &Bench, o: &Opts) {
+    let new = Some(&b.new);
+    let workloads: Vec<_> = WORKLOADS
+        .iter()
+        .filter(|w| o.workloads.contains(&w.0))
+        .collect();
+    let adaptive_args: Vec<String> = [
+        "--ft-adaptive".to_string(),
+        "--ft-max-interval-ms".into(),
+        o.adaptive_max.to_string(),
+        "--ft-overhead-pct".into(),
+        o.budget.to_string(),
+    ]
+    .into();
+    // Per workload: (reference, fixed 25, fixed 100, adaptive) per repetition.
+    let mut rows: Vec<(&str, Vec<[Run; 4]>)> = Vec::new();
+    for rep in 0..o.reps {
+        for &&(name, cmdline) in &workloads {
+            eprintln!("adaptive, repetition {} of {}: {name}", rep + 1, o.reps);
+            let before = b.unprotected(new, cmdline);
+            let f25 = b.protected(new, cmdline, 25);
+            let ad = b.protected_with(new, cmdline, o.adaptive_min, &adaptive_args);
+            let f100 = b.protected(new, cmdline, 100);
+            let after = b.unprotected(new, cmdline);
+            let runs = [mean_run(&before, &after), f25, f100, ad];
+            match rows.iter_mut().find(|r| r.0 == name) {
+                Some(r) => r.1.push(runs),
+                None => rows.push((name, vec![runs])),
+            }
+        }
+    }
+    println!(
+        "\n## 3. Adaptive epochs (--ft-adaptive, {} to {} ms, budget {} %) against fixed 25 and 100 ms",
+        o.adaptive_min, o.adaptive_max, o.budget
+    );
+    println!("medians of {} interleaved repetitions; epoch = median length in the window; output ≤ epoch +", o.reps);
+    println!("median ack (ms); speed = protected / unprotected hb/s; est = the controller's overhead estimate;");
+    println!("/CPU: the same per CPU second of the vCPU thread (robust to other load on the host, blind to");
+    println!("the pause)");
+    println!(
+        "{:<8} {:>7} | {:>12} {:>6} {:>5} | {:>12} {:>6} {:>5} | {:>6} {:>7} {:>12} {:>6} {:>6} {:>5}",
+        "workload",
+        "unprot",
+        "25: output",
+        "speed",
+        "/CPU",
+        "100: output",
+        "speed",
+        "/CPU",
+        "epoch",
+        "ack ms",
+        "adapt output",
+        "est",
+        "speed",
+        "/CPU"
+    );
+    for (name, reps) in &rows {
+        let col = |k: usize, f: fn(&Run) -> f64| {
+            median(&reps.iter().map(|r| f(&r[k])).collect::<Vec<_>>())
+        };
+        let speed = |k: usize| {
+            median(
+                &reps
+                    .iter()
+                    .map(|r| r[k].hb_s / r[0].hb_s)
+                    .collect::<Vec<_>>(),
+            ) * 100.0
+        };
+        let cpu = |k: usize| {
+            median(
+                &reps
+                    .iter()
+                    .map(|r| r[k].hb_cpu / r[0].hb_cpu)
+                    .collect::<Vec<_>>(),
+            ) * 100.0
+        };
+        let output = |k: usize| col(k, |r| r.epoch_ms) + col(k, |r| r.ack_us) / 1e3;
+        println!(
+            "{:<8} {:>7.1} | {:>9.1} ms {:>5.0}% {:>4.0}% | {:>9.1} ms {:>5.0}% {:>4.0}% | {:>6.0} {:>7.1} {:>9.1} ms {:>5.1}% {:>5.0}% {:>4.0}%",
+            name,
+            col(0, |r| r.hb_s),
+            output(1),
+            speed(1),
+            cpu(1),
+            output(2),
+            speed(2),
+            cpu(2),
+            col(3, |r| r.epoch_ms),
+            col(3, |r| r.ack_us) / 1e3,
+            output(3),
+            col(3, |r| r.estimate_pct),
+            speed(3),
+            cpu(3),
+        );
+    }
+    println!("workloads:");
+    for &&(name, cmdline) in &workloads {
+        println!("  {name:<8} {cmdline}");
+    }
+}
+
 // ------------------------------------------------------------ main
 
 struct Opts {
@@ -875,6 +1024,11 @@ struct Opts {
     modes: Vec<String>,
     baseline: Option<PathBuf>,
     baseline_args: Vec<String>,
+    /// Part 3, and its settings.
+    adaptive: bool,
+    adaptive_min: u64,
+    adaptive_max: u64,
+    budget: f64,
 }
 
 fn parse_args() -> Opts {
@@ -888,6 +1042,10 @@ fn parse_args() -> Opts {
         modes: vec!["unprotected".into(), "local".into(), "protected".into()],
         baseline: None,
         baseline_args: Vec::new(),
+        adaptive: false,
+        adaptive_min: 25,
+        adaptive_max: 200,
+        budget: 10.0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -920,6 +1078,15 @@ fn parse_args() -> Opts {
             }
             "--modes" => o.modes = value().split(',').map(String::from).collect(),
             "--skip-faults" => o.faults = false,
+            "--adaptive" => o.adaptive = true,
+            "--adaptive-only" => {
+                o.adaptive = true;
+                o.faults = false;
+                o.speed = false;
+            }
+            "--adaptive-min" => o.adaptive_min = value().parse().expect("--adaptive-min ms"),
+            "--adaptive-max" => o.adaptive_max = value().parse().expect("--adaptive-max ms"),
+            "--budget" => o.budget = value().parse().expect("--budget percent"),
             "--faults-only" => o.speed = false,
             // `cargo bench`-style flags are ignored.
             _ if a.starts_with("--") => {}
@@ -966,13 +1133,18 @@ fn main() {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let c = if o.faults {
-        fault_cost(&b, o.reps)
-    } else {
-        println!("(part 1 skipped: the model below assumes {ASSUMED_FAULT_US} µs per fault)");
-        ASSUMED_FAULT_US
-    };
-    if o.speed {
-        guest_speed(&b, &o, c);
+    if o.faults || o.speed {
+        let c = if o.faults {
+            fault_cost(&b, o.reps)
+        } else {
+            println!("(part 1 skipped: the model below assumes {ASSUMED_FAULT_US} µs per fault)");
+            ASSUMED_FAULT_US
+        };
+        if o.speed {
+            guest_speed(&b, &o, c);
+        }
+    }
+    if o.adaptive {
+        adaptive(&b, &o);
     }
 }

@@ -24,6 +24,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up and consumed: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot and run a VM, protected by a standby with --ft-peer.
@@ -162,9 +164,28 @@ struct FtArgs {
     /// Protect the VM: stream checkpoints to the standby at HOST:PORT.
     #[arg(long, value_name = "HOST:PORT")]
     ft_peer: Option<String>,
-    /// Epoch length in milliseconds.
+    /// Epoch length in milliseconds (with --ft-adaptive: the shortest, and
+    /// the first).
     #[arg(long, value_name = "N", default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     ft_interval_ms: u64,
+    /// Adaptive epochs: the shortest length from --ft-interval-ms up to
+    /// --ft-max-interval-ms whose estimated guest overhead (pause plus a
+    /// write fault per dirty page, over the epoch) stays within
+    /// --ft-overhead-pct.
+    #[arg(long)]
+    ft_adaptive: bool,
+    /// With --ft-adaptive: the longest epoch in milliseconds (it bounds the
+    /// output latency); default 200, or --ft-interval-ms if longer.
+    #[arg(long, value_name = "M", requires = "ft_adaptive", value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    ft_max_interval_ms: Option<u64>,
+    /// With --ft-adaptive: the guest's overhead budget, percent of its time.
+    #[arg(long, value_name = "PCT", requires = "ft_adaptive", default_value_t = ftvmm::ft::adaptive::DEFAULT_BUDGET_PCT)]
+    ft_overhead_pct: f64,
+    /// With --ft-adaptive: this host's cost of one write-protect fault, µs
+    /// (measure it with `cargo run --release -p ftvmm --example guest_speed
+    /// -- --faults-only`); default 21 on a PVM host, 1 on hardware KVM.
+    #[arg(long, value_name = "US", requires = "ft_adaptive")]
+    ft_fault_us: Option<f64>,
     /// Network output commit backend: vmm (frames held in the VMM per
     /// epoch), plug (held by the kernel's sch_plug qdisc on an IFB; needs
     /// CONFIG_NET_SCH_PLUG) or none (nothing held: tests only).
@@ -333,10 +354,35 @@ fn ft_options(ft: FtArgs) -> Result<(Option<String>, FtOptions), CliError> {
     if ft.ft_peer.is_some() && security.is_none() {
         return Err(CliError::NeedKey("a protected run (--ft-peer)"));
     }
+    let adaptive = if ft.ft_adaptive {
+        use ftvmm::ft::adaptive::{self, AdaptiveConfig, FaultCostSource};
+        let min = Duration::from_millis(ft.ft_interval_ms);
+        let max = ft
+            .ft_max_interval_ms
+            .map(Duration::from_millis)
+            .unwrap_or(adaptive::DEFAULT_MAX.max(min));
+        let (cost, source) = match ft.ft_fault_us {
+            Some(us) if (0.0..=10_000.0).contains(&us) => {
+                (Duration::from_secs_f64(us / 1e6), FaultCostSource::Given)
+            }
+            Some(us) => return Err(CliError::FaultCost(us)),
+            None => adaptive::default_fault_cost(),
+        };
+        Some(AdaptiveConfig::new(
+            min,
+            max,
+            ft.ft_overhead_pct,
+            cost,
+            source,
+        )?)
+    } else {
+        None
+    };
     let opts = FtOptions {
         security,
         peer: ft.ft_peer.clone().unwrap_or_default(),
         interval: Duration::from_millis(ft.ft_interval_ms),
+        adaptive,
         heartbeat: Duration::from_millis(ft.heartbeat_ms),
         generation: ft.ft_generation,
         metrics_path: ft.ft_metrics,
@@ -485,6 +531,12 @@ enum CliError {
     /// The guest ended in error (a triple fault, an unexpected exit).
     #[error("{0}")]
     Guest(ftvmm::vcpu::VmExit),
+    /// A bad adaptive setting.
+    #[error(transparent)]
+    Adaptive(#[from] ftvmm::ft::adaptive::AdaptiveError),
+    /// `--ft-fault-us` not a cost in µs.
+    #[error("--ft-fault-us {0} is out of range (0 to 10000 µs)")]
+    FaultCost(f64),
     /// `ctl set interval-ms` with a word that is not a number.
     #[error("set interval-ms: '{0}' is not a number")]
     NotANumber(String),
@@ -554,9 +606,20 @@ fn main() -> ExitCode {
                 print!("{e}");
                 return ExitCode::SUCCESS;
             }
-            // One clear line: clap's first line, without its usage block.
+            // One clear line: clap's first paragraph (a missing argument's
+            // name is on the lines after the first), without its usage block.
             let text = e.to_string();
-            let line = text.lines().next().unwrap_or("invalid arguments");
+            let line = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(" ");
+            let line = if line.is_empty() {
+                "invalid arguments"
+            } else {
+                &line
+            };
             eprintln!("ftvmm: {}", line.trim_start_matches("error: "));
             return ExitCode::from(2);
         }

@@ -107,3 +107,26 @@ fn an_idle_epoch_allocates_nothing() {
     vm.stop();
     assert_eq!(total, 0, "20 idle epochs made {total} heap allocations");
 }
+
+#[test]
+fn the_adaptive_controller_allocates_nothing() {
+    use ftvmm::ft::adaptive::{AdaptiveConfig, Controller, EpochSample, FaultCostSource};
+    let ms = Duration::from_millis(1);
+    let cfg = AdaptiveConfig::new(ms * 20, ms * 200, 10.0, ms / 50, FaultCostSource::Given)
+        .expect("settings");
+    let mut c = Controller::new(cfg);
+    let ((), allocs) = counted(|| {
+        for i in 0..1000u64 {
+            let length = c.interval();
+            c.observe(&EpochSample {
+                length,
+                pause: Duration::from_micros(300 + i % 7 * 100),
+                dirty_pages: (i / 100 % 3) * 1000,
+            });
+        }
+    });
+    assert_eq!(
+        allocs, 0,
+        "the controller allocated {allocs} times in 1000 epochs"
+    );
+}

@@ -54,9 +54,16 @@ pub struct DemoArgs {
     /// SIGKILL the primary this many seconds after its first checkpoint.
     #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub kill_after_secs: u64,
-    /// Epoch length in milliseconds.
+    /// Epoch length in milliseconds (with --adaptive: the shortest).
     #[arg(long, value_name = "N", default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub interval_ms: u64,
+    /// Adaptive epochs (the primary's --ft-adaptive, default budget): from
+    /// --interval-ms up to --max-interval-ms.
+    #[arg(long)]
+    pub adaptive: bool,
+    /// With --adaptive: the longest epoch in milliseconds.
+    #[arg(long, value_name = "M", default_value_t = 200, requires = "adaptive", value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub max_interval_ms: u64,
     /// Pages the test guest dirties per round.
     #[arg(long, value_name = "N", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=16_384))]
     pub dirty: u64,
@@ -70,6 +77,21 @@ pub struct DemoArgs {
     /// Run the primary and the standby without seccomp filters (debugging).
     #[arg(long)]
     pub no_seccomp: bool,
+}
+
+impl DemoArgs {
+    /// The epochs, in words: "25 ms" or "adaptive 25 to 200 ms".
+    pub fn epochs_text(&self) -> String {
+        if self.adaptive {
+            format!(
+                "adaptive {} to {} ms",
+                self.interval_ms,
+                self.max_interval_ms.max(self.interval_ms)
+            )
+        } else {
+            format!("{} ms", self.interval_ms)
+        }
+    }
 }
 
 /// Runs the demo; prints as it goes.

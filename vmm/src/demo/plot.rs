@@ -26,8 +26,8 @@ pub struct PlotInfo {
     pub kill_epoch: u64,
     /// From the kill to the guest running on the standby.
     pub takeover_ms: f64,
-    /// The epoch length.
-    pub interval_ms: u64,
+    /// The epochs, in words ("25 ms", "adaptive 25 to 200 ms").
+    pub epochs: String,
     /// The guest's dirty pages per round.
     pub dirty: u64,
 }
@@ -46,8 +46,8 @@ pub fn plot_svg(epochs: &[EpochMetrics], info: &PlotInfo) -> String {
         r#"<text x="{}" y="24" text-anchor="middle" font-size="16">{}</text>"#,
         W / 2.0,
         esc(&format!(
-            "ftvmm demo: per-epoch pause and dirty pages ({} ms epochs, dirty={} pages per round)",
-            info.interval_ms, info.dirty
+            "ftvmm demo: per-epoch pause and dirty pages ({} epochs, dirty={} pages per round)",
+            info.epochs, info.dirty
         ))
     );
     frame.axes(&mut s);
@@ -296,7 +296,7 @@ mod tests {
         let info = PlotInfo {
             kill_epoch: 51,
             takeover_ms: 3.5,
-            interval_ms: 25,
+            epochs: "25 ms".into(),
             dirty: 512,
         };
         let svg = plot_svg(&epochs, &info);

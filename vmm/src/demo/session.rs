@@ -107,10 +107,10 @@ impl<'a> Demo<'a> {
     /// Runs it all; prints as it goes.
     pub fn run(&mut self) -> Result<(), DemoError> {
         println!(
-            "ftvmm demo: a primary and a standby on this machine, the test guest \"{}\" with a disk of {} MiB, {} ms epochs",
+            "ftvmm demo: a primary and a standby on this machine, the test guest \"{}\" with a disk of {} MiB, {} epochs",
             self.cmdline,
             IMAGE_BYTES >> 20,
-            self.args.interval_ms
+            self.args.epochs_text()
         );
         println!(
             "files (disk images, consoles, metrics, logs, plot): {}",
@@ -204,6 +204,16 @@ impl<'a> Demo<'a> {
             "--ft-key".into(),
             self.path(KEY_FILE).display().to_string(),
         ];
+        if self.args.adaptive {
+            args.extend([
+                "--ft-adaptive".to_string(),
+                "--ft-max-interval-ms".into(),
+                self.args
+                    .max_interval_ms
+                    .max(self.args.interval_ms)
+                    .to_string(),
+            ]);
+        }
         if self.args.no_seccomp {
             args.push("--no-seccomp".into());
         }
@@ -356,14 +366,14 @@ impl<'a> Demo<'a> {
         println!();
         print!(
             "{}",
-            summary_table(&view.epochs, takeover, self.args.interval_ms)
+            summary_table(&view.epochs, takeover, &self.args.epochs_text())
         );
         println!("{}", speed_line(self.protected_rate, self.unprotected_rate));
         let plot = self.path("epochs.svg");
         let info = PlotInfo {
             kill_epoch: view.last_epoch() + 1,
             takeover_ms: ms(takeover.running_after_kill),
-            interval_ms: self.args.interval_ms,
+            epochs: self.args.epochs_text(),
             dirty: self.args.dirty,
         };
         std::fs::write(&plot, plot_svg(&view.epochs, &info)).map_err(|source| DemoError::File {

@@ -34,12 +34,12 @@ type Field = fn(&EpochMetrics) -> u64;
 
 /// The table: epochs, bytes sent, min / median / p99 / max of the per-epoch
 /// figures, the disk writes replicated in all, and the takeover.
-pub fn summary_table(epochs: &[EpochMetrics], t: &Takeover, interval_ms: u64) -> String {
+pub fn summary_table(epochs: &[EpochMetrics], t: &Takeover, epochs_text: &str) -> String {
     let sent: u64 = epochs.iter().map(|m| m.bytes_sent).sum();
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "summary: {} epochs of {interval_ms} ms on the primary, {:.1} MB sent to the standby",
+        "summary: {} epochs of {epochs_text} on the primary, {:.1} MB sent to the standby",
         epochs.len(),
         sent as f64 / 1e6
     );
@@ -48,13 +48,18 @@ pub fn summary_table(epochs: &[EpochMetrics], t: &Takeover, interval_ms: u64) ->
         "  {:<24} {:>9} {:>9} {:>9} {:>9}",
         "", "min", "median", "p99", "max"
     );
+    // The epoch length's row where it varied (adaptive epochs).
+    let varied = epochs
+        .windows(2)
+        .any(|w| w[0].interval_us != w[1].interval_us);
+    let length: [(&str, Field); 1] = [("epoch length ms", |m| m.interval_us / 1000)];
     let rows: [(&str, Field); 4] = [
         ("pause µs", |m| m.pause_us),
         ("dirty pages / epoch", EpochMetrics::dirty_total),
         ("transfer µs", |m| m.transfer_us),
         ("ack latency µs", |m| m.ack_latency_us),
     ];
-    for (name, field) in rows {
+    for &(name, field) in length.iter().filter(|_| varied).chain(&rows) {
         let v = sorted(epochs.iter().map(field));
         let _ = writeln!(
             s,
@@ -151,7 +156,7 @@ mod tests {
             first_hb: 100,
             primary_gone: None,
         };
-        let s = summary_table(&epochs, &t, 25);
+        let s = summary_table(&epochs, &t, "25 ms");
         assert!(s.starts_with("summary: 10 epochs of 25 ms on the primary, 10.0 MB sent"));
         assert!(
             s.contains("  sent: 24.4 % of dirty page bytes (10.0 MB for 41.0 MB of dirty pages; 0 zero and 9000 delta pages)"),
@@ -176,6 +181,21 @@ mod tests {
         assert!(s.contains("9.0 ms to the guest running, 17.0 ms to its first heartbeat"));
         assert!(
             s.contains("  pause µs                       100       500      1000      1000"),
+            "{s}"
+        );
+        assert!(!s.contains("epoch length ms"), "fixed epochs: {s}");
+        // Adaptive epochs: the lengths' row.
+        let varied: Vec<EpochMetrics> = epochs
+            .iter()
+            .map(|m| EpochMetrics {
+                interval_us: 25_000 * m.epoch.min(4),
+                ..*m
+            })
+            .collect();
+        let s = summary_table(&varied, &t, "adaptive 25 to 200 ms");
+        assert!(s.starts_with("summary: 10 epochs of adaptive 25 to 200 ms on the primary"));
+        assert!(
+            s.contains("  epoch length ms                 25       100       100       100"),
             "{s}"
         );
     }

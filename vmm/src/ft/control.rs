@@ -32,6 +32,17 @@ impl Runner {
             "generation": self.ft.generation,
             "epoch": self.epoch,
             "interval_ms": self.ft.interval.as_millis() as u64,
+            "adaptive": self.adaptive.as_ref().map(|a| {
+                let c = a.config();
+                serde_json::json!({
+                    "min_ms": c.min.as_millis() as u64,
+                    "max_ms": c.max.as_millis() as u64,
+                    "budget_pct": c.budget * 100.0,
+                    "fault_us": c.fault_cost.as_secs_f64() * 1e6,
+                    "fault_cost_from": c.fault_source.as_str(),
+                    "overhead_pct": a.estimate() * 100.0,
+                })
+            }),
             "paused": self.user_paused,
             "mem_bytes": self.shape.mem_bytes,
             "vcpus": self.shape.vcpus,
@@ -88,7 +99,9 @@ impl Runner {
             }
             Request::Protect { peer } => self.handle_protect(&peer),
             Request::SetIntervalMs { ms } if (1..=60_000).contains(&ms) => {
+                // The operator's fixed length: adaptive mode ends.
                 self.ft.interval = Duration::from_millis(ms);
+                self.adaptive = None;
                 Response::ok(self.status())
             }
             Request::SetIntervalMs { ms } => {

@@ -61,6 +61,7 @@ pub fn run_local(config: &VmConfig, ft: &FtOptions) -> Result<VmExit, FtError> {
             bytes_staged: c.stats.payload_bytes as u64,
             held_bytes: c.held.bytes,
             slabs: c.stats.slabs_used as u64,
+            interval_us: ft.interval.as_micros() as u64,
             ..EpochMetrics::default()
         });
         next = started + ft.interval;

@@ -61,11 +61,14 @@ impl MetricsLog {
             .map_or_else(|| "-".to_string(), |p| format!("{p:.1}"));
         log::info!(
             target: crate::REPORT,
-            "{side}: {} epochs; pause µs median {} p99 {} max {}; dirty pages median {} max {}; \
+            "{side}: {} epochs of {} ms (median; {} to {}); pause µs median {} p99 {} max {}; dirty pages median {} max {}; \
              transfer µs median {}; ack latency µs median {} p99 {}; {} MiB sent \
              (sent: {sent} % of dirty page bytes; {} zero and {} delta pages); \
              disk: {} writes, {} MiB, {} flushes replicated",
             r.epochs,
+            ms(r.interval_us.median),
+            ms(r.interval_us.min),
+            ms(r.interval_us.max),
             r.pause_us.median,
             r.pause_us.p99,
             r.pause_us.max,
@@ -82,6 +85,11 @@ impl MetricsLog {
             r.total_disk_flushes
         );
     }
+}
+
+/// µs as ms, one decimal.
+fn ms(us: u64) -> String {
+    format!("{:.1}", us as f64 / 1e3)
 }
 
 /// The netbuf's line of the run summary, with the held-time histogram.

@@ -12,9 +12,11 @@
 //! - [`standby`]: receives, verifies and applies checkpoints, and takes over.
 //! - [`console`]: output commit of the serial console (the network's is in
 //!   the netbuf crate; both drive the same `OutputCommit`).
+//! - [`adaptive`]: the adaptive epoch length's controller.
 //! - [`metrics`], [`fault`] (fault injection for the tests), [`error`];
 //!   [`local`], epochs without a standby (a benchmark's floor).
 
+pub mod adaptive;
 pub mod arbiter;
 pub mod console;
 pub mod control;
@@ -47,8 +49,11 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(25);
 pub struct FtOptions {
     /// The standby's address.
     pub peer: String,
-    /// Epoch length.
+    /// Epoch length (in adaptive mode: the current one, first the minimum).
     pub interval: Duration,
+    /// Adaptive epochs (`--ft-adaptive`): the length varies between
+    /// `interval` and a maximum to keep the guest's overhead in a budget.
+    pub adaptive: Option<adaptive::AdaptiveConfig>,
     /// Heartbeat interval.
     pub heartbeat: Duration,
     /// Protection generation (fencing, I5).

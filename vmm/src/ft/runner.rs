@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use ftvmm_checkpoint::{CheckpointFrame, DiskSync, EpochMetrics, GuestShape};
 use ftvmm_netbuf::{NetOutput, OutputCommit, Outputs};
 
+use super::adaptive::{Controller, EpochSample};
 use super::arbiter::{Arbiter, Claim, RETRY};
 use super::console::HeldOutput;
 use super::engine::{Capture, Engine, PrecopyReport};
@@ -131,6 +132,11 @@ pub struct Runner {
     pub(super) arbiter: Arbiter,
     /// The pairing in progress, until its first checkpoint is acked.
     pairing: Option<PairingClock>,
+    /// Adaptive epochs: picks `ft.interval` after each epoch.
+    pub(super) adaptive: Option<Controller>,
+    /// The last epoch's cut, while epochs follow each other (an epoch's
+    /// length for the controller); `None` after a gap.
+    last_cut: Option<Instant>,
 }
 
 impl Runner {
@@ -152,7 +158,23 @@ impl Runner {
             )?,
             None => Arbiter::none(),
         };
+        let adaptive = ft.adaptive.map(Controller::new);
+        let mut ft = ft;
+        if let Some(a) = &adaptive {
+            ft.interval = a.interval();
+            let c = a.config();
+            log::info!(
+                "adaptive epochs: {} to {} ms, overhead budget {:.1} %, write fault {:.1} µs ({})",
+                c.min.as_millis(),
+                c.max.as_millis(),
+                c.budget * 100.0,
+                c.fault_cost.as_secs_f64() * 1e6,
+                c.fault_source.as_str()
+            );
+        }
         Ok(Runner {
+            adaptive,
+            last_cut: None,
             arbiter,
             vm,
             shape,
@@ -222,6 +244,10 @@ impl Runner {
         );
         self.protection = Protection::Protected { session, kit };
         self.waiter = None;
+        self.last_cut = None;
+        if let Some(a) = &mut self.adaptive {
+            a.reset();
+        }
         self.pairing = Some(PairingClock {
             started,
             sync: None,
@@ -311,6 +337,7 @@ impl Runner {
             return Ok(());
         };
         self.waiter = None;
+        self.last_cut = None;
         let peer = session.peer().to_string();
         log::warn!("standby {peer} lost ({loss})");
         if let Some((generation, epoch)) = session.settle() {
@@ -396,6 +423,7 @@ impl Runner {
                     return Ok(reason);
                 }
                 next_boundary = Instant::now() + self.ft.interval.max(Duration::from_millis(50));
+                self.last_cut = None;
                 continue;
             }
             self.epoch += 1;
@@ -403,7 +431,8 @@ impl Runner {
             // this one, not from the end of this epoch's transfer and ack,
             // so output waits about half an interval plus the ack.
             let started = Instant::now();
-            if let Err(loss) = self.run_epoch() {
+            let length = self.last_cut.replace(started).map(|t| started - t);
+            if let Err(loss) = self.run_epoch(length) {
                 self.lose_standby(loss)?;
             }
             if let Some(reason) = exit {
@@ -449,8 +478,10 @@ impl Runner {
         Ok(waiter.wait(&self.vm, self.protection.session(), rings, deadline))
     }
 
-    /// One epoch: pause, capture, resume, stream, await the ack, release.
-    fn run_epoch(&mut self) -> Result<(), PeerLoss> {
+    /// One epoch: pause, capture, resume, stream, await the ack, release;
+    /// in adaptive mode, then the next epoch's length. `length`: since the
+    /// previous epoch's cut, if it came just before.
+    fn run_epoch(&mut self, length: Option<Duration>) -> Result<(), PeerLoss> {
         let Protection::Protected { session, kit } = &mut self.protection else {
             return Ok(());
         };
@@ -489,6 +520,18 @@ impl Runner {
         }
         kit.outputs.release_upto(epoch);
         kit.engine.trim();
+        let interval_us = self.ft.interval.as_micros() as u64;
+        let mut overhead_ppm = 0;
+        if let Some(a) = &mut self.adaptive {
+            if let Some(length) = length {
+                self.ft.interval = a.observe(&EpochSample {
+                    length,
+                    pause: c.pause,
+                    dirty_pages: c.counts.total(),
+                });
+            }
+            overhead_ppm = (a.estimate() * 1e6) as u64;
+        }
         self.metrics.record(&EpochMetrics {
             epoch,
             pause_us: c.pause.as_micros() as u64,
@@ -508,6 +551,8 @@ impl Runner {
             encode_us: encode.as_micros() as u64,
             zero_pages: enc.zero,
             delta_pages: enc.delta,
+            interval_us,
+            overhead_ppm,
         });
         Ok(())
     }

@@ -83,6 +83,7 @@ pub fn take_over(
     let ft = FtOptions {
         peer: String::new(),
         interval: DEFAULT_INTERVAL,
+        adaptive: None,
         heartbeat,
         generation,
         metrics_path: None,
