@@ -320,8 +320,14 @@ impl Vm {
         &self.ring_full
     }
 
-    /// Loads `config`'s kernel, initrd and command line and sets the vCPUs
-    /// up for the 64-bit entry.
+    /// Loads `config`'s kernel, initrd and command line and sets the boot
+    /// vCPU up for the 64-bit entry.
+    ///
+    /// The other vCPUs (application processors) get only their MSRs and
+    /// LAPIC lines: with the in-kernel irqchip KVM creates them in
+    /// `KVM_MP_STATE_UNINITIALIZED`, where `KVM_RUN` waits until the guest
+    /// starts them with INIT-SIPI-SIPI through its local APIC, and INIT
+    /// resets their registers anyway (to real mode at the SIPI's vector).
     pub fn boot(&self, config: &VmConfig) -> Result<(), VmError> {
         let boot = boot::load(
             &self.memory,
@@ -334,9 +340,11 @@ impl Vm {
             let id = v.id;
             let r = |source| VmError::Regs { id, source };
             regs::setup_msrs(&v.fd).map_err(r)?;
-            regs::setup_regs(&v.fd, boot.entry).map_err(r)?;
-            regs::setup_sregs(&self.memory, &v.fd).map_err(r)?;
-            regs::setup_fpu(&v.fd).map_err(r)?;
+            if id == 0 {
+                regs::setup_regs(&v.fd, boot.entry).map_err(r)?;
+                regs::setup_sregs(&self.memory, &v.fd).map_err(r)?;
+                regs::setup_fpu(&v.fd).map_err(r)?;
+            }
             regs::setup_lint(&v.fd).map_err(r)?;
         }
         Ok(())
