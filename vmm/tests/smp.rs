@@ -201,10 +201,12 @@ fn four_vcpus_fail_over_as_one_consistent_cut() {
 /// first commit: the standby resumes the guest exactly once and consistent.
 #[test]
 fn two_vcpus_survive_a_kill_at_each_fault_point() {
+    // Late enough that the primary released heartbeats before it dies,
+    // even on a loaded host (the APs' start-up adds ≈ 10 ms per AP).
     for (fault, epoch) in [
-        ("mid-checkpoint@12", 11),
-        ("before-ack@12", 12),
-        ("during-release@15", 15),
+        ("mid-checkpoint@30", 29),
+        ("before-ack@30", 30),
+        ("during-release@35", 35),
     ] {
         let tag = format!("smp2-{}", fault.split('@').next().unwrap_or(fault));
         let mut pair = Pair::start(&tag, 2, &["--ft-fault", fault], &[]);
