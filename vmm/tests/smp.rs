@@ -246,3 +246,29 @@ fn two_vcpus_killed_before_the_first_commit_start_nothing() {
         assert_eq!(pair.file("primary.console"), "", "{fault}");
     }
 }
+
+/// The guest's check is not vacuous: one torn update (`crash=log`: a
+/// vCPU's sequence number bumped without its log entry) is reported at the
+/// next heartbeat.
+#[test]
+fn the_guest_check_reports_a_torn_update() {
+    let out = run(
+        &[
+            "run",
+            "--vcpus",
+            "2",
+            "--mem-mib",
+            "64",
+            "--cmdline",
+            "dirty=64 stop=3 crash=log",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stdout
+            .contains("ftguest consistency error at=1 entries="),
+        "{}",
+        out.stdout
+    );
+}

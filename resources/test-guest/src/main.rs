@@ -94,6 +94,7 @@ extern "C" fn user_main(boot_params: u64) -> ! {
             unsafe { unmapped.write_volatile(1) };
         }
         cmdline::Crash::Panic => panic!("crash=panic on the command line"),
+        cmdline::Crash::Log => smp::tear(),
     }
     wl.run(&mut io)
 }

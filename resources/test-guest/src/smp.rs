@@ -301,6 +301,14 @@ pub fn append(cpu: usize) {
     unlock();
 }
 
+/// `crash=log`: bumps the BSP's sequence number without a log entry, as a
+/// cut in the middle of an update would leave it.
+pub fn tear() {
+    lock();
+    cpu_seq(0).fetch_add(1, Ordering::Relaxed);
+    unlock();
+}
+
 /// Dirties `share.dirty` pages from `cursor` on (wrapping in the share),
 /// writing `round` into each; returns the next cursor.
 pub fn dirty(share: &Share, mut cursor: u64, round: u64) -> u64 {
