@@ -272,3 +272,20 @@ fn the_guest_check_reports_a_torn_update() {
         out.stdout
     );
 }
+
+/// The dirty ring backend (one ring per vCPU, every vCPU dirtying pages):
+/// memory equal at a committed epoch, and a consistent failover.
+#[test]
+fn dirty_rings_of_two_vcpus_are_complete() {
+    let mut pair = Pair::start(
+        "smp2-ring",
+        2,
+        &["--dirty-track", "ring", "--ft-hash-epoch", "20"],
+        &["--ft-hash-epoch", "20"],
+    );
+    pair.wait_epochs(30);
+    pair.assert_memory_equal(20);
+    pair.primary.kill();
+    pair.wait_takeover(30);
+    pair.check(2);
+}

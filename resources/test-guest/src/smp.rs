@@ -237,7 +237,8 @@ fn wait_alive(cpu: usize, us: u64, tsc_khz: u64) -> bool {
 
 /// Publishes the plan, installs the trampoline and starts the APs one after
 /// the other; returns how many CPUs run (the BSP included). Stops at the
-/// first AP that does not come up within 2 s, with a warning.
+/// first AP that does not come up after two INIT-SIPI-SIPI rounds (1 s
+/// each), with a warning.
 pub fn start_aps(cpus: &Cpus, shares: [Share; MAX_CPUS], round_cycles: u64, tsc_khz: u64) -> usize {
     for page in 0..=SHARED {
         for i in 0..PAGE / 8 {
@@ -258,13 +259,23 @@ pub fn start_aps(cpus: &Cpus, shares: [Share; MAX_CPUS], round_cycles: u64, tsc_
         let id = cpus.apic_ids[cpu];
         // SAFETY: cpu < MAX_CPUS, not started, and the previous AP is up.
         unsafe { prepare_ap(cpu) };
-        send_ipi(id, ICR_INIT_ASSERT);
-        wait_us(10_000, tsc_khz);
-        send_ipi(id, ICR_STARTUP | vector);
-        if !wait_alive(cpu, 200, tsc_khz) {
+        // Twice at most: an INIT still pending in the LAPIC when a
+        // checkpoint is cut is not part of the saved state, so a VM
+        // restored from that instant needs it again.
+        let mut alive = false;
+        for _ in 0..2 {
+            send_ipi(id, ICR_INIT_ASSERT);
+            wait_us(10_000, tsc_khz);
             send_ipi(id, ICR_STARTUP | vector);
+            if !wait_alive(cpu, 200, tsc_khz) {
+                send_ipi(id, ICR_STARTUP | vector);
+            }
+            alive = wait_alive(cpu, 1_000_000, tsc_khz);
+            if alive {
+                break;
+            }
         }
-        if !wait_alive(cpu, 2_000_000, tsc_khz) {
+        if !alive {
             let mut line = Line::new();
             line.push_str("ftguest warning: smp: cpu ");
             line.push_u64(cpu as u64);
