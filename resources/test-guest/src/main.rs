@@ -70,6 +70,15 @@ extern "C" fn user_main(boot_params: u64) -> ! {
     });
 
     let cpus = smp::detect();
+    if cpus.listed > cpus.count {
+        let mut line = Line::new();
+        line.push_str("ftguest warning: smp: ");
+        line.push_u64(cpus.listed as u64);
+        line.push_str(" CPUs in the MP table, running on ");
+        line.push_u64(cpus.count as u64);
+        line.push_str("\n");
+        line.emit();
+    }
     let mut wl = workload::Workload::new(&bp, &cfg, khz.khz);
     wl.print_config();
     let mut io = peripherals::Peripherals::new(&cfg, khz.khz);
