@@ -13,8 +13,11 @@
 //! 3. Share of wall time the test guest spends paused at 10, 25 and 50 ms
 //!    epochs while it dirties a fixed rate of pages.
 //!
+//! 4. Epoch pause at 0 and 1k dirty pages for 1, 2, 4 and 8 busy vCPUs,
+//!    with the ratio to 1 vCPU. Target: 8 vCPUs ≤ 2 × 1 vCPU.
+//!
 //! Run: `cargo bench -p ftvmm --bench ft` (needs /dev/kvm); `-- stream`
-//! (or `pause`, `share`) runs one section.
+//! (or `pause`, `share`, `vcpus`) runs one section.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -41,6 +44,8 @@ fn median(v: &mut [f64]) -> f64 {
 struct PauseRow {
     dirty: f64,
     pause: f64,
+    /// The shortest pause of the run.
+    pause_min: f64,
     bound: f64,
     stop: f64,
     /// Waiting for the vCPU threads' state capture after the page copy.
@@ -49,10 +54,19 @@ struct PauseRow {
     stage: f64,
     /// Encoding the state, sealing, and resuming.
     rest: f64,
+    /// Resuming alone (waking every vCPU thread).
+    resume: f64,
 }
 
 /// 15 epochs of a guest dirtying `n` pages.
 fn pause_run(n: usize) -> PauseRow {
+    pause_run_on(n, 1)
+}
+
+/// 15 epochs of a guest dirtying `n` pages per epoch on `vcpus` busy vCPUs
+/// (each runs its rounds on its own part of the working set, dirtying its
+/// share of the `n` pages; with `n` = 0 they spin at CPL3).
+fn pause_run_on(n: usize, vcpus: u8) -> PauseRow {
     let cmdline = if n == 0 {
         "dirty=0 rounds=1000000 round_us=1000".to_string()
     } else {
@@ -61,6 +75,7 @@ fn pause_run(n: usize) -> PauseRow {
     let cfg = VmConfig {
         cmdline,
         mem_mib: 512,
+        vcpus,
         serial: SerialConfig::None,
         ..Default::default()
     };
@@ -71,12 +86,14 @@ fn pause_run(n: usize) -> PauseRow {
     // capture takes the boot-time pages out of the way. Between epochs the
     // guest gets the time to write all its pages again (≈25 µs each here:
     // the first write to a page after its re-protection faults).
-    let settle = Duration::from_millis(300) + Duration::from_micros(n as u64 * 40);
+    // The APs start one after the other (≈10 ms each: the INIT wait).
+    let settle =
+        Duration::from_millis(300 + 50 * u64::from(vcpus)) + Duration::from_micros(n as u64 * 40);
     std::thread::sleep(settle);
     engine.capture(&mut vm, None, 0, false).expect("capture");
     engine.trim();
     let wait = Duration::from_micros((30_000).max(n as u64 * 40));
-    let mut v: [Vec<f64>; 8] = Default::default();
+    let mut v: [Vec<f64>; 9] = Default::default();
     let mut buf = vec![0u8; (n + 4096) * PAGE_SIZE];
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     for epoch in 1..=15 {
@@ -109,6 +126,7 @@ fn pause_run(n: usize) -> PauseRow {
             us(c.harvest),
             us(c.stage),
             us(c.pause.saturating_sub(parts)),
+            us(c.pause.saturating_sub(parts + c.encode)),
         ]
         .into_iter()
         .enumerate()
@@ -117,16 +135,19 @@ fn pause_run(n: usize) -> PauseRow {
         }
     }
     vm.stop();
+    let pause_min = v[1].iter().copied().fold(f64::INFINITY, f64::min);
     let m: Vec<f64> = v.iter_mut().map(|x| median(x)).collect();
     PauseRow {
         dirty: m[0],
         pause: m[1],
+        pause_min,
         bound: m[2],
         stop: m[3],
         save_wait: m[4],
         harvest: m[5],
         stage: m[6],
         rest: m[7],
+        resume: m[8],
     }
 }
 
@@ -474,6 +495,64 @@ fn pause_share() {
     }
 }
 
+/// Section 4.
+fn pause_vs_vcpus() {
+    println!("## 4. Epoch pause vs. number of busy vCPUs (the guest runs on every vCPU)");
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "target: 8 vCPUs ≤ 2 × the 1-vCPU pause; this host has {cores} cores, so more busy vCPUs \
+         than that are oversubscribed (each kick may wait for a core)"
+    );
+    println!(
+        "{:>6} {:>6} {:>8} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}",
+        "vcpus",
+        "dirty",
+        "pages",
+        "pause µs",
+        "stop",
+        "save",
+        "harvest",
+        "stage",
+        "resume",
+        "min",
+        "× 1 vCPU",
+        "min × 1"
+    );
+    println!("(medians of 15 epochs; min: the shortest pause; met: the 8-vCPU median against the target)");
+    for &n in &[0usize, 1_000] {
+        let (mut one, mut one_min) = (0.0, 0.0);
+        for &vcpus in &[1u8, 2, 4, 8] {
+            let r = pause_run_on(n, vcpus);
+            if vcpus == 1 {
+                (one, one_min) = (r.pause, r.pause_min);
+            }
+            let ratio = r.pause / one.max(1.0);
+            println!(
+                "{:>6} {:>6} {:>8.0} {:>10.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>9.2} {:>9.2} {:>4}",
+                vcpus,
+                n,
+                r.dirty,
+                r.pause,
+                r.stop,
+                r.save_wait,
+                r.harvest,
+                r.stage,
+                r.resume,
+                r.pause_min,
+                ratio,
+                r.pause_min / one_min.max(1.0),
+                if vcpus < 8 {
+                    ""
+                } else if ratio <= 2.0 {
+                    "yes"
+                } else {
+                    "NO"
+                }
+            );
+        }
+    }
+}
+
 fn main() {
     if std::fs::OpenOptions::new()
         .read(true)
@@ -499,5 +578,8 @@ fn main() {
     }
     if run("share") {
         pause_share();
+    }
+    if run("vcpus") {
+        pause_vs_vcpus();
     }
 }

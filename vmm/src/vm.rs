@@ -22,7 +22,7 @@ use crate::dirty_log::{self, DirtyLogError, DirtyRing};
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::persist::{MachineState, VmSaveError};
 use crate::vcpu::persist::{saveable_msrs, VcpuCapture};
-use crate::vcpu::{ExitSignal, Vcpu, VcpuError, VcpuHandle, VmExit};
+use crate::vcpu::{ExitSignal, ParkGate, Vcpu, VcpuError, VcpuHandle, VmExit};
 
 /// Path of the KVM device.
 pub const KVM_DEVICE: &str = "/dev/kvm";
@@ -145,6 +145,8 @@ pub struct Vm {
     ring_full: Arc<EventFd>,
     /// vCPUs whose threads run.
     pub(crate) vcpus: Vec<VcpuHandle>,
+    /// What parked vCPU threads sleep on: opened once to resume them all.
+    gate: Arc<ParkGate>,
     /// The state [`Vm::finish_save`] saves into, kept from epoch to epoch.
     state: MachineState,
     /// The devices.
@@ -260,6 +262,7 @@ impl Vm {
         let sync_regs = fd.check_extension_int(Cap::SyncRegs) & 0x7 == 0x7;
         let mut pending = Vec::with_capacity(vcpu_count as usize);
         let mut msr_indices = None;
+        let gate = Arc::new(ParkGate::new());
         for id in 0..vcpu_count {
             let vfd = fd
                 .create_vcpu(u64::from(id))
@@ -289,6 +292,7 @@ impl Vm {
                 capture,
             )?;
             vcpu.set_ring_full_signal(ring_full.clone());
+            vcpu.set_park_gate(gate.clone());
             pending.push(vcpu);
         }
         Ok(Vm {
@@ -301,6 +305,7 @@ impl Vm {
             reset_evt,
             pending,
             vcpus: Vec::new(),
+            gate,
             state: MachineState::default(),
             devices,
             dirty_rings,
@@ -320,8 +325,14 @@ impl Vm {
         &self.ring_full
     }
 
-    /// Loads `config`'s kernel, initrd and command line and sets the vCPUs
-    /// up for the 64-bit entry.
+    /// Loads `config`'s kernel, initrd and command line and sets the boot
+    /// vCPU up for the 64-bit entry.
+    ///
+    /// The other vCPUs (application processors) get only their MSRs and
+    /// LAPIC lines: with the in-kernel irqchip KVM creates them in
+    /// `KVM_MP_STATE_UNINITIALIZED`, where `KVM_RUN` waits until the guest
+    /// starts them with INIT-SIPI-SIPI through its local APIC, and INIT
+    /// resets their registers anyway (to real mode at the SIPI's vector).
     pub fn boot(&self, config: &VmConfig) -> Result<(), VmError> {
         let boot = boot::load(
             &self.memory,
@@ -334,9 +345,11 @@ impl Vm {
             let id = v.id;
             let r = |source| VmError::Regs { id, source };
             regs::setup_msrs(&v.fd).map_err(r)?;
-            regs::setup_regs(&v.fd, boot.entry).map_err(r)?;
-            regs::setup_sregs(&self.memory, &v.fd).map_err(r)?;
-            regs::setup_fpu(&v.fd).map_err(r)?;
+            if id == 0 {
+                regs::setup_regs(&v.fd, boot.entry).map_err(r)?;
+                regs::setup_sregs(&self.memory, &v.fd).map_err(r)?;
+                regs::setup_fpu(&v.fd).map_err(r)?;
+            }
             regs::setup_lint(&v.fd).map_err(r)?;
         }
         Ok(())
@@ -405,12 +418,18 @@ impl Vm {
         Ok(())
     }
 
-    /// Lets every vCPU and device run again.
-    pub fn resume(&self) {
+    /// Lets every vCPU and device run again: every vCPU's request is set
+    /// first, then one wake-up of the VM's gate starts them all (woken one
+    /// by one, each could preempt this thread before it woke the next).
+    /// Returns the instant of that wake-up: the end of the guest's pause.
+    pub fn resume(&self) -> Instant {
         self.devices.resume_devices();
         for v in &self.vcpus {
-            v.resume();
+            v.set_run();
         }
+        let now = Instant::now();
+        self.gate.open();
+        now
     }
 
     /// The eventfds that become readable when the VM ends: the exit signal

@@ -9,9 +9,13 @@ use common::*;
 const T: Duration = Duration::from_secs(60);
 
 fn assert_counts(transcript: &str, n: u64) {
+    assert_counts_on(transcript, n, "ftguest ready\n");
+}
+
+fn assert_counts_on(transcript: &str, n: u64, ready: &str) {
     assert!(
-        transcript.contains("ftguest ready\n"),
-        "no ready marker in:\n{transcript}"
+        transcript.contains(ready),
+        "no ready marker {ready:?} in:\n{transcript}"
     );
     assert_eq!(transcript.matches("ftguest ready").count(), 1);
     assert_eq!(
@@ -55,7 +59,14 @@ fn test_guest_with_two_vcpus() {
         out.status,
         out.stderr
     );
-    assert_counts(&out.stdout, 3);
+    // The guest started its second vCPU, which ran rounds too.
+    assert_counts_on(&out.stdout, 3, "ftguest ready cpus=2\n");
+    assert!(
+        out.stdout.contains("ftguest cpus rounds="),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains("consistency error"), "{}", out.stdout);
 }
 
 #[test]

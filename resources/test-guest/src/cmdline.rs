@@ -18,7 +18,7 @@ pub struct Config {
     pub round_us: u64,
     /// `stop=K`: power off after heartbeat K (0: never).
     pub stop: u64,
-    /// `crash=pf|panic`: die on purpose right after `ftguest ready` (a test
+    /// `crash=pf|panic|log`: die on purpose right after `ftguest ready` (a test
     /// hook for the VMM's handling of a guest that shuts down).
     pub crash: Crash,
     /// `virtio_mmio.device=<size>@<addr>:<irq>[:<id>]` (Linux syntax), in
@@ -78,6 +78,10 @@ pub enum Crash {
     PageFault,
     /// `crash=panic`: a Rust panic at CPL3 (the panic path).
     Panic,
+    /// `crash=log`: not a crash but one torn update of the vCPUs' shared
+    /// log (with several vCPUs), which the next heartbeat's check reports: a
+    /// test hook proving the check catches what it is there for.
+    Log,
 }
 
 impl Default for Config {
@@ -122,6 +126,7 @@ pub fn parse(cmdline: &[u8], mut bad: impl FnMut(&[u8], &[u8])) -> Config {
                 match value {
                     b"pf" => cfg.crash = Crash::PageFault,
                     b"panic" => cfg.crash = Crash::Panic,
+                    b"log" => cfg.crash = Crash::Log,
                     _ => bad(key, value),
                 }
                 continue;

@@ -22,6 +22,7 @@ mod peripherals;
 mod power;
 mod records;
 mod serial;
+mod smp;
 mod tsc;
 mod virtio;
 mod workload;
@@ -68,10 +69,31 @@ extern "C" fn user_main(boot_params: u64) -> ! {
         line.emit();
     });
 
-    let wl = workload::Workload::new(&bp, &cfg, khz.khz);
+    let cpus = smp::detect();
+    if cpus.listed > cpus.count {
+        let mut line = Line::new();
+        line.push_str("ftguest warning: smp: ");
+        line.push_u64(cpus.listed as u64);
+        line.push_str(" CPUs in the MP table, running on ");
+        line.push_u64(cpus.count as u64);
+        line.push_str("\n");
+        line.emit();
+    }
+    let mut wl = workload::Workload::new(&bp, &cfg, khz.khz);
     wl.print_config();
     let mut io = peripherals::Peripherals::new(&cfg, khz.khz);
-    serial::write_bytes(b"ftguest ready\n");
+    if cpus.count > 1 {
+        let shares = wl.shares(cpus.count);
+        let running = smp::start_aps(&cpus, shares, wl.round_cycles(), khz.khz);
+        wl.set_cpus(running, shares[0]);
+        let mut line = Line::new();
+        line.push_str("ftguest ready cpus=");
+        line.push_u64(running as u64);
+        line.push_str("\n");
+        line.emit();
+    } else {
+        serial::write_bytes(b"ftguest ready\n");
+    }
     match cfg.crash {
         cmdline::Crash::No => {}
         cmdline::Crash::PageFault => {
@@ -81,6 +103,7 @@ extern "C" fn user_main(boot_params: u64) -> ! {
             unsafe { unmapped.write_volatile(1) };
         }
         cmdline::Crash::Panic => panic!("crash=panic on the command line"),
+        cmdline::Crash::Log => smp::tear(),
     }
     wl.run(&mut io)
 }

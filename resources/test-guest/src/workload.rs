@@ -13,6 +13,7 @@ use crate::cmdline::Config;
 use crate::peripherals::Peripherals;
 use crate::power::poweroff;
 use crate::serial::{write_bytes, Line};
+use crate::smp::{self, Share, MAX_CPUS};
 
 const PAGE: u64 = 4096;
 /// The working set starts at or above this address.
@@ -35,6 +36,10 @@ pub struct Workload {
     round_us: u64,
     round_cycles: u64,
     stop: u64,
+    /// CPUs running the workload (1: no APs, the original single loop).
+    cpus: usize,
+    /// The BSP's part of the working set (all of it with one CPU).
+    share: Share,
 }
 
 impl Workload {
@@ -62,7 +67,48 @@ impl Workload {
             round_us: cfg.round_us,
             round_cycles: cfg.round_us.saturating_mul(tsc_khz) / 1000,
             stop: cfg.stop,
+            cpus: 1,
+            share: Share {
+                base,
+                pages: wanted.min(room),
+                dirty: cfg.dirty,
+            },
         }
+    }
+
+    /// The working set split among `cpus` CPUs: each gets a contiguous part
+    /// of `span / cpus` pages and dirties its share of `dirty` pages per
+    /// round (the first `dirty % cpus` CPUs one more), so the pages dirtied
+    /// per round stay `dirty` whatever the CPU count.
+    pub fn shares(&self, cpus: usize) -> [Share; MAX_CPUS] {
+        let n = cpus.clamp(1, MAX_CPUS) as u64;
+        let part = self.span / n;
+        let mut shares = [Share {
+            base: self.base,
+            pages: 0,
+            dirty: 0,
+        }; MAX_CPUS];
+        for (c, s) in shares.iter_mut().enumerate().take(n as usize) {
+            let c = c as u64;
+            *s = Share {
+                base: self.base + c * part * PAGE,
+                pages: part,
+                dirty: self.dirty / n + u64::from(c < self.dirty % n),
+            };
+        }
+        shares
+    }
+
+    /// Minimum TSC cycles per round.
+    pub fn round_cycles(&self) -> u64 {
+        self.round_cycles
+    }
+
+    /// From now on the BSP runs only its share (`shares(cpus)[0]`) and
+    /// checks the CPUs' shared state after each heartbeat.
+    pub fn set_cpus(&mut self, cpus: usize, share: Share) {
+        self.cpus = cpus;
+        self.share = share;
     }
 
     /// One line with the effective settings (before `ftguest ready`).
@@ -100,6 +146,9 @@ impl Workload {
             line.push_u64(HEARTBEAT.load(Ordering::Relaxed));
             line.push_str("\n");
             line.emit();
+            if self.cpus > 1 {
+                smp::after_heartbeat(n, self.cpus);
+            }
             io.heartbeat(n);
             if self.stop != 0 && n >= self.stop {
                 io.drain();
@@ -112,21 +161,14 @@ impl Workload {
     /// Dirties `dirty` pages from `cursor` on, lets `io` do the round's disk
     /// writes, waits out the round (polling `io`), and returns the next
     /// cursor.
-    fn round(&self, mut cursor: u64, io: &mut Peripherals) -> u64 {
+    fn round(&self, cursor: u64, io: &mut Peripherals) -> u64 {
         let start = rdtsc();
         let round = ROUND.load(Ordering::Relaxed) + 1;
         ROUND.store(round, Ordering::Relaxed);
-        if self.span != 0 {
-            for _ in 0..self.dirty {
-                let page = (self.base + cursor * PAGE) as *mut u64;
-                // SAFETY: cursor < span, so the page is inside the working
-                // set: RAM that nothing else uses, mapped user-writable.
-                unsafe { page.write_volatile(round) };
-                cursor += 1;
-                if cursor == self.span {
-                    cursor = 0;
-                }
-            }
+        let cursor = smp::dirty(&self.share, cursor, round);
+        if self.cpus > 1 {
+            smp::bsp_round(round);
+            smp::append(0);
         }
         io.round(round);
         io.poll();

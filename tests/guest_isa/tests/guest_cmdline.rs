@@ -67,6 +67,7 @@ fn keys_and_unknown_words() {
     assert_eq!(parse_ok("stop=1 stop=2").stop, 2);
     assert_eq!(parse_ok("crash=pf").crash, Crash::PageFault);
     assert_eq!(parse_ok("crash=panic").crash, Crash::Panic);
+    assert_eq!(parse_ok("crash=log").crash, Crash::Log);
 }
 
 #[test]

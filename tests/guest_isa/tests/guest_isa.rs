@@ -27,7 +27,7 @@ const ALLOWED: &[&str] = &[
     // string moves and stores, alone or under `rep` (see STRING_OPS)
     "movs", "movsb", "movsw", "movsq", "stos", "stosb", "stosw", "stosd", "stosq",
     // system
-    "in", "out", "cli", "sti", "hlt", "lgdt", "lidt", "ltr", "rdmsr", "wrmsr", "rdtsc", "rdrand",
+    "in", "out", "cli", "sti", "hlt", "lgdt", "lgdtd", "lidt", "ltr", "rdmsr", "wrmsr", "rdtsc", "rdrand",
     "cpuid", "iretq", "swapgs", "sysretq", "sysret", "ud2", "int",
     "nop", "endbr64", "pause",
     // the SSE moves and state saves (need CR4.OSFXSR)
@@ -208,6 +208,61 @@ fn guest_only_uses_emulated_instructions() {
         elf.display(),
         report.join("\n")
     );
+}
+
+/// The address of symbol `name` in `elf` (from `nm`).
+fn symbol(elf: &Path, name: &str) -> u64 {
+    let out = Command::new("nm").arg(elf).output().expect("nm runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (addr, _, sym) = (f.next()?, f.next()?, f.next()?);
+            (sym == name).then(|| u64::from_str_radix(addr, 16).ok())?
+        })
+        .unwrap_or_else(|| panic!("no symbol {name} in {}", elf.display()))
+}
+
+/// The APs' trampoline (in `.rodata`, so the whole-image check above never
+/// decodes it) runs at CPL0 in real mode, then 32-bit protected mode, then
+/// long mode: each part is checked in its own mode.
+#[test]
+fn ap_trampoline_only_uses_emulated_instructions() {
+    match Command::new("objdump").arg("--version").output() {
+        Ok(out) if out.status.success() => {}
+        _ => {
+            println!("SKIP guest_isa: objdump not found");
+            return;
+        }
+    }
+    let elf = build_guest();
+    let parts = [
+        ("__ftg_tramp16", "__ftg_tramp32", "i8086"),
+        ("__ftg_tramp32", "__ftg_tramp64", "i386"),
+        ("__ftg_tramp64", "__ftg_tramp_gdt", "x86-64"),
+    ];
+    for (from, to, mode) in parts {
+        let (start, stop) = (symbol(&elf, from), symbol(&elf, to));
+        let out = Command::new("objdump")
+            .args(["-D", "-j", ".rodata", "--no-show-raw-insn", "-M"])
+            .arg(format!("intel,{mode}"))
+            .arg(format!("--start-address={start:#x}"))
+            .arg(format!("--stop-address={stop:#x}"))
+            .arg(&elf)
+            .output()
+            .expect("objdump runs");
+        let listing = String::from_utf8_lossy(&out.stdout);
+        let count = listing.lines().filter(|l| l.contains(":\t")).count();
+        assert!(
+            count >= 4,
+            "{from} ({mode}): only {count} instructions:\n{listing}"
+        );
+        let offences = check_listing(&listing);
+        assert!(
+            offences.is_empty(),
+            "{from} ({mode}) has instructions the emulator cannot run: {offences:?}\n{listing}"
+        );
+    }
 }
 
 #[test]

@@ -50,6 +50,15 @@ impl DerefMut for Paused<'_> {
     }
 }
 
+impl Paused<'_> {
+    /// Resumes the VM now; returns when its vCPUs were released
+    /// ([`Vm::resume`]).
+    fn resume(self) -> Instant {
+        let this = std::mem::ManuallyDrop::new(self);
+        this.0.resume()
+    }
+}
+
 impl Drop for Paused<'_> {
     fn drop(&mut self) {
         self.0.resume();
@@ -59,7 +68,9 @@ impl Drop for Paused<'_> {
 /// What one checkpoint capture cost and produced.
 #[derive(Debug, Clone, Copy)]
 pub struct Capture {
-    /// The guest was paused this long (pause → resume).
+    /// The guest was paused this long: from the pause request until every
+    /// vCPU was released to run again (one wake-up for all, [`Vm::resume`];
+    /// when each then gets a CPU is the host scheduler's business).
     pub pause: Duration,
     /// Of which: from the pause request until every vCPU was out of
     /// `KVM_RUN` (the kick) and every device quiesced.
@@ -250,9 +261,9 @@ impl Engine {
             }
         }
         let t_done = Instant::now();
-        drop(vm);
+        let resumed = vm.resume();
         Ok(Capture {
-            pause: t_pause.elapsed(),
+            pause: resumed - t_pause,
             stop: t_harvest - t_pause,
             save: (t_harvest - t_pause) + (t_encode - t_save),
             encode: t_done - t_encode,

@@ -11,11 +11,17 @@
 //! A saving pause has the thread capture its vCPU's state ([`persist`])
 //! before it acknowledges; the controller copies it out with
 //! [`VcpuHandle::copy_saved`].
+//!
+//! Parked threads sleep on their VM's [`ParkGate`], one futex word for all
+//! of them, so a resume wakes every vCPU with one system call: woken one by
+//! one (a condition variable each), every woken vCPU could preempt the
+//! controller before it woke the next, which on a host with fewer cores
+//! than busy vCPUs stretched the resume of 8 vCPUs to milliseconds.
 
 pub mod persist;
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -171,6 +177,55 @@ impl VcpuShared {
     }
 }
 
+/// The word parked vCPU threads of one VM sleep on (a futex): requests
+/// change under each vCPU's lock, then [`ParkGate::open`] bumps the word and
+/// wakes every sleeper at once.
+#[derive(Debug, Default)]
+pub struct ParkGate {
+    generation: AtomicU32,
+}
+
+impl ParkGate {
+    /// A gate nobody sleeps on yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn generation(&self) -> u32 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Sleeps while the generation is still `seen`; returns at once if it
+    /// moved on, and may return spuriously (a signal): callers re-check.
+    fn wait(&self, seen: u32) {
+        // SAFETY: FUTEX_WAIT on a 4-byte aligned word that lives as long as
+        // `self`; it only compares the word with `seen` and sleeps.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                self.generation.as_ptr(),
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                seen,
+                std::ptr::null::<libc::timespec>(),
+            )
+        };
+    }
+
+    /// Wakes every thread sleeping on the gate (one system call).
+    pub fn open(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
+        // SAFETY: FUTEX_WAKE on the same word; it reads no memory.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                self.generation.as_ptr(),
+                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                i32::MAX,
+            )
+        };
+    }
+}
+
 thread_local! {
     // The running thread's kvm_run, for the kick signal handler. Const
     // initialised and without destructor, so reading it is a plain TLS load
@@ -247,6 +302,8 @@ pub struct Vcpu {
     scratch: VcpuState,
     /// Raised when this vCPU's dirty ring is full.
     ring_full: Option<Arc<EventFd>>,
+    /// Where the thread sleeps while parked (shared by the VM's vCPUs).
+    gate: Arc<ParkGate>,
 }
 
 impl Vcpu {
@@ -282,6 +339,7 @@ impl Vcpu {
             synced: false,
             scratch: VcpuState::default(),
             ring_full: None,
+            gate: Arc::new(ParkGate::new()),
         };
         let initial = vcpu.save()?;
         vcpu.scratch.clone_from(&initial);
@@ -289,10 +347,17 @@ impl Vcpu {
         Ok(vcpu)
     }
 
+    /// Makes the thread sleep on `gate` while parked: the VM's gate, which
+    /// [`Vm::resume`](crate::vm::Vm::resume) opens once for all vCPUs.
+    pub fn set_park_gate(&mut self, gate: Arc<ParkGate>) {
+        self.gate = gate;
+    }
+
     /// Starts the vCPU's thread.
     pub fn start(self) -> Result<VcpuHandle, VcpuError> {
         let id = self.id;
         let shared = self.shared.clone();
+        let gate = self.gate.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || self.run_thread())
@@ -300,6 +365,7 @@ impl Vcpu {
         Ok(VcpuHandle {
             id,
             shared,
+            gate,
             thread: Some(thread),
         })
     }
@@ -377,7 +443,12 @@ impl Vcpu {
                         ctl.parked = true;
                         shared.cv.notify_all();
                     }
-                    ctl = shared.cv.wait(ctl).unwrap_or_else(|e| e.into_inner());
+                    // Read under the lock: a request changed after this
+                    // opens the gate after it, so the wait cannot miss it.
+                    let seen = self.gate.generation();
+                    drop(ctl);
+                    self.gate.wait(seen);
+                    ctl = shared.lock();
                 }
             }
         }
@@ -479,6 +550,7 @@ impl Vcpu {
 pub struct VcpuHandle {
     id: u8,
     shared: Arc<VcpuShared>,
+    gate: Arc<ParkGate>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -490,7 +562,8 @@ impl VcpuHandle {
         }
     }
 
-    fn request(&self, req: Request, save: bool) {
+    /// Sets the request; `wake`: open the gate (a parked thread sees it).
+    fn request(&self, req: Request, save: bool, wake: bool) {
         let mut ctl = self.shared.lock();
         ctl.request = req;
         ctl.save = save;
@@ -503,8 +576,10 @@ impl VcpuHandle {
             ctl.save_error = None;
             self.shared.pending.store(true, Ordering::Release);
         }
-        self.shared.cv.notify_all();
         drop(ctl);
+        if wake {
+            self.gate.open();
+        }
         if req != Request::Run {
             self.kick();
         }
@@ -513,7 +588,9 @@ impl VcpuHandle {
     /// Asks the vCPU to pause, without waiting; with `save`, it captures its
     /// state before acknowledging.
     pub fn request_pause(&self, save: bool) {
-        self.request(Request::Pause, save);
+        // A running thread is kicked; only one parked (after a VM exit)
+        // needs the gate, and it stays parked anyway.
+        self.request(Request::Pause, save, false);
     }
 
     /// Copies the state this vCPU's thread captured at the current saving
@@ -570,12 +647,19 @@ impl VcpuHandle {
 
     /// Lets the vCPU run again.
     pub fn resume(&self) {
-        self.request(Request::Run, false);
+        self.request(Request::Run, false, true);
+    }
+
+    /// Lets the vCPU run again once the gate opens ([`ParkGate::open`]):
+    /// [`Vm::resume`](crate::vm::Vm::resume) sets every vCPU so, then
+    /// opens the VM's gate once.
+    pub fn set_run(&self) {
+        self.request(Request::Run, false, false);
     }
 
     /// Stops the thread and joins it.
     pub fn stop(&mut self) {
-        self.request(Request::Exit, false);
+        self.request(Request::Exit, false, true);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

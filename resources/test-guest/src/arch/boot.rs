@@ -64,11 +64,16 @@ extern "C" fn kernel_main(boot_params: u64) -> ! {
         let mapped = paging::init(bp.ram_end());
         MAPPED_END.store(mapped, Ordering::Relaxed);
         gdt::init();
-        enter_user(crate::user_main, boot_params)
+        enter_user(
+            crate::user_main,
+            boot_params,
+            (&raw const __ustack_top) as u64,
+        )
     }
 }
 
-/// Drops to CPL3 at `entry(arg)` on the user stack, with IF=0 and IOPL=3.
+/// Drops to CPL3 at `entry(arg)` on the user stack `ustack_top`, with IF=0
+/// and IOPL=3.
 ///
 /// IOPL=3 is what lets ring 3 do port I/O on hardware KVM. On the project's
 /// PVM hosts it does not stick (user mode runs with the hardware IOPL=0, and
@@ -78,11 +83,11 @@ extern "C" fn kernel_main(boot_params: u64) -> ! {
 ///
 /// # Safety
 /// The GDT, TSS, IDT and user-accessible page tables must be in place.
-unsafe fn enter_user(entry: extern "C" fn(u64) -> !, arg: u64) -> ! {
+pub(super) unsafe fn enter_user(entry: extern "C" fn(u64) -> !, arg: u64, ustack_top: u64) -> ! {
     const RFLAGS_IOPL3: u64 = 3 << 12;
     const RFLAGS_RESERVED1: u64 = 1 << 1;
     // As if `entry` had been called: RSP ≡ 8 (mod 16) at its first instruction.
-    let user_rsp = (&raw const __ustack_top) as u64 - 8;
+    let user_rsp = ustack_top - 8;
     // SAFETY: the caller set up everything `iretq` and the user code need.
     unsafe {
         asm!(

@@ -37,7 +37,7 @@ const TSS_SIZE: usize = core::mem::size_of::<Tss>();
 const IOMAP_OFFSET: usize = 104;
 const _: () = assert!(TSS_SIZE == IOMAP_OFFSET + IOMAP_BYTES + 1);
 
-static mut TSS: Tss = Tss {
+const TSS_INIT: Tss = Tss {
     reserved0: 0,
     rsp: [0; 3],
     reserved1: 0,
@@ -49,8 +49,10 @@ static mut TSS: Tss = Tss {
     iomap_end: 0xff,
 };
 
+static mut TSS: Tss = TSS_INIT;
+
 /// Flat segments: base 0, limit 4 GiB, G=1; code has L=1.
-static mut GDT: [u64; 8] = [
+const GDT_INIT: [u64; 8] = [
     0,                     // 0x00 null
     0,                     // 0x08 unused
     0x00af_9a00_0000_ffff, // 0x10 kernel code, 64-bit, DPL0
@@ -60,6 +62,15 @@ static mut GDT: [u64; 8] = [
     0,                     // 0x30 TSS, low half (filled in by init)
     0,                     // 0x38 TSS, high half
 ];
+
+static mut GDT: [u64; 8] = GDT_INIT;
+
+/// Each application processor's own GDT and TSS (a TSS is marked busy by
+/// `ltr`, so no two CPUs can share one). In `.data`, ready-made like the
+/// BSP's: the BSP fills in the stack pointers and the TSS descriptor at CPL3
+/// (`prepare_ap`), the AP only loads them at CPL0 (`load_ap`).
+static mut AP_TSS: [Tss; crate::smp::MAX_CPUS - 1] = [TSS_INIT; crate::smp::MAX_CPUS - 1];
+static mut AP_GDT: [[u64; 8]; crate::smp::MAX_CPUS - 1] = [GDT_INIT; crate::smp::MAX_CPUS - 1];
 
 extern "C" {
     static __kstack_top: u8;
@@ -71,11 +82,52 @@ extern "C" {
 /// # Safety
 /// CPL0, once, with interrupts off.
 pub unsafe fn init() {
-    let tss = &raw mut TSS;
-    // SAFETY: single-threaded set-up; the TSS is not in use yet.
+    // SAFETY: single-threaded set-up; the TSS and GDT are not in use yet.
     unsafe {
-        (&raw mut (*tss).rsp[0]).write_unaligned(&raw const __kstack_top as u64);
-        (&raw mut (*tss).ist[0]).write_unaligned(&raw const __dfstack_top as u64);
+        fill(
+            &raw mut TSS,
+            (&raw mut GDT).cast::<u64>(),
+            &raw const __kstack_top as u64,
+            &raw const __dfstack_top as u64,
+        );
+        load((&raw mut GDT).cast::<u64>())
+    }
+}
+
+/// Fills application processor `ap`'s (1-based CPU index) TSS (RSP0, IST1)
+/// and the TSS descriptor of its GDT. Runs at CPL3 on the BSP, before the AP
+/// is started.
+///
+/// # Safety
+/// `ap` must be in 1..MAX_CPUS and that AP not started yet.
+pub unsafe fn prepare_ap(ap: usize, kstack_top: u64, dfstack_top: u64) {
+    // SAFETY: the caller guarantees the index and that nobody uses the
+    // tables yet.
+    unsafe {
+        let tss = (&raw mut AP_TSS).cast::<Tss>().add(ap - 1);
+        let gdt = (&raw mut AP_GDT).cast::<[u64; 8]>().add(ap - 1).cast::<u64>();
+        fill(tss, gdt, kstack_top, dfstack_top);
+    }
+}
+
+/// Loads application processor `ap`'s GDT, data segments and TSS (CPL0).
+///
+/// # Safety
+/// CPL0, once per AP, after `prepare_ap(ap, ..)`.
+pub unsafe fn load_ap(ap: usize) {
+    // SAFETY: prepared by the BSP; in bounds by the caller's contract.
+    unsafe { load((&raw mut AP_GDT).cast::<[u64; 8]>().add(ap - 1).cast::<u64>()) }
+}
+
+/// Writes the stack pointers into `tss` and its descriptor into `gdt`.
+///
+/// # Safety
+/// Both point at tables not in use.
+unsafe fn fill(tss: *mut Tss, gdt: *mut u64, kstack_top: u64, dfstack_top: u64) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        (&raw mut (*tss).rsp[0]).write_unaligned(kstack_top);
+        (&raw mut (*tss).ist[0]).write_unaligned(dfstack_top);
     }
     let base = tss as u64;
     let limit = (TSS_SIZE - 1) as u64;
@@ -84,12 +136,18 @@ pub unsafe fn init() {
         | (0x89 << 40) // present, DPL0, type 9 = available 64-bit TSS
         | (((limit >> 16) & 0xf) << 48)
         | (((base >> 24) & 0xff) << 56);
-    let gdt = (&raw mut GDT).cast::<u64>();
     // SAFETY: indices 6 and 7 are inside the 8-entry GDT, not yet loaded.
     unsafe {
         gdt.add(6).write(low);
         gdt.add(7).write(base >> 32);
     }
+}
+
+/// Loads the 8-entry GDT at `gdt`, the kernel data segments and its TSS.
+///
+/// # Safety
+/// CPL0; the GDT is complete.
+unsafe fn load(gdt: *mut u64) {
     let ptr = DescriptorPointer {
         limit: (8 * 8 - 1) as u16,
         base: gdt as u64,

@@ -134,9 +134,18 @@ pub unsafe fn init() {
         // SAFETY: v < VECTORS; the IDT is not loaded yet.
         unsafe { idt.add(v as usize).write(gate) };
     }
+    // SAFETY: the table was just filled.
+    unsafe { load() }
+}
+
+/// Loads the (filled) IDT on this CPU: the BSP's `init` and every AP.
+///
+/// # Safety
+/// CPL0, after `init` ran on the BSP.
+pub unsafe fn load() {
     let ptr = DescriptorPointer {
         limit: (VECTORS * core::mem::size_of::<Gate>() - 1) as u16,
-        base: idt as u64,
+        base: (&raw const IDT) as u64,
     };
     // SAFETY: the table is complete and its gates point at the stubs above.
     unsafe { asm!("lidt [{0}]", in(reg) &ptr, options(nostack, preserves_flags)) };

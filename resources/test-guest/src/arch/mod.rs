@@ -11,6 +11,7 @@ pub mod gdt;
 pub mod idt;
 pub mod io;
 pub mod paging;
+pub mod smp;
 
 use core::arch::asm;
 

@@ -86,3 +86,8 @@ pub unsafe fn init(ram_end: u64) -> u64 {
     }
     gib as u64 * GIB
 }
+
+/// The physical (= virtual) address of the PML4, for the APs' CR3.
+pub fn pml4_addr() -> u64 {
+    (&raw const PML4) as u64
+}
