@@ -320,8 +320,15 @@ impl Vm {
         &self.ring_full
     }
 
-    /// Loads `config`'s kernel, initrd and command line and sets the vCPUs
-    /// up for the 64-bit entry.
+    /// Loads `config`'s kernel, initrd and command line and sets the boot
+    /// processor (vCPU 0) up for the 64-bit entry.
+    ///
+    /// The application processors get the boot MSRs (as firmware sets them
+    /// on every CPU) and nothing else: with the in-kernel irqchip KVM creates
+    /// them in `KVM_MP_STATE_UNINITIALIZED`, where they wait for the guest's
+    /// INIT-SIPI-SIPI, which resets their registers and starts them in real
+    /// mode at the SIPI's page (Linux's trampoline below 1 MiB, in RAM the
+    /// e820 map gives the guest; the MP table lists every vCPU).
     pub fn boot(&self, config: &VmConfig) -> Result<(), VmError> {
         let boot = boot::load(
             &self.memory,
@@ -334,6 +341,9 @@ impl Vm {
             let id = v.id;
             let r = |source| VmError::Regs { id, source };
             regs::setup_msrs(&v.fd).map_err(r)?;
+            if id != 0 {
+                continue;
+            }
             regs::setup_regs(&v.fd, boot.entry).map_err(r)?;
             regs::setup_sregs(&self.memory, &v.fd).map_err(r)?;
             regs::setup_fpu(&v.fd).map_err(r)?;
@@ -468,5 +478,32 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::{KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
+
+    #[test]
+    fn only_the_boot_processor_is_set_up_for_the_entry() {
+        let config = VmConfig {
+            vcpus: 2,
+            mem_mib: 32,
+            serial: SerialConfig::None,
+            ..Default::default()
+        };
+        let vm = Vm::build(&config).unwrap();
+        let (bsp, ap) = (&vm.pending[0].fd, &vm.pending[1].fd);
+        assert_eq!(bsp.get_mp_state().unwrap().mp_state, KVM_MP_STATE_RUNNABLE);
+        assert_ne!(bsp.get_regs().unwrap().rip, 0xfff0);
+        // The AP waits for INIT-SIPI-SIPI with its reset registers.
+        assert_eq!(
+            ap.get_mp_state().unwrap().mp_state,
+            KVM_MP_STATE_UNINITIALIZED
+        );
+        assert_eq!(ap.get_regs().unwrap().rip, 0xfff0);
+        assert_eq!(ap.get_sregs().unwrap().cr0 & 1, 0, "the AP is in real mode");
     }
 }
