@@ -37,7 +37,7 @@ export KBUILD_BUILD_USER=ftvmm KBUILD_BUILD_HOST=ftvmm
 
 # Applets linked in the initramfs: what init uses, plus a few for debugging.
 # Keep the list short: every cpio entry is unpacked by emulated kernel code.
-APPLETS="sh mount uname reboot mkfifo cat echo ls sleep usleep dmesg poweroff ifconfig"
+APPLETS="sh mount uname reboot mkfifo cat echo ls sleep usleep dmesg poweroff ifconfig taskset"
 # Bump when the initramfs layout (not init's content) changes.
 INITRAMFS_LAYOUT=2
 

@@ -11,6 +11,11 @@
 //!
 //! On hardware KVM these exits never happen, so none of this ever runs there.
 //! Any other internal error stops the VM with the exit's details and RIP.
+//! Both are handled on whichever vCPU they happen.
+//!
+//! One more workaround is CPUID data and lives with the rest of it, in
+//! `arch/x86_64/cpuid.rs`: the KVM paravirtual features that make a
+//! hypercall are hidden, because `vmcall` never returns on those hosts.
 
 use kvm_bindings::KVM_INTERNAL_ERROR_EMULATION;
 use kvm_ioctls::VcpuFd;

@@ -489,3 +489,30 @@ impl Drop for Vm {
         self.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::{KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED};
+
+    #[test]
+    fn only_the_boot_processor_is_set_up_for_the_entry() {
+        let config = VmConfig {
+            vcpus: 2,
+            mem_mib: 32,
+            serial: SerialConfig::None,
+            ..Default::default()
+        };
+        let vm = Vm::build(&config).unwrap();
+        let (bsp, ap) = (&vm.pending[0].fd, &vm.pending[1].fd);
+        assert_eq!(bsp.get_mp_state().unwrap().mp_state, KVM_MP_STATE_RUNNABLE);
+        assert_ne!(bsp.get_regs().unwrap().rip, 0xfff0);
+        // The AP waits for INIT-SIPI-SIPI with its reset registers.
+        assert_eq!(
+            ap.get_mp_state().unwrap().mp_state,
+            KVM_MP_STATE_UNINITIALIZED
+        );
+        assert_eq!(ap.get_regs().unwrap().rip, 0xfff0);
+        assert_eq!(ap.get_sregs().unwrap().cr0 & 1, 0, "the AP is in real mode");
+    }
+}

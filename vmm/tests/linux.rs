@@ -1,5 +1,7 @@
 //! The tiny Linux guest (resources/linux) boots through `ftvmm run`: the
-//! same boot path as the test guest, with a kernel we did not write.
+//! same boot path as the test guest, with a kernel we did not write. It
+//! boots on two vCPUs (the kernel is SMP and starts the second itself);
+//! the virtio and failover tests cover one and two vCPUs as well.
 
 mod common;
 
@@ -24,6 +26,8 @@ fn tiny_linux_boots_and_powers_off() {
             &cmdline,
             "--mem-mib",
             "128",
+            "--vcpus",
+            "2",
         ],
         Duration::from_secs(300),
     );
@@ -36,8 +40,8 @@ fn tiny_linux_boots_and_powers_off() {
         out.stdout
     );
     assert!(
-        out.stdout.contains("ftlinux ready"),
-        "console:\n{}",
+        out.stdout.contains("ftlinux ready cpus=2"),
+        "Linux did not come up with 2 CPUs online; console:\n{}",
         out.stdout
     );
     let uname = out
@@ -46,5 +50,5 @@ fn tiny_linux_boots_and_powers_off() {
         .find(|l| l.starts_with("Linux "))
         .unwrap_or_else(|| panic!("no uname line:\n{}", out.stdout));
     assert!(uname.contains("x86_64"), "{uname}");
-    println!("tiny Linux: boot to poweroff in {took:.1?}; {uname}");
+    println!("tiny Linux, 2 vCPUs: boot to poweroff in {took:.1?}; {uname}");
 }

@@ -3,7 +3,8 @@
 
 use kvm_bindings::{
     kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
-    kvm_sync_regs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    kvm_sync_regs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
@@ -249,6 +250,14 @@ pub struct VcpuCapture {
     has_xsave: bool,
     has_xcrs: bool,
     sync_regs: bool,
+    /// The MP state the previous capture read.
+    last_mp_state: u32,
+}
+
+/// A vCPU that runs guest code or waits in `hlt`, as opposed to one waiting
+/// for (or in the middle of receiving) INIT and SIPI.
+fn running(mp_state: u32) -> bool {
+    mp_state == KVM_MP_STATE_RUNNABLE || mp_state == KVM_MP_STATE_HALTED
 }
 
 impl VcpuCapture {
@@ -267,6 +276,7 @@ impl VcpuCapture {
             has_xsave,
             has_xcrs,
             sync_regs,
+            last_mp_state: KVM_MP_STATE_UNINITIALIZED,
         }
     }
 
@@ -282,7 +292,15 @@ impl VcpuCapture {
     /// fills at the end of every `KVM_RUN`: three ioctls fewer in the epoch
     /// pause (each vCPU ioctl costs ≈5 µs on the PVM development hosts). The
     /// caller passes it only when a `KVM_RUN` returned after the last change
-    /// of those registers.
+    /// of those registers. It is used only for a vCPU that was running (or
+    /// halted) at the previous capture and still is: `KVM_GET_MP_STATE` first
+    /// delivers a pending INIT or SIPI — an application processor the guest
+    /// is starting just at the cut — which resets the registers or points
+    /// them at the SIPI's page after the sync area was filled. (Not covered:
+    /// INIT and SIPI both pending at the cut for a vCPU that was running or
+    /// halted at the previous one, i.e. a CPU the guest offlined and starts
+    /// again within one epoch; Linux starts each AP once from
+    /// `KVM_MP_STATE_UNINITIALIZED` unless CPUs are hot-plugged.)
     fn capture(
         &mut self,
         id: u8,
@@ -302,6 +320,9 @@ impl VcpuCapture {
             });
         }
         out.mp_state = vcpu.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?;
+        let was_running = running(self.last_mp_state);
+        self.last_mp_state = out.mp_state.mp_state;
+        let sync = sync.filter(|_| was_running && running(out.mp_state.mp_state));
         (out.regs, out.sregs, out.events) = match sync {
             Some(s) => (s.regs, s.sregs, s.events),
             None => (
@@ -452,5 +473,62 @@ impl Persist for Vcpu {
         self.io_pending = false;
         self.synced = false;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kvm_bindings::{
+        kvm_mp_state, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_SIPI_RECEIVED,
+        KVM_VCPUEVENT_VALID_SIPI_VECTOR,
+    };
+
+    use ftvmm_checkpoint::Persist;
+
+    use crate::config::{SerialConfig, VmConfig};
+    use crate::vm::Vm;
+
+    /// An application processor whose SIPI is pending when a pause takes it
+    /// out of `KVM_RUN` (a guest starting it just then): `KVM_GET_MP_STATE`
+    /// delivers the SIPI, so the saved registers must be read after it, not
+    /// taken from the sync area that `KVM_RUN` filled before.
+    #[test]
+    fn an_ap_started_at_the_cut_is_saved_at_its_sipi_vector() {
+        let config = VmConfig {
+            vcpus: 2,
+            mem_mib: 32,
+            serial: SerialConfig::None,
+            ..Default::default()
+        };
+        let mut vm = Vm::build(&config).unwrap();
+        let ap = &mut vm.pending[1];
+        if !ap.capture.sync_regs() {
+            println!(
+                "SKIP an_ap_started_at_the_cut_is_saved_at_its_sipi_vector: no KVM_CAP_SYNC_REGS"
+            );
+            return;
+        }
+        // INIT received, SIPI to page 0x9a pending.
+        let mut events = ap.fd.get_vcpu_events().unwrap();
+        events.flags = KVM_VCPUEVENT_VALID_SIPI_VECTOR;
+        events.sipi_vector = 0x9a;
+        ap.fd.set_vcpu_events(&events).unwrap();
+        ap.fd
+            .set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_SIPI_RECEIVED,
+            })
+            .unwrap();
+        // A KVM_RUN that a pause's kick ends at once: it fills the sync
+        // area with the registers of before the SIPI.
+        ap.fd.set_kvm_immediate_exit(1);
+        let r = ap.fd.run().map(|_| ()).map_err(|e| e.errno());
+        ap.fd.set_kvm_immediate_exit(0);
+        assert_eq!(r, Err(libc::EINTR), "KVM_RUN with immediate_exit");
+        ap.synced = true;
+        let saved = ap.save().unwrap();
+        assert_eq!(saved.mp_state.mp_state, KVM_MP_STATE_RUNNABLE);
+        assert_eq!(saved.sregs.cs.selector, 0x9a00);
+        assert_eq!(saved.sregs.cs.base, 0x9a000);
+        assert_eq!(saved.regs.rip, 0);
     }
 }
