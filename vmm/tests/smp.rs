@@ -9,155 +9,48 @@ mod common;
 
 use std::time::Duration;
 
+use common::pair::FtPair;
 use common::*;
 
 /// Rounds of 2 ms, 1 024 pages dirtied per round in all, shared by the vCPUs.
 const GUEST: &str = "dirty=1024 span=4096 rounds=2 round_us=2000";
 
-struct Pair {
-    dir: TempDir,
-    port: u16,
-    standby: Proc,
-    primary: Proc,
+/// A protected pair whose guest runs on `vcpus` vCPUs.
+fn start(tag: &str, vcpus: u8, primary_extra: &[&str], standby_extra: &[&str]) -> FtPair {
+    let n = vcpus.to_string();
+    let mut extra = vec!["--vcpus", n.as_str()];
+    extra.extend_from_slice(primary_extra);
+    FtPair::start_with_guest(tag, GUEST, &extra, standby_extra)
 }
 
-impl Pair {
-    fn start(tag: &str, vcpus: u8, primary_extra: &[&str], standby_extra: &[&str]) -> Pair {
-        let dir = TempDir::new(tag);
-        let port = free_port();
-        let standby = spawn(
-            "standby",
-            &dir,
-            &standby_args(port, &dir.path("standby.console"), standby_extra),
-        );
+/// Exactly-once heartbeats, no consistency error on either side, no
+/// reboot, and every vCPU's round count growing on the standby.
+fn check(pair: &FtPair, vcpus: usize) {
+    let (p, s) = (pair.file("primary.console"), pair.file("standby.console"));
+    check_exactly_once(&p, &s, hb_line);
+    for (side, text) in [("primary", &p), ("standby", &s)] {
         assert!(
-            listening(&dir, "standby"),
-            "standby did not start: {}",
-            read(&dir.path("standby.stderr"))
+            !text.contains("consistency error"),
+            "{side} console:\n{text}"
         );
-        let mut args = vec![
-            "run".to_string(),
-            "--mem-mib".into(),
-            "64".into(),
-            "--vcpus".into(),
-            vcpus.to_string(),
-            "--cmdline".into(),
-            GUEST.into(),
-            "--ft-peer".into(),
-            format!("127.0.0.1:{port}"),
-            "--ft-interval-ms".into(),
-            "20".into(),
-            "--heartbeat-ms".into(),
-            "200".into(),
-            "--serial".into(),
-            format!("file:{}", dir.path("primary.console").display()),
-            "--ft-metrics".into(),
-            dir.path("metrics.jsonl").display().to_string(),
-        ];
-        args.extend(primary_extra.iter().map(|s| s.to_string()));
-        let primary = spawn("primary", &dir, &args);
-        Pair {
-            dir,
-            port,
-            standby,
-            primary,
-        }
     }
-
-    fn file(&self, name: &str) -> String {
-        read(&self.dir.path(name))
-    }
-
-    fn epochs(&self) -> usize {
-        self.file("metrics.jsonl").lines().count()
-    }
-
-    fn wait_epochs(&self, n: usize) {
+    assert!(
+        p.contains(&format!("ftguest ready cpus={vcpus}\n")),
+        "not all {vcpus} vCPUs started:\n{p}"
+    );
+    assert!(!s.contains("ftguest ready"), "the guest rebooted:\n{s}");
+    let progress = cpu_rounds(&s);
+    assert!(
+        progress.len() >= 2,
+        "the standby printed fewer than two progress lines:\n{s}"
+    );
+    let (first, last) = (&progress[0], &progress[progress.len() - 1]);
+    assert_eq!(first.len(), vcpus, "{s}");
+    for c in 0..vcpus {
         assert!(
-            wait_until(Duration::from_secs(90), || self.epochs() >= n),
-            "only {} epochs; primary stderr:\n{}\nstandby stderr:\n{}",
-            self.epochs(),
-            self.file("primary.stderr"),
-            self.file("standby.stderr")
+            last[c] > first[c],
+            "vCPU {c} made no progress after the takeover: {first:?} then {last:?}"
         );
-    }
-
-    fn standby_hbs(&self) -> usize {
-        complete_lines(&self.file("standby.console"), hb_line).len()
-    }
-
-    /// Waits until the standby took over and printed `n` heartbeats.
-    fn wait_takeover(&self, n: usize) {
-        assert!(
-            wait_until(Duration::from_secs(60), || self.standby_hbs() >= n),
-            "standby did not take over (port {}); its stderr:\n{}\nconsole:\n{}",
-            self.port,
-            self.file("standby.stderr"),
-            self.file("standby.console")
-        );
-    }
-
-    fn memory_crc(&self, side: &str, epoch: u64) -> Option<String> {
-        let prefix = format!("ftvmm: memory crc at epoch {epoch}: ");
-        self.file(&format!("{side}.stderr"))
-            .lines()
-            .find_map(|l| l.strip_prefix(&prefix).map(str::to_string))
-    }
-
-    fn assert_memory_equal(&self, epoch: u64) {
-        assert!(
-            wait_until(Duration::from_secs(20), || self
-                .memory_crc("standby", epoch)
-                .is_some()),
-            "the standby printed no memory crc for epoch {epoch}:\n{}",
-            self.file("standby.stderr")
-        );
-        let p = self
-            .memory_crc("primary", epoch)
-            .expect("primary printed no memory crc");
-        assert_eq!(
-            Some(p),
-            self.memory_crc("standby", epoch),
-            "guest memory differs between primary and standby at epoch {epoch}"
-        );
-    }
-
-    /// Exactly-once heartbeats, no consistency error on either side, no
-    /// reboot, and every vCPU's round count growing on the standby.
-    fn check(&self, vcpus: usize) {
-        let (p, s) = (self.file("primary.console"), self.file("standby.console"));
-        check_exactly_once(&p, &s, hb_line);
-        for (side, text) in [("primary", &p), ("standby", &s)] {
-            assert!(
-                !text.contains("consistency error"),
-                "{side} console:\n{text}"
-            );
-        }
-        assert!(
-            p.contains(&format!("ftguest ready cpus={vcpus}\n")),
-            "not all {vcpus} vCPUs started:\n{p}"
-        );
-        assert!(!s.contains("ftguest ready"), "the guest rebooted:\n{s}");
-        let progress = cpu_rounds(&s);
-        assert!(
-            progress.len() >= 2,
-            "the standby printed fewer than two progress lines:\n{s}"
-        );
-        let (first, last) = (&progress[0], &progress[progress.len() - 1]);
-        assert_eq!(first.len(), vcpus, "{s}");
-        for c in 0..vcpus {
-            assert!(
-                last[c] > first[c],
-                "vCPU {c} made no progress after the takeover: {first:?} then {last:?}"
-            );
-        }
-    }
-}
-
-impl Drop for Pair {
-    fn drop(&mut self) {
-        self.primary.kill();
-        self.standby.kill();
     }
 }
 
@@ -176,7 +69,7 @@ fn cpu_rounds(console: &str) -> Vec<Vec<u64>> {
 /// still consistent.
 #[test]
 fn four_vcpus_fail_over_as_one_consistent_cut() {
-    let mut pair = Pair::start(
+    let mut pair = start(
         "smp4",
         4,
         &["--ft-hash-epoch", "20"],
@@ -192,9 +85,9 @@ fn four_vcpus_fail_over_as_one_consistent_cut() {
         "not every vCPU ran before the failover: {before:?}\n{}",
         pair.file("primary.console")
     );
-    pair.primary.kill();
+    pair.kill_primary();
     pair.wait_takeover(30);
-    pair.check(4);
+    check(&pair, 4);
 }
 
 /// Two vCPUs, the primary killed at each step of the protocol after the
@@ -209,9 +102,9 @@ fn two_vcpus_survive_a_kill_at_each_fault_point() {
         ("during-release@35", 35),
     ] {
         let tag = format!("smp2-{}", fault.split('@').next().unwrap_or(fault));
-        let mut pair = Pair::start(&tag, 2, &["--ft-fault", fault], &[]);
+        let mut pair = start(&tag, 2, &["--ft-fault", fault], &[]);
         assert!(
-            pair.primary.wait(Duration::from_secs(60)).is_some(),
+            pair.primary_died_by_itself(),
             "fault {fault} did not fire:\n{}",
             pair.file("primary.stderr")
         );
@@ -221,7 +114,7 @@ fn two_vcpus_survive_a_kill_at_each_fault_point() {
             stderr.contains(&format!("took over from checkpoint {epoch} ")),
             "{fault}: the standby must resume from checkpoint {epoch}:\n{stderr}"
         );
-        pair.check(2);
+        check(&pair, 2);
     }
 }
 
@@ -230,11 +123,8 @@ fn two_vcpus_survive_a_kill_at_each_fault_point() {
 #[test]
 fn two_vcpus_killed_before_the_first_commit_start_nothing() {
     for fault in ["handshake", "initial-sync"] {
-        let mut pair = Pair::start(&format!("smp2-{fault}"), 2, &["--ft-fault", fault], &[]);
-        assert!(
-            pair.primary.wait(Duration::from_secs(60)).is_some(),
-            "fault {fault} did not fire"
-        );
+        let mut pair = start(&format!("smp2-{fault}"), 2, &["--ft-fault", fault], &[]);
+        assert!(pair.primary_died_by_itself(), "fault {fault} did not fire");
         assert!(
             wait_until(Duration::from_secs(10), || pair
                 .file("standby.stderr")
@@ -277,7 +167,7 @@ fn the_guest_check_reports_a_torn_update() {
 /// memory equal at a committed epoch, and a consistent failover.
 #[test]
 fn dirty_rings_of_two_vcpus_are_complete() {
-    let mut pair = Pair::start(
+    let mut pair = start(
         "smp2-ring",
         2,
         &["--dirty-track", "ring", "--ft-hash-epoch", "20"],
@@ -285,7 +175,7 @@ fn dirty_rings_of_two_vcpus_are_complete() {
     );
     pair.wait_epochs(30);
     pair.assert_memory_equal(20);
-    pair.primary.kill();
+    pair.kill_primary();
     pair.wait_takeover(30);
-    pair.check(2);
+    check(&pair, 2);
 }

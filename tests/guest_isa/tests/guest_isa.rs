@@ -168,14 +168,21 @@ fn build_guest() -> PathBuf {
     dir.join("target/x86_64-unknown-linux-gnu/release/ftguest")
 }
 
-#[test]
-fn guest_only_uses_emulated_instructions() {
+/// Whether `objdump` runs here; prints the SKIP line when it does not.
+fn objdump_found() -> bool {
     match Command::new("objdump").arg("--version").output() {
-        Ok(out) if out.status.success() => {}
+        Ok(out) if out.status.success() => true,
         _ => {
             println!("SKIP guest_isa: objdump not found");
-            return;
+            false
         }
+    }
+}
+
+#[test]
+fn guest_only_uses_emulated_instructions() {
+    if !objdump_found() {
+        return;
     }
     let elf = build_guest();
     let out = Command::new("objdump")
@@ -228,12 +235,8 @@ fn symbol(elf: &Path, name: &str) -> u64 {
 /// long mode: each part is checked in its own mode.
 #[test]
 fn ap_trampoline_only_uses_emulated_instructions() {
-    match Command::new("objdump").arg("--version").output() {
-        Ok(out) if out.status.success() => {}
-        _ => {
-            println!("SKIP guest_isa: objdump not found");
-            return;
-        }
+    if !objdump_found() {
+        return;
     }
     let elf = build_guest();
     let parts = [

@@ -7,6 +7,7 @@ pub mod cpio;
 pub mod disk;
 pub mod host;
 pub mod netns;
+pub mod pair;
 pub mod relay;
 
 use std::io::Read;
