@@ -105,6 +105,6 @@ pub use persist::Persist;
 pub use protocol::{EpochFence, FenceError, WIRE_VERSION};
 pub use slab::{EpochStats, EpochWriter, SlabSet, Staging, StagingConfig, StagingError, PAGE_SIZE};
 pub use wire::{
-    CheckpointFrame, DevicesSummary, DiskHashes, DiskShape, DiskSync, Frame, FrameReader,
-    GuestShape, Hello, Limits, Message, Role, WireError,
+    CheckpointFrame, DevicesSummary, DiskHashes, DiskShape, DiskSync, EpochPolicy, Frame,
+    FrameReader, GuestShape, Hello, Limits, Message, Role, WireError,
 };

@@ -66,7 +66,8 @@ pub const MAGIC: [u8; 4] = *b"FTVM";
 /// checkpoint header (48 bytes) gives the length of the delta section.
 /// Version 5: each connection runs the authenticated handshake after its preamble,
 /// and with a key every later byte travels in sealed records (ftvmm-transport).
-pub const WIRE_VERSION: u16 = 5;
+/// Version 6: Hello carries the primary's epoch settings (`EpochPolicy`).
+pub const WIRE_VERSION: u16 = 6;
 /// Length of the common frame header.
 pub const FRAME_HEADER_LEN: usize = 16;
 /// Length of the checksum trailer of every frame.

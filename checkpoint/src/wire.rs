@@ -158,6 +158,48 @@ impl GuestShape {
     }
 }
 
+/// Longest epoch a [`EpochPolicy`] may name, in milliseconds (the CLI's
+/// bound on `--ft-interval-ms` and `--ft-max-interval-ms`).
+pub const MAX_EPOCH_MS: u32 = 60_000;
+/// Largest page cache an [`EpochPolicy`] may name (the CLI's bound on
+/// `--ft-cache-mib`).
+pub const MAX_CACHE_BYTES: u64 = 64 << 30;
+
+/// The primary's epoch settings at pairing. A standby that takes over
+/// protects the guest with them when it is paired again (`ctl protect`),
+/// so a failover does not change how the guest is checkpointed. The write
+/// fault's cost (adaptive mode) is not sent: it belongs to the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochPolicy {
+    /// Epoch length in milliseconds (adaptive: the shortest, and the first).
+    pub interval_ms: u32,
+    /// Adaptive epochs: the longest length in milliseconds; 0: fixed epochs.
+    pub max_interval_ms: u32,
+    /// Adaptive epochs: the overhead budget in parts per million of the
+    /// guest's time (0 with fixed epochs).
+    pub budget_ppm: u32,
+    /// The sender's page cache for deltas, in bytes (0: no deltas).
+    pub cache_bytes: u64,
+}
+
+impl EpochPolicy {
+    /// Checks the fields against the bounds the CLI enforces.
+    pub fn validate(&self) -> Result<(), WireError> {
+        let bad = || WireError::EpochPolicy { policy: *self };
+        if !(1..=MAX_EPOCH_MS).contains(&self.interval_ms) || self.cache_bytes > MAX_CACHE_BYTES {
+            return Err(bad());
+        }
+        if self.max_interval_ms != 0
+            && (self.max_interval_ms < self.interval_ms
+                || self.max_interval_ms > MAX_EPOCH_MS
+                || !(1..1_000_000).contains(&self.budget_ppm))
+        {
+            return Err(bad());
+        }
+        Ok(())
+    }
+}
+
 /// Opens a session: the primary's identity and guest shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -179,6 +221,8 @@ pub struct Hello {
     /// Whether the primary's role changes go through a witness (the
     /// standby must then use the same one).
     pub witnessed: bool,
+    /// The primary's epoch settings, kept by a standby that takes over.
+    pub epochs: EpochPolicy,
 }
 
 /// Accepts a [`Hello`].
@@ -494,6 +538,12 @@ pub enum WireError {
         nics: usize,
         /// Disks given.
         disks: usize,
+    },
+    /// Epoch settings out of bounds.
+    #[error("epoch settings out of bounds: {policy:?} (epochs 1..={MAX_EPOCH_MS} ms, the longest at least the shortest, a budget of 1..1000000 ppm, a cache of at most {MAX_CACHE_BYTES} bytes)")]
+    EpochPolicy {
+        /// What was given.
+        policy: EpochPolicy,
     },
 }
 
@@ -1138,6 +1188,12 @@ mod tests {
                 disk_sync: DiskSync::Hashes,
                 vm_id: "vm-1".into(),
                 witnessed: true,
+                epochs: EpochPolicy {
+                    interval_ms: 20,
+                    max_interval_ms: 160,
+                    budget_ppm: 100_000,
+                    cache_bytes: 64 << 20,
+                },
             }),
             Message::DiskHashes(DiskHashes {
                 disk: 0,

@@ -15,8 +15,8 @@ use ftvmm_checkpoint::wire::{
     MAX_CONTROL_BODY,
 };
 use ftvmm_checkpoint::{
-    decode_state, CheckpointFrame, DevicesSummary, DiskShape, DiskSync, Encoder, GuestShape, Hello,
-    Limits, Role, Staging, StagingConfig, WireError, PAGE_SIZE,
+    decode_state, CheckpointFrame, DevicesSummary, DiskShape, DiskSync, Encoder, EpochPolicy,
+    GuestShape, Hello, Limits, Role, Staging, StagingConfig, WireError, PAGE_SIZE,
 };
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -237,6 +237,12 @@ fn arb_message() -> impl Strategy<Value = Message> {
                     disk_sync: DiskSync::Full,
                     vm_id: String::new(),
                     witnessed: false,
+                    epochs: EpochPolicy {
+                        interval_ms: 25,
+                        max_interval_ms: 0,
+                        budget_ppm: 0,
+                        cache_bytes: 0,
+                    },
                 })
             ),
         any::<u64>().prop_map(|generation| Message::HelloAck(HelloAck {

@@ -31,7 +31,8 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// `guest`, with a control socket.
 fn start(dir: &TempDir, guest: &str, (min_ms, max_ms): (u64, u64), budget: &str) -> (Proc, Proc) {
     let port = free_port();
-    let standby = start_standby("standby", dir, port, &[]);
+    let sock = dir.path("standby.sock");
+    let standby = start_standby("standby", dir, port, &["--api", sock.to_str().unwrap()]);
     let primary = spawn(
         "primary",
         dir,
@@ -194,6 +195,13 @@ fn a_dirtying_guest_gets_longer_epochs_within_the_maximum_and_fails_over_exactly
         hb_line,
     );
     println!("primary released up to hb={last_p}, standby went on from hb={first_s} ({gap} lost)");
+    // The standby that took over keeps the primary's adaptive settings for
+    // its own protection later (`ctl protect`).
+    let st = status(&dir.path("standby.sock"));
+    assert_eq!(st["role"], "standby (took over)", "{st}");
+    assert_eq!(st["adaptive"]["min_ms"], min_ms, "{st}");
+    assert_eq!(st["adaptive"]["max_ms"], max_ms, "{st}");
+    assert_eq!(st["adaptive"]["budget_pct"], 10.0, "{st}");
     assert!(
         gap <= 20,
         "gap of {gap} heartbeats is more than one epoch's output"

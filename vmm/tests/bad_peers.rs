@@ -11,8 +11,8 @@ use std::time::Duration;
 use common::*;
 use ftvmm_checkpoint::wire::{encode_message, Limits, Message};
 use ftvmm_checkpoint::{
-    DevicesSummary, DiskShape, DiskSync, Frame, FrameReader, GuestShape, Hello, Role, Staging,
-    StagingConfig, WIRE_VERSION,
+    DevicesSummary, DiskShape, DiskSync, EpochPolicy, Frame, FrameReader, GuestShape, Hello, Role,
+    Staging, StagingConfig, WIRE_VERSION,
 };
 use ftvmm_transport::{connect_pair_with, Channel, FtKey, Security, TcpOptions};
 
@@ -33,6 +33,12 @@ fn good_hello(generation: u64) -> Hello {
         disk_sync: DiskSync::Hashes,
         vm_id: String::new(),
         witnessed: false,
+        epochs: EpochPolicy {
+            interval_ms: 25,
+            max_interval_ms: 0,
+            budget_ppm: 0,
+            cache_bytes: 64 << 20,
+        },
     }
 }
 

@@ -151,6 +151,8 @@ fn reprotection_chains_three_hosts_exactly_once() {
             GUEST.into(),
             "--ft-peer".into(),
             format!("127.0.0.1:{pa}"),
+            "--ft-interval-ms".into(),
+            "30".into(),
             "--heartbeat-ms".into(),
             "200".into(),
             "--serial".into(),
@@ -169,6 +171,8 @@ fn reprotection_chains_three_hosts_exactly_once() {
     assert_eq!(st["role"], "standby (took over)");
     assert_eq!(st["protected"], false);
     assert_eq!(st["generation"], 2);
+    // The first primary's epoch length (its Hello), not the default 25 ms.
+    assert_eq!(st["interval_ms"], 30, "{st}");
     // How it took over: the checkpoint it resumed, its own timing, why.
     assert!(
         st["took_over_from_epoch"].as_u64().unwrap_or(0) >= 1,

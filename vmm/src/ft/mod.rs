@@ -84,6 +84,49 @@ pub struct FtOptions {
     pub transport: ftvmm_transport::Transport,
 }
 
+impl FtOptions {
+    /// The epoch settings the Hello carries (a standby that takes over
+    /// keeps them: [`FtOptions::adopt_epochs`]).
+    pub fn epoch_policy(&self) -> ftvmm_checkpoint::EpochPolicy {
+        let ms = |d: Duration| d.as_millis().min(u128::from(u32::MAX)) as u32;
+        let (interval, max, budget_ppm) = match &self.adaptive {
+            Some(a) => (a.min, ms(a.max), (a.budget * 1e6).round() as u32),
+            None => (self.interval, 0, 0),
+        };
+        ftvmm_checkpoint::EpochPolicy {
+            interval_ms: ms(interval),
+            max_interval_ms: max,
+            budget_ppm,
+            cache_bytes: self.cache_bytes,
+        }
+    }
+
+    /// Takes the epoch settings of a validated Hello: the length, the
+    /// adaptive bounds and budget (with this host's own write-fault cost),
+    /// the page cache.
+    pub fn adopt_epochs(
+        &mut self,
+        p: &ftvmm_checkpoint::EpochPolicy,
+    ) -> Result<(), adaptive::AdaptiveError> {
+        let ms = |v: u32| Duration::from_millis(u64::from(v));
+        self.interval = ms(p.interval_ms);
+        self.cache_bytes = p.cache_bytes;
+        self.adaptive = if p.max_interval_ms == 0 {
+            None
+        } else {
+            let (cost, source) = adaptive::default_fault_cost();
+            Some(adaptive::AdaptiveConfig::new(
+                ms(p.interval_ms),
+                ms(p.max_interval_ms),
+                f64::from(p.budget_ppm) / 1e4,
+                cost,
+                source,
+            )?)
+        };
+        Ok(())
+    }
+}
+
 /// CRC-32 of all guest RAM, region by region: the memory-equality tests
 /// compare the primary's at an epoch's cut with the standby's after it
 /// applied that epoch.

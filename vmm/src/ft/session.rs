@@ -126,6 +126,7 @@ impl Session {
             disk_sync: ft.disk_sync,
             vm_id: ft.vm_id.clone(),
             witnessed: ft.witness.is_some(),
+            epochs: ft.epoch_policy(),
         });
         send_message(&mut chan, &hello)?;
         if Fault::hits(ft.fault, FaultPoint::Handshake, 0) {

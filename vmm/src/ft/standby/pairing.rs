@@ -54,6 +54,9 @@ pub enum Refusal {
     /// The guest's shape is out of bounds.
     #[error("guest shape refused: {0}")]
     Limits(WireError),
+    /// The primary's epoch settings are out of bounds.
+    #[error("{0}")]
+    Epochs(WireError),
     /// The guest's shape does not fit this standby's resources.
     #[error("guest shape refused: {0}")]
     Shape(#[from] ShapeError),
@@ -183,6 +186,7 @@ fn read_hello(
     if hello.role != Role::Primary {
         return Err(Refusal::NotPrimary);
     }
+    hello.epochs.validate().map_err(Refusal::Epochs)?;
     EpochFence::new(fencing.max_generation)
         .admit_hello(hello.generation)
         .map_err(Refusal::Stale)?;
@@ -437,6 +441,7 @@ impl Receiver<'_> {
             vm: Box::new(vm),
             console,
             heartbeat: Duration::from_millis(u64::from(hello.heartbeat_ms.max(1))),
+            epochs: hello.epochs,
             witness: self.opts.witness.clone().filter(|_| hello.witnessed),
             vm_id: hello.vm_id,
             security: self.opts.security.clone(),

@@ -23,6 +23,8 @@ pub struct Takeover {
     pub(super) console: Arc<HeldOutput>,
     pub(super) shape: GuestShape,
     pub(super) heartbeat: Duration,
+    /// The primary's epoch settings (validated), for a later `ctl protect`.
+    pub(super) epochs: ftvmm_checkpoint::EpochPolicy,
     /// The witness the pair decided with, if any, and the VM's id there.
     pub(super) witness: Option<String>,
     pub(super) vm_id: String,
@@ -48,6 +50,7 @@ pub fn take_over(
         console,
         shape,
         heartbeat,
+        epochs,
         witness,
         vm_id,
         security,
@@ -80,7 +83,7 @@ pub fn take_over(
         }
         None => None,
     };
-    let ft = FtOptions {
+    let mut ft = FtOptions {
         peer: String::new(),
         interval: DEFAULT_INTERVAL,
         adaptive: None,
@@ -99,6 +102,16 @@ pub fn take_over(
         // (`ctl protect`) is reached over TCP.
         transport: ftvmm_transport::Transport::Tcp,
     };
+    // Protected again later (`ctl protect`), the guest is checkpointed as
+    // its first primary did it. The Hello's settings were validated at
+    // pairing; should the adaptive ones still not build, fixed epochs of
+    // the given length remain.
+    if let Err(e) = ft.adopt_epochs(&epochs) {
+        log::warn!(
+            "the primary's adaptive epoch settings do not apply here ({e}): fixed epochs of {} ms",
+            epochs.interval_ms
+        );
+    }
     let took_over = TookOver {
         from_epoch: epoch,
         after_loss,
