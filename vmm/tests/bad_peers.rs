@@ -154,6 +154,37 @@ fn wrong_version_wrong_shape_and_garbage_are_refused() {
     let r = refused(handshake(port, h));
     assert!(r.contains("disks"), "{r}");
 
+    // Epoch settings outside the CLI's bounds (a standby that took over
+    // would run with them): no epoch, a maximum below the minimum, a
+    // budget of 100 %, a 1 TiB page cache.
+    for bad in [
+        EpochPolicy {
+            interval_ms: 0,
+            ..good_hello(1).epochs
+        },
+        EpochPolicy {
+            interval_ms: 50,
+            max_interval_ms: 40,
+            budget_ppm: 100_000,
+            cache_bytes: 0,
+        },
+        EpochPolicy {
+            interval_ms: 20,
+            max_interval_ms: 200,
+            budget_ppm: 1_000_000,
+            cache_bytes: 0,
+        },
+        EpochPolicy {
+            cache_bytes: 1 << 40,
+            ..good_hello(1).epochs
+        },
+    ] {
+        let mut h = good_hello(1);
+        h.epochs = bad;
+        let r = refused(handshake(port, h));
+        assert!(r.contains("epoch settings out of bounds"), "{bad:?}: {r}");
+    }
+
     // Garbage bytes instead of a preamble: dropped at the door.
     for garbage in [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], &[0xffu8; 64][..]] {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
