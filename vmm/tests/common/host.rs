@@ -152,10 +152,11 @@ impl Drop for Proc {
 
 /// The channel key of this test (or benchmark) process: made once, mode
 /// 0600, in a directory of the system temp dir named after the process
-/// (a few bytes left behind per process).
+/// (left behind when the process ends; removed by the next test process).
 pub fn test_key() -> &'static Path {
     static KEY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     KEY.get_or_init(|| {
+        remove_dead_processes_keys();
         let dir = std::env::temp_dir().join(format!("ftvmm-test-key-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("key directory");
@@ -163,6 +164,27 @@ pub fn test_key() -> &'static Path {
         ftvmm_transport::FtKey::write_new(&path).expect("test key");
         path
     })
+}
+
+/// Removes the key directories of test processes that are gone, so that
+/// what [`test_key`] leaves behind stays bounded by the processes alive.
+fn remove_dead_processes_keys() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("ftvmm-test-key-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// The release `ftvmm` the benchmarks (examples) run: `$FTVMM_BIN`, or
