@@ -17,42 +17,36 @@ const SOCKET: u64 = 0;
 /// Event data of the deadline timer.
 const DEADLINE: u64 = 1;
 
-/// Waits until a socket has some events, or a deadline passes.
+/// A timerfd that ends an epoll wait at a deadline: register
+/// [`DeadlineTimer::fd`] in the epoll set, then pass
+/// [`DeadlineTimer::arm`]'s result as the wait's timeout.
 #[derive(Debug)]
-pub(crate) struct Readiness {
-    epoll: Epoll,
+pub(crate) struct DeadlineTimer {
     timer: TimerFd,
     /// The timer may be armed or have fired (readable) since the last wait.
     armed: bool,
 }
 
-impl Readiness {
-    /// Watches `fd` (a socket the caller keeps open as long as this lives)
-    /// for `events`. Errors and hang-ups always count as ready: the next call
-    /// on the socket reports them.
-    pub(crate) fn new(fd: RawFd, events: EventSet) -> io::Result<Readiness> {
-        let epoll = Epoll::new()?;
-        let timer = TimerFd::new()?;
-        epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, SOCKET))?;
-        epoll.ctl(
-            ControlOperation::Add,
-            timer.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, DEADLINE),
-        )?;
-        Ok(Readiness {
-            epoll,
-            timer,
+impl DeadlineTimer {
+    pub(crate) fn new() -> io::Result<DeadlineTimer> {
+        Ok(DeadlineTimer {
+            timer: TimerFd::new()?,
             armed: false,
         })
     }
 
-    /// Waits until the socket is ready (`Ok(true)`) or `deadline` passes
-    /// (`Ok(false)`); `None` waits for the socket only. A deadline already
-    /// past only checks, without blocking. Retries on `EINTR`.
-    pub(crate) fn wait_until(&mut self, deadline: Option<Instant>) -> io::Result<bool> {
+    /// The timerfd, for the epoll set.
+    pub(crate) fn fd(&self) -> RawFd {
+        self.timer.as_raw_fd()
+    }
+
+    /// Sets the timer for `deadline` and returns the epoll timeout to wait
+    /// with: -1 (the timer ends the wait, or no deadline), or 0 when the
+    /// deadline already passed (only check). Re-arming or disarming also
+    /// clears an expiry from an earlier wait.
+    pub(crate) fn arm(&mut self, deadline: Option<Instant>) -> io::Result<i32> {
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        // Re-arming or disarming also clears an expiry from an earlier wait.
-        let timeout_ms = match left {
+        Ok(match left {
             Some(left) if !left.is_zero() => {
                 self.timer.reset(left, None)?;
                 self.armed = true;
@@ -69,14 +63,54 @@ impl Readiness {
                     -1
                 }
             }
-        };
+        })
+    }
+}
+
+/// `epoll_wait` into `events`, retried on `EINTR`; the events that fired.
+pub(crate) fn wait_events(
+    epoll: &Epoll,
+    timeout_ms: i32,
+    events: &mut [EpollEvent],
+) -> io::Result<usize> {
+    loop {
+        match epoll.wait(timeout_ms, events) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            r => return r,
+        }
+    }
+}
+
+/// Waits until a socket has some events, or a deadline passes.
+#[derive(Debug)]
+pub(crate) struct Readiness {
+    epoll: Epoll,
+    timer: DeadlineTimer,
+}
+
+impl Readiness {
+    /// Watches `fd` (a socket the caller keeps open as long as this lives)
+    /// for `events`. Errors and hang-ups always count as ready: the next call
+    /// on the socket reports them.
+    pub(crate) fn new(fd: RawFd, events: EventSet) -> io::Result<Readiness> {
+        let epoll = Epoll::new()?;
+        let timer = DeadlineTimer::new()?;
+        epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, SOCKET))?;
+        epoll.ctl(
+            ControlOperation::Add,
+            timer.fd(),
+            EpollEvent::new(EventSet::IN, DEADLINE),
+        )?;
+        Ok(Readiness { epoll, timer })
+    }
+
+    /// Waits until the socket is ready (`Ok(true)`) or `deadline` passes
+    /// (`Ok(false)`); `None` waits for the socket only. A deadline already
+    /// past only checks, without blocking. Retries on `EINTR`.
+    pub(crate) fn wait_until(&mut self, deadline: Option<Instant>) -> io::Result<bool> {
+        let timeout_ms = self.timer.arm(deadline)?;
         let mut events = [EpollEvent::default(); 2];
-        let n = loop {
-            match self.epoll.wait(timeout_ms, &mut events) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                r => break r?,
-            }
-        };
+        let n = wait_events(&self.epoll, timeout_ms, &mut events)?;
         // Only the deadline (or nothing, when only checking) fired: timed out.
         Ok(events[..n].iter().any(|e| e.data() == SOCKET))
     }

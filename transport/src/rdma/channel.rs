@@ -59,7 +59,6 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::timerfd::TimerFd;
 
 use super::fabric::{Access, Completion, Endpoint, Provider, Region, Remote, Sge, WcKind};
 use super::fabric::{WC_SUCCESS, WC_WR_FLUSH_ERR};
@@ -72,6 +71,7 @@ use super::RdmaError;
 use crate::channel::Channel;
 use crate::handshake::SessionId;
 use crate::secure::{Cipher, Opener, Sealer, TAG_LEN};
+use crate::wait::{wait_events, DeadlineTimer};
 use crate::{FailureDetector, TransportError};
 use ftvmm_checkpoint::{CheckpointFrame, SlabSet, Staging};
 
@@ -228,8 +228,7 @@ struct Woken {
 /// Waits for completions, the bootstrap socket, a shutdown or a deadline.
 struct Waiter {
     epoll: Epoll,
-    timer: TimerFd,
-    armed: bool,
+    timer: DeadlineTimer,
     tcp: RawFd,
     watching_tcp: bool,
 }
@@ -237,18 +236,17 @@ struct Waiter {
 impl Waiter {
     fn new(cq: RawFd, tcp: RawFd, wake: RawFd) -> io::Result<Waiter> {
         let epoll = Epoll::new()?;
-        let timer = TimerFd::new()?;
+        let timer = DeadlineTimer::new()?;
         let add = |fd, events, token| {
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
         };
         add(cq, EventSet::IN, T_CQ)?;
         add(tcp, EventSet::IN | EventSet::READ_HANG_UP, T_TCP)?;
         add(wake, EventSet::IN, T_WAKE)?;
-        add(timer.as_raw_fd(), EventSet::IN, T_TIMER)?;
+        add(timer.fd(), EventSet::IN, T_TIMER)?;
         Ok(Waiter {
             epoll,
             timer,
-            armed: false,
             tcp,
             watching_tcp: true,
         })
@@ -265,32 +263,9 @@ impl Waiter {
 
     /// Waits until something happens or `deadline` passes (then all false).
     fn wait(&mut self, deadline: Option<Instant>) -> io::Result<Woken> {
-        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let timeout_ms = match left {
-            Some(left) if !left.is_zero() => {
-                self.timer.reset(left, None)?;
-                self.armed = true;
-                -1
-            }
-            _ => {
-                if self.armed {
-                    self.timer.clear()?;
-                    self.armed = false;
-                }
-                if left.is_some() {
-                    0
-                } else {
-                    -1
-                }
-            }
-        };
+        let timeout_ms = self.timer.arm(deadline)?;
         let mut events = [EpollEvent::default(); 4];
-        let n = loop {
-            match self.epoll.wait(timeout_ms, &mut events) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                r => break r?,
-            }
-        };
+        let n = wait_events(&self.epoll, timeout_ms, &mut events)?;
         let mut w = Woken::default();
         for e in &events[..n] {
             match e.data() {
