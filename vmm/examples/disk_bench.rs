@@ -34,7 +34,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ftvmm_checkpoint::EpochMetrics;
-use host::{free_port, read, Proc, TempDir};
+use host::{
+    catch_signals, check_interrupt, free_port, interruptible_sleep, interruptible_wait, read, Proc,
+    TempDir,
+};
 
 const MIB: u64 = 1 << 20;
 /// The initial-sync image.
@@ -55,50 +58,6 @@ const INTERVAL_MS: u64 = 25;
 /// Epochs left out at the start of a workload run, then the measured window.
 const WARMUP: Duration = Duration::from_secs(1);
 const WINDOW: Duration = Duration::from_secs(5);
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// SIGINT/SIGTERM set a flag that every wait checks: the run then unwinds,
-/// and the drops kill the children and remove the scratch directory.
-fn catch_signals() {
-    let handler: extern "C" fn(libc::c_int) = on_signal;
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic (async-signal-safe).
-        unsafe { libc::signal(sig, handler as libc::sighandler_t) };
-    }
-}
-
-fn check_interrupt() {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        panic!("interrupted: cleaning up");
-    }
-}
-
-fn sleep(d: Duration) {
-    let end = Instant::now() + d;
-    while Instant::now() < end {
-        check_interrupt();
-        std::thread::sleep(Duration::from_millis(20).min(end - Instant::now()));
-    }
-}
-
-/// Polls `cond` every 20 ms for at most `timeout`.
-fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        sleep(Duration::from_millis(20));
-    }
-}
 
 fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
@@ -135,7 +94,9 @@ impl Bench {
             a.extend(["--disk".into(), format!("path={}", r.display())]);
         }
         let mut p = self.spawn(name, &a);
-        let ok = wait_for(Duration::from_secs(20), || p.stderr().contains("listening"));
+        let ok = interruptible_wait(Duration::from_secs(20), Duration::from_millis(20), || {
+            p.stderr().contains("listening")
+        });
         assert!(ok && p.running(), "standby did not listen:\n{}", p.stderr());
         (p, port)
     }
@@ -459,7 +420,7 @@ fn sync_run(b: &Bench, mode: &'static str, primary: &Path, replica: &Path) -> Sy
         &["--ft-disk-sync", mode],
     );
     let mut parsed = None;
-    let ok = wait_for(Duration::from_secs(180), || {
+    let ok = interruptible_wait(Duration::from_secs(180), Duration::from_millis(20), || {
         parsed = parse_sync_line(&p.stderr());
         parsed.is_some() || p.exited()
     });
@@ -598,7 +559,7 @@ fn workload_run(b: &Bench, label: &str, cmdline: &str, disk: bool, same_pages: b
         disk.then_some(primary_img.as_path()),
         &["--ft-metrics", &m],
     );
-    let started = wait_for(Duration::from_secs(60), || {
+    let started = interruptible_wait(Duration::from_secs(60), Duration::from_millis(20), || {
         !read(&metrics).is_empty() || p.exited()
     });
     assert!(
@@ -607,10 +568,10 @@ fn workload_run(b: &Bench, label: &str, cmdline: &str, disk: bool, same_pages: b
         p.stderr(),
         standby.stderr()
     );
-    sleep(WARMUP);
+    interruptible_sleep(WARMUP);
     let c0 = read_metrics(&metrics).len();
     let t0 = Instant::now();
-    sleep(WINDOW);
+    interruptible_sleep(WINDOW);
     let all = read_metrics(&metrics);
     let wall = t0.elapsed().as_secs_f64();
     let alive = p.running() && standby.running();

@@ -59,14 +59,13 @@ mod host;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ftvmm::config::{SerialConfig, VmConfig};
 use ftvmm::dirty_log::DirtyLog;
 use ftvmm::vm::Vm;
 use ftvmm_checkpoint::EpochMetrics;
-use host::{free_port, Proc, TempDir};
+use host::{catch_signals, check_interrupt, free_port, Proc, TempDir};
 
 /// The workloads (name, guest command line).
 const WORKLOADS: &[(&str, &str)] = &[
@@ -90,28 +89,6 @@ const TICK: Duration = Duration::from_millis(10);
 /// The fault microbenchmark: (pages rewritten per round, epoch ms), sized so
 /// that the faults cost a good share of each epoch at ≈25 µs each.
 const FAULT_CASES: &[(u64, u64)] = &[(256, 25), (512, 25), (512, 50), (1024, 100)];
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// SIGINT/SIGTERM set a flag that every wait checks: the run then unwinds,
-/// and the drops kill the children and remove the scratch directory.
-fn catch_signals() {
-    let handler: extern "C" fn(libc::c_int) = on_signal;
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic (async-signal-safe).
-        unsafe { libc::signal(sig, handler as libc::sighandler_t) };
-    }
-}
-
-fn check_interrupt() {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        panic!("interrupted: cleaning up");
-    }
-}
 
 fn median(v: &[f64]) -> f64 {
     if v.is_empty() {

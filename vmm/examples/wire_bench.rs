@@ -36,7 +36,6 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ftvmm::api::{call_with_timeout, Request};
@@ -45,7 +44,10 @@ use ftvmm_checkpoint::{
     CheckpointFrame, DevicesSummary, Encoder, EpochMetrics, GuestShape, Staging, PAGE_SIZE,
 };
 use ftvmm_transport::{Channel, TcpChannel, TcpOptions};
-use host::{free_port, read, Proc, TempDir};
+use host::{
+    catch_signals, check_interrupt, free_port, interruptible_sleep, interruptible_wait, read, Proc,
+    TempDir,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const DEMO_GUEST: &str = "dirty=512 span=2048 rounds=2 round_us=2000";
@@ -58,48 +60,6 @@ const PAGES: usize = 10_000;
 const SETS: usize = 3;
 /// Checkpoints per arm and repetition in section 2.
 const ROUNDS: usize = 10;
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn catch_signals() {
-    let handler: extern "C" fn(libc::c_int) = on_signal;
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic (async-signal-safe).
-        unsafe { libc::signal(sig, handler as libc::sighandler_t) };
-    }
-}
-
-fn check_interrupt() {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        panic!("interrupted: cleaning up");
-    }
-}
-
-fn sleep(d: Duration) {
-    let end = Instant::now() + d;
-    while Instant::now() < end {
-        check_interrupt();
-        std::thread::sleep(Duration::from_millis(10).min(end - Instant::now()));
-    }
-}
-
-/// Polls `cond` every `every` for at most `timeout`.
-fn wait_for(timeout: Duration, every: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        sleep(every);
-    }
-}
 
 fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
@@ -155,7 +115,7 @@ impl Bench {
             api.display().to_string(),
         ];
         let mut p = self.spawn(name, &a);
-        let ok = wait_for(Duration::from_secs(20), Duration::from_millis(20), || {
+        let ok = interruptible_wait(Duration::from_secs(20), Duration::from_millis(20), || {
             p.stderr().contains("listening")
         });
         assert!(ok && p.running(), "standby did not listen:\n{}", p.stderr());
@@ -213,9 +173,9 @@ fn demo_workload(bin: &Path) {
         .map(|s| s.to_string())
         .collect();
         let mut primary = b.spawn("primary", &a);
-        sleep(WARMUP);
+        interruptible_sleep(WARMUP);
         let skip = metrics(&m).len();
-        sleep(WINDOW);
+        interruptible_sleep(WINDOW);
         standby.kill();
         primary.kill();
         let all = metrics(&m);
@@ -614,7 +574,7 @@ fn time_to_protect(bin: &Path, gib: u64, written: u64) -> Protected {
     let mut primary = b.spawn("primary", &a);
     let pid = primary.child.id();
     assert!(
-        wait_for(Duration::from_secs(60), Duration::from_millis(20), || read(
+        interruptible_wait(Duration::from_secs(60), Duration::from_millis(20), || read(
             &console
         )
         .contains("ftguest ready")),
@@ -624,11 +584,11 @@ fn time_to_protect(bin: &Path, gib: u64, written: u64) -> Protected {
     if written > 0 {
         // Written once the primary's memory stops growing near the target.
         let target = written * PAGE_SIZE as u64 * 98 / 100;
-        let ok = wait_for(Duration::from_secs(600), Duration::from_millis(200), || {
+        let ok = interruptible_wait(Duration::from_secs(600), Duration::from_millis(200), || {
             rss_bytes(pid) >= target
         });
         assert!(ok, "the guest did not write {written} pages");
-        sleep(Duration::from_millis(500));
+        interruptible_sleep(Duration::from_millis(500));
     }
     let bytes = (written * PAGE_SIZE as u64).min(1 << 30);
     let rate = |d: Duration| bytes as f64 / d.as_secs_f64();
@@ -659,14 +619,14 @@ fn time_to_protect(bin: &Path, gib: u64, written: u64) -> Protected {
             .and_then(|r| r.result.get("committed_epoch")?.as_u64())
             .is_some()
     };
-    let ok = wait_for(
+    let ok = interruptible_wait(
         Duration::from_secs(600),
         Duration::from_millis(5),
         committed,
     );
     assert!(ok, "no committed checkpoint:\n{}", standby.stderr());
     let protected = t.elapsed();
-    let report = wait_for(Duration::from_secs(2), Duration::from_millis(20), || {
+    let report = interruptible_wait(Duration::from_secs(2), Duration::from_millis(20), || {
         primary.stderr().contains("ftvmm: protected by standby")
     })
     .then(|| {

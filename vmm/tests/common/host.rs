@@ -210,3 +210,57 @@ pub fn release_ftvmm() -> PathBuf {
     assert!(bin.exists(), "{} not built", bin.display());
     bin
 }
+
+// ------------------------------------------------- benchmarks' interruption
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// For the benchmarks (examples): SIGINT/SIGTERM set a flag that every wait
+/// checks ([`check_interrupt`]); the run then unwinds, and the drops kill
+/// the children and remove the scratch directory.
+pub fn catch_signals() {
+    let handler: extern "C" fn(libc::c_int) = on_signal;
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe).
+        unsafe { libc::signal(sig, handler as libc::sighandler_t) };
+    }
+}
+
+/// Unwinds (a panic) once [`catch_signals`]' flag is set.
+pub fn check_interrupt() {
+    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        panic!("interrupted: cleaning up");
+    }
+}
+
+/// Sleeps `d`, checking for an interrupt every 10 ms.
+pub fn interruptible_sleep(d: Duration) {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        check_interrupt();
+        std::thread::sleep(Duration::from_millis(10).min(end - Instant::now()));
+    }
+}
+
+/// Polls `cond` every `every` for at most `timeout`, checking for an
+/// interrupt meanwhile; whether it held.
+pub fn interruptible_wait(
+    timeout: Duration,
+    every: Duration,
+    mut cond: impl FnMut() -> bool,
+) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        interruptible_sleep(every);
+    }
+}
