@@ -426,16 +426,19 @@ mod tests {
                 .map(|r| r.join().unwrap())
                 .collect::<Vec<_>>()
         });
+        // The primary keeps its connections until the standby has read.
+        let (read_tx, read_rx) = std::sync::mpsc::channel::<()>();
         let p = thread::spawn(move || {
             let (mut d, _hb) =
                 connect_pair_with(relay_addr, T, &TcpOptions::default(), &key(5)).unwrap();
             d.send_all(b"secret hello").unwrap();
-            thread::sleep(Duration::from_millis(700));
+            let _ = read_rx.recv_timeout(T);
         });
         let (mut d, _hb) = l.accept_pair(T).unwrap();
         let mut hello = [0u8; 12];
         d.recv_exact(&mut hello).unwrap();
         assert_eq!(&hello, b"secret hello");
+        read_tx.send(()).unwrap();
         p.join().unwrap();
         let recorded = recorder.join().unwrap();
         assert!(
