@@ -15,7 +15,7 @@ use common::*;
 
 const GUEST: &str = "dirty=512 span=2048 rounds=2 round_us=2000";
 
-/// Why `test` cannot run over RDMA here, printed as `SKIP`; `None`: it can.
+/// Whether `test` cannot run over RDMA here (it then prints why, as `SKIP`).
 fn skip(test: &str) -> bool {
     #[cfg(not(feature = "rdma"))]
     {

@@ -309,9 +309,6 @@ struct Inner {
     registry: Registry<Box<dyn Region>>,
     /// The staging's slabs the registry was last brought up to date with.
     slabs: Option<SlabSet>,
-    /// The send in progress may use the registry (a checkpoint's, right
-    /// after [`Inner::sync_slabs`]).
-    zero_copy: bool,
     peer_ring: RingAddress,
     peer_slot: SlotAddress,
     send: SendRing,
@@ -405,7 +402,6 @@ impl RdmaChannel {
             slot: Arc::new(p.slot),
             registry: Registry::default(),
             slabs: None,
-            zero_copy: false,
             send: SendRing::new(p.peer_ring.slabs),
             recv: RecvRing::new(p.ring_slabs, p.ring_slab_bytes),
             peer_ring: p.peer_ring,
@@ -813,11 +809,12 @@ impl Inner {
         }
     }
 
-    /// Adds `piece` to the slab being filled.
-    fn add(&mut self, f: &mut Fill, piece: &[u8]) {
+    /// Adds `piece` to the slab being filled; with `zero_copy`, straight
+    /// from a registered slab if it lies in one.
+    fn add(&mut self, f: &mut Fill, piece: &[u8], zero_copy: bool) {
         let off = usize::from(f.slab) * self.peer_ring.slab_bytes as usize + f.len;
         f.len += piece.len();
-        if self.zero_copy {
+        if zero_copy {
             let addr = piece.as_ptr() as usize;
             if let Some((region, _)) = self.registry.find(addr, piece.len()) {
                 let sge = Sge {
@@ -915,11 +912,15 @@ impl Inner {
         Ok(())
     }
 
+    /// Sends `chunks`; `zero_copy`: the registry was just brought up to
+    /// date with the memory they lie in ([`Inner::sync_slabs`]), so they may
+    /// be written from it.
     fn send_chunks(
         &mut self,
         sh: &Shared,
         peer: SocketAddr,
         chunks: &mut dyn Iterator<Item = &[u8]>,
+        zero_copy: bool,
     ) -> Result<u64, TransportError> {
         let cap = self.slab_capacity();
         let mut total = 0u64;
@@ -933,7 +934,7 @@ impl Inner {
                     None => self.begin_slab(sh, peer)?,
                 };
                 let n = (cap - f.len).min(rest.len());
-                self.add(&mut f, &rest[..n]);
+                self.add(&mut f, &rest[..n], zero_copy);
                 rest = &rest[n..];
                 if f.len == cap || self.sges_full() {
                     self.flush(sh, peer, f)?;
@@ -1144,7 +1145,7 @@ impl Channel for RdmaChannel {
                 return Err(e);
             }
             inner
-                .send_chunks(sh, peer, chunks)
+                .send_chunks(sh, peer, chunks, false)
                 .map_err(|e| inner.fail(sh, e))
         })
     }
@@ -1192,13 +1193,13 @@ impl Channel for RdmaChannel {
             if let Some(e) = inner.closed_for_send(sh, peer) {
                 return Err(e);
             }
-            if inner.sealing.is_none() {
+            let zero_copy = inner.sealing.is_none();
+            if zero_copy {
                 inner.sync_slabs(frame.staging());
-                inner.zero_copy = true;
             }
-            let sent = inner.send_chunks(sh, peer, &mut frame.chunks());
-            inner.zero_copy = false;
-            sent.map_err(|e| inner.fail(sh, e))
+            inner
+                .send_chunks(sh, peer, &mut frame.chunks(), zero_copy)
+                .map_err(|e| inner.fail(sh, e))
         });
         sent.map_err(|source| TransportError::SendCheckpoint {
             epoch: frame.epoch(),
