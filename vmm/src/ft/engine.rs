@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use ftvmm_checkpoint::encoding::is_zero;
 use ftvmm_checkpoint::{
-    encode_state, CheckpointFrame, DirtyCounts, EncodeStats, Encoder, EpochWriter, HarvestBuffer,
-    Staging, StagingConfig, DEFAULT_CACHE_BYTES, PAGE_SIZE,
+    encode_state, CheckpointFrame, DirtyCounts, EncodeStats, Encoder, EpochMetrics, EpochWriter,
+    HarvestBuffer, Staging, StagingConfig, DEFAULT_CACHE_BYTES, PAGE_SIZE,
 };
 use ftvmm_devices::virtio::block::JournalCounts;
 use ftvmm_netbuf::{Held, OutputCommit};
@@ -93,6 +93,29 @@ pub struct Capture {
     pub held: Held,
     /// The disks' writes and flushes of this epoch.
     pub disk: JournalCounts,
+}
+
+impl Capture {
+    /// The epoch's metrics as far as the capture knows them (of an epoch
+    /// of length `interval`); the stream's and the ack's are left zero.
+    pub fn metrics(&self, epoch: u64, interval: Duration) -> EpochMetrics {
+        EpochMetrics {
+            epoch,
+            pause_us: self.pause.as_micros() as u64,
+            dirty_vcpu: self.counts.vcpu_only,
+            dirty_vmm: self.counts.vmm_only,
+            dirty_both: self.counts.both,
+            bytes_staged: self.stats.payload_bytes as u64,
+            held_packets: self.held.frames,
+            held_bytes: self.held.bytes,
+            slabs: self.stats.slabs_used as u64,
+            disk_writes: self.disk.writes,
+            disk_bytes: self.disk.write_bytes,
+            disk_flushes: self.disk.flushes,
+            interval_us: interval.as_micros() as u64,
+            ..EpochMetrics::default()
+        }
+    }
 }
 
 /// What the initial sync's memory pre-copy did.

@@ -10,7 +10,6 @@
 
 use std::time::Instant;
 
-use ftvmm_checkpoint::EpochMetrics;
 use ftvmm_netbuf::OutputCommit;
 
 use super::console::HeldOutput;
@@ -52,18 +51,7 @@ pub fn run_local(config: &VmConfig, ft: &FtOptions) -> Result<VmExit, FtError> {
         let c = engine.capture(&mut vm, Some(&*console), epoch, false)?;
         console.release_upto(epoch);
         engine.trim();
-        metrics.record(&EpochMetrics {
-            epoch,
-            pause_us: c.pause.as_micros() as u64,
-            dirty_vcpu: c.counts.vcpu_only,
-            dirty_vmm: c.counts.vmm_only,
-            dirty_both: c.counts.both,
-            bytes_staged: c.stats.payload_bytes as u64,
-            held_bytes: c.held.bytes,
-            slabs: c.stats.slabs_used as u64,
-            interval_us: ft.interval.as_micros() as u64,
-            ..EpochMetrics::default()
-        });
+        metrics.record(&c.metrics(epoch, ft.interval));
         next = started + ft.interval;
     }
 }

@@ -520,7 +520,7 @@ impl Runner {
         }
         kit.outputs.release_upto(epoch);
         kit.engine.trim();
-        let interval_us = self.ft.interval.as_micros() as u64;
+        let interval = self.ft.interval;
         let mut overhead_ppm = 0;
         if let Some(a) = &mut self.adaptive {
             if let Some(length) = length {
@@ -533,26 +533,14 @@ impl Runner {
             overhead_ppm = (a.estimate() * 1e6) as u64;
         }
         self.metrics.record(&EpochMetrics {
-            epoch,
-            pause_us: c.pause.as_micros() as u64,
-            dirty_vcpu: c.counts.vcpu_only,
-            dirty_vmm: c.counts.vmm_only,
-            dirty_both: c.counts.both,
-            bytes_staged: c.stats.payload_bytes as u64,
             bytes_sent: sent,
             transfer_us: transfer.as_micros() as u64,
             ack_latency_us: ack_latency.as_micros() as u64,
-            held_packets: c.held.frames,
-            held_bytes: c.held.bytes,
-            slabs: c.stats.slabs_used as u64,
-            disk_writes: c.disk.writes,
-            disk_bytes: c.disk.write_bytes,
-            disk_flushes: c.disk.flushes,
             encode_us: encode.as_micros() as u64,
             zero_pages: enc.zero,
             delta_pages: enc.delta,
-            interval_us,
             overhead_ppm,
+            ..c.metrics(epoch, interval)
         });
         Ok(())
     }
