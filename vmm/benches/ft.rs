@@ -19,18 +19,18 @@
 //! Run: `cargo bench -p ftvmm --bench ft` (needs /dev/kvm); `-- stream`
 //! (or `pause`, `share`, `vcpus`) runs one section.
 
+mod common;
+
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use common::{loopback, staged};
 use ftvmm::config::{SerialConfig, VmConfig};
 use ftvmm::ft::engine::Engine;
 use ftvmm::vm::Vm;
 use ftvmm_checkpoint::wire::Limits;
-use ftvmm_checkpoint::{
-    CheckpointFrame, DevicesSummary, Frame, FrameReader, GuestShape, Staging, StagingConfig,
-    PAGE_SIZE,
-};
+use ftvmm_checkpoint::{CheckpointFrame, Frame, FrameReader, GuestShape, Staging, PAGE_SIZE};
 use ftvmm_transport::{Channel, TcpChannel, TcpOptions};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
@@ -218,40 +218,6 @@ fn pause_vs_bound() {
         zero.stop + 6.0 * ioctl + zero.harvest,
         zero.pause
     );
-}
-
-fn staged(pages: usize) -> (Staging, GuestShape) {
-    let mem_bytes = ((pages * 2) * PAGE_SIZE) as u64;
-    let mut staging = Staging::new(StagingConfig::for_guest(mem_bytes)).unwrap();
-    let mut w = staging.begin_epoch();
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for i in 0..pages {
-        let slot = w.page_slot((i * 2 * PAGE_SIZE) as u64).unwrap();
-        for chunk in slot.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-    }
-    w.stage_state(&[7u8; 8192]).unwrap();
-    w.finish();
-    let shape = GuestShape {
-        mem_bytes,
-        vcpus: 1,
-        cmdline: String::new(),
-        devices: DevicesSummary::default(),
-    };
-    (staging, shape)
-}
-
-fn loopback() -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let (b, _) = l.accept().unwrap();
-    a.set_nodelay(true).unwrap();
-    b.set_nodelay(true).unwrap();
-    (a, b)
 }
 
 /// The sending end of [`loopback`] as the primary's checkpoint channel, with

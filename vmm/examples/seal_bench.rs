@@ -13,6 +13,8 @@
 //!
 //! `cargo run --release -p ftvmm --example seal_bench [-- --quick]`
 
+#[path = "../benches/common/mod.rs"]
+mod fixtures;
 #[path = "../tests/common/host.rs"]
 mod host;
 
@@ -23,11 +25,9 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use fixtures::staged;
 use ftvmm_checkpoint::wire::Limits;
-use ftvmm_checkpoint::{
-    CheckpointFrame, DevicesSummary, EpochMetrics, Frame, FrameReader, GuestShape, Staging,
-    StagingConfig, PAGE_SIZE,
-};
+use ftvmm_checkpoint::{CheckpointFrame, EpochMetrics, Frame, FrameReader, GuestShape, Staging};
 use ftvmm_transport::{
     connect_pair_with, Channel, ChannelListener, Cipher, FtKey, Security, TcpOptions,
 };
@@ -39,31 +39,6 @@ const ROUNDS: usize = 20;
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
-}
-
-fn staged(pages: usize) -> (Staging, GuestShape) {
-    let mem_bytes = ((pages * 2) * PAGE_SIZE) as u64;
-    let mut staging = Staging::new(StagingConfig::for_guest(mem_bytes)).unwrap();
-    let mut w = staging.begin_epoch();
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for i in 0..pages {
-        let slot = w.page_slot((i * 2 * PAGE_SIZE) as u64).unwrap();
-        for chunk in slot.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes());
-        }
-    }
-    w.stage_state(&[7u8; 8192]).unwrap();
-    w.finish();
-    let shape = GuestShape {
-        mem_bytes,
-        vcpus: 1,
-        cmdline: String::new(),
-        devices: DevicesSummary::default(),
-    };
-    (staging, shape)
 }
 
 fn raw_tcp(total: u64) -> f64 {

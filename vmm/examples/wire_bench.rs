@@ -29,15 +29,18 @@
 //! (e.g. `1,4`) limits section 3's sizes. Every child process and scratch
 //! file is removed on exit, on a panic and on SIGINT/SIGTERM.
 
+#[path = "../benches/common/mod.rs"]
+mod fixtures;
 #[path = "../tests/common/host.rs"]
 mod host;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use fixtures::loopback;
 use ftvmm::api::{call_with_timeout, Request};
 use ftvmm_checkpoint::wire::{encode_message, Ack, Frame, FrameReader, Limits, Message};
 use ftvmm_checkpoint::{
@@ -201,15 +204,6 @@ fn demo_workload(bin: &Path) {
 }
 
 // ------------------------------------------------- 2. stream throughput
-
-fn loopback() -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let (b, _) = l.accept().unwrap();
-    a.set_nodelay(true).unwrap();
-    b.set_nodelay(true).unwrap();
-    (a, b)
-}
 
 fn channel(s: TcpStream) -> TcpChannel {
     let peer = s.peer_addr().unwrap();
