@@ -102,19 +102,6 @@ impl<R> Registry<R> {
         Ok(true)
     }
 
-    /// Removes (and so deregisters) exactly the buffer `[addr, addr + len)`;
-    /// false if it was not registered.
-    pub fn remove(&mut self, addr: usize, len: usize) -> bool {
-        match self.regions.get(&addr) {
-            Some((l, _)) if *l == len => {
-                self.regions.remove(&addr);
-                self.stats.deregistered += 1;
-                true
-            }
-            _ => false,
-        }
-    }
-
     /// The registration that wholly contains `[addr, addr + len)`, and the
     /// offset of `addr` in it.
     pub fn find(&mut self, addr: usize, len: usize) -> Option<(&R, usize)> {
@@ -182,7 +169,9 @@ mod tests {
     }
 
     /// A slab cache that grows and halves like the checkpoint crate's
-    /// staging and tells the registry, as the owner of a staging must.
+    /// staging, registered as the RDMA channel does it: new slabs when it
+    /// grew; once slabs were freed, everything dropped and the survivors
+    /// registered again.
     struct Slabs {
         slabs: Vec<Box<[u8]>>,
         reg: Registry<Mr>,
@@ -202,28 +191,33 @@ mod tests {
             s
         }
 
+        fn register(&mut self, i: usize) {
+            let slab = &self.slabs[i];
+            let (key, alive) = (self.next_key, self.alive.clone());
+            self.next_key += 1;
+            let new = self
+                .reg
+                .insert_with(slab.as_ptr() as usize, slab.len(), || {
+                    alive.set(alive.get() + 1);
+                    Ok::<_, ()>(Mr { key, alive })
+                })
+                .unwrap();
+            assert!(new);
+        }
+
         fn grow_to(&mut self, n: usize) {
             while self.slabs.len() < n {
-                let slab = vec![0u8; 4096].into_boxed_slice();
-                let (key, alive) = (self.next_key, self.alive.clone());
-                self.next_key += 1;
-                let new = self
-                    .reg
-                    .insert_with(slab.as_ptr() as usize, slab.len(), || {
-                        alive.set(alive.get() + 1);
-                        Ok::<_, ()>(Mr { key, alive })
-                    })
-                    .unwrap();
-                assert!(new);
-                self.slabs.push(slab);
+                self.slabs.push(vec![0u8; 4096].into_boxed_slice());
+                self.register(self.slabs.len() - 1);
             }
         }
 
         fn halve(&mut self) {
             let keep = (self.slabs.len() / 2).max(1);
-            for slab in self.slabs.drain(keep..) {
-                // Deregistered before the memory is freed.
-                assert!(self.reg.remove(slab.as_ptr() as usize, slab.len()));
+            self.slabs.truncate(keep);
+            self.reg.clear();
+            for i in 0..keep {
+                self.register(i);
             }
         }
 
@@ -254,16 +248,16 @@ mod tests {
         assert_eq!(s.alive.get(), 4);
 
         s.halve(); // strikes: 4 → 2
-        assert_eq!(s.send(), [1, 2]);
-        assert_eq!(s.reg.stats().deregistered, 2);
-        assert_eq!(s.alive.get(), 2, "the two freed slabs were deregistered");
+        assert_eq!(s.send(), [5, 6]);
+        assert_eq!(s.reg.stats().deregistered, 4);
+        assert_eq!(s.alive.get(), 2, "only the survivors' new registrations");
 
         s.grow_to(3); // a busy epoch
         for _ in 0..5 {
-            assert_eq!(s.send(), [1, 2, 5]);
+            assert_eq!(s.send(), [5, 6, 7]);
         }
         let st = s.reg.stats();
-        assert_eq!((st.registered, st.deregistered), (5, 2));
+        assert_eq!((st.registered, st.deregistered), (7, 4));
         assert_eq!(s.reg.len(), 3);
         assert_eq!(s.alive.get(), 3);
         drop(s);
@@ -306,9 +300,9 @@ mod tests {
             Err(InsertError::Register("ENOMEM"))
         ));
         assert_eq!(r.len(), 3);
-        assert!(!r.remove(0x1000, 0x800), "only the exact range");
-        assert!(r.remove(0x1000, 0x1000));
-        assert!(!r.remove(0x1000, 0x1000));
+        r.clear();
+        assert!(r.is_empty());
+        assert_eq!(r.stats().deregistered, 3);
         assert!(!r.insert_with(0x5000, 0, || Ok::<_, ()>(9)).unwrap());
         assert_eq!(r.stats().registered, 3);
     }
